@@ -1,0 +1,53 @@
+"""jaxvit: a Vision Transformer in JAX/Flax linen."""
+
+from jaxvit.model import (
+    VARIANTS,
+    ClassToken,
+    Encoder,
+    EncoderBlock,
+    Head,
+    MAPHead,
+    MlpBlock,
+    PatchEmbed,
+    PositionEmbedding,
+    SelfAttention,
+    VisionTransformer,
+    attention_weights,
+    count_params,
+    create_model,
+    decode_variant,
+    drop_path,
+    patchify,
+    posemb_sincos_2d,
+    resample_posemb,
+    scan_to_unrolled,
+    unpatchify,
+    unrolled_to_scan,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "ClassToken",
+    "Encoder",
+    "EncoderBlock",
+    "Head",
+    "MAPHead",
+    "MlpBlock",
+    "PatchEmbed",
+    "PositionEmbedding",
+    "SelfAttention",
+    "VisionTransformer",
+    "attention_weights",
+    "count_params",
+    "create_model",
+    "decode_variant",
+    "drop_path",
+    "patchify",
+    "posemb_sincos_2d",
+    "resample_posemb",
+    "scan_to_unrolled",
+    "unpatchify",
+    "unrolled_to_scan",
+]

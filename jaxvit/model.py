@@ -1,0 +1,809 @@
+"""The Vision Transformer, top to bottom.
+
+The file follows the four steps of the model:
+
+1. ``PatchEmbed``: a strided conv, computed as ``patchify`` + one matmul.
+2. ``ClassToken`` and ``PositionEmbedding``: the learnable class token in front
+   and a learned or fixed 2-D sin-cos position embedding.
+3. ``Encoder``: pre-LayerNorm blocks (``SelfAttention`` + ``MlpBlock``), with
+   optional ``nn.scan`` over the blocks and ``nn.remat``.
+4. ``Head``: pooling (class token, mean, or attention pooling), an optional
+   representation layer, and the classifier.
+
+``VisionTransformer`` composes them; ``create_model("B/16")`` builds one by
+name. Every module threads ``dtype`` (compute) and ``param_dtype`` down to each
+layer it creates. Pure functions (``patchify``, ``posemb_sincos_2d``,
+``resample_posemb``, ...) sit beside the module that uses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+
+Array = jax.Array
+DType = Any
+PatchSize = int | tuple[int, int]
+
+POOLINGS = ("tok", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+# Policies that need no arguments; the others (save_only_these_names, ...) are
+# factories and belong in user code.
+REMAT_POLICIES = (
+    "none",
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
+
+# width, depth, mlp_dim, num_heads, as in "How to train your ViT" and big_vision.
+VARIANTS: dict[str, dict[str, int]] = {
+    "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+    "e": dict(width=1792, depth=56, mlp_dim=15360, num_heads=16),
+}
+
+
+def _sow(module: nn.Module, collection: str, name: str, value: Array) -> None:
+    # init makes every collection mutable; sowing there would leave
+    # intermediates inside the returned variables.
+    if not module.is_initializing():
+        module.sow(collection, name, value)
+
+
+def _pair(patch_size: PatchSize) -> tuple[int, int]:
+    if isinstance(patch_size, int):
+        return (patch_size, patch_size)
+    p, q = patch_size
+    return (int(p), int(q))
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+    """``"B/16"`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``.
+
+    A name without a patch (``"B"``) gives the sizes alone. Non-square patches
+    are written ``"B/16x8"``.
+    """
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS:
+        raise ValueError(
+            f"unknown variant {variant!r}: the size must be one of {list(VARIANTS)}"
+            " optionally followed by /patch, e.g. 'B/16'"
+        )
+    config: dict[str, Any] = dict(VARIANTS[name])
+    if patch:
+        try:
+            sizes = tuple(int(s) for s in patch.split("x"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) not in (1, 2) or min(sizes) < 1:
+            raise ValueError(
+                f"unknown variant {variant!r}: the patch after '/' must be a positive integer"
+                " or PxQ, e.g. 'B/16' or 'B/16x8'"
+            )
+        config["patch_size"] = sizes[0] if len(sizes) == 1 else sizes
+    return config
+
+
+# ---------------------------------------------------------------------------
+# 1. Patch embedding
+# ---------------------------------------------------------------------------
+
+
+def patchify(images: Array, patch_size: PatchSize) -> Array:
+    """``(N, H, W, C) -> (N, h*w, p*q*C)``: ``n (h p) (w q) c -> n (h w) (p q c)``.
+
+    The feature order ``(p q c)`` is the row-major flattening of a conv kernel
+    ``(p, q, C, D)``, so ``patchify(x) @ kernel.reshape(-1, D)`` equals the
+    VALID conv with stride = kernel size.
+    """
+    p, q = _pair(patch_size)
+    n, height, width, c = images.shape
+    h, w = height // p, width // q
+    x = images.reshape(n, h, p, w, q, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(n, h * w, p * q * c)
+
+
+def unpatchify(patches: Array, patch_size: PatchSize, grid: tuple[int, int]) -> Array:
+    """``(N, h*w, p*q*C) -> (N, h*p, w*q, C)``: the inverse of ``patchify``."""
+    p, q = _pair(patch_size)
+    h, w = grid
+    n, s, f = patches.shape
+    if s != h * w or f % (p * q):
+        raise ValueError(f"patches of shape {patches.shape} do not fit grid {grid} with patch {(p, q)}")
+    c = f // (p * q)
+    x = patches.reshape(n, h, w, p, q, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(n, h * p, w * q, c)
+
+
+class PatchEmbed(nn.Module):
+    """``(N, H, W, C) -> (N, h*w, D)``: a VALID conv with stride = kernel = patch.
+
+    The kernel is kept in conv layout ``(p, q, C, D)`` so weights of conv-based
+    checkpoints load unchanged; it is applied as one matmul on ``patchify``.
+    """
+
+    width: int
+    patch_size: PatchSize = 16
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        p, q = _pair(self.patch_size)
+        chex.assert_rank(images, 4)
+        n, height, width, c = images.shape
+        kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
+        patches = patchify(images, (p, q))
+        patches, kernel, bias = promote_dtype(patches, kernel, bias, dtype=self.dtype)
+        tokens = jnp.dot(patches, kernel.reshape(p * q * c, self.width)) + bias
+        chex.assert_shape(tokens, (n, (height // p) * (width // q), self.width))
+        return tokens
+
+
+# ---------------------------------------------------------------------------
+# 2. Class token and position embedding
+# ---------------------------------------------------------------------------
+
+
+class ClassToken(nn.Module):
+    """``(N, S, D) -> (N, 1+S, D)``: a learnable token ``(1, 1, D)`` in front."""
+
+    param_dtype: DType = jnp.float32
+    dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        n, s, d = tokens.shape
+        cls = self.param("token", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, d))
+        out = jnp.concatenate([cls, tokens.astype(self.dtype)], axis=1)
+        chex.assert_shape(out, (n, 1 + s, d))
+        return out
+
+
+def posemb_sincos_2d(
+    grid: tuple[int, int], width: int, temperature: float = 10_000.0, dtype: DType = jnp.float32
+) -> Array:
+    """The fixed 2-D sin-cos embedding: ``(1, h*w, width)``, rows in ``(h w)`` order.
+
+    A quarter of the channels each hold sin(y), cos(y), sin(x), cos(x) at
+    geometric frequencies, as in "Better plain ViT baselines".
+    """
+    h, w = grid
+    if width % 4:
+        raise ValueError(f"width must be a multiple of 4 for the sincos2d embedding, got {width}")
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
+    omega = 1.0 / (temperature**omega)
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return jnp.asarray(pe[None], dtype)
+
+
+def resample_posemb(
+    posemb: Array,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+) -> Array:
+    """``(1, P + h*w, D) -> (1, P + H*W, D)``: bilinear resize of the grid part.
+
+    The first ``num_prefix_tokens`` rows (the class slot) are kept as they
+    are. ``old_grid`` defaults to the square root of the grid length; pass it
+    for a non-square checkpoint grid.
+    """
+    posemb = jnp.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"posemb must have shape (1, tokens, width), got {posemb.shape}")
+    prefix, grid_part = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    length = grid_part.shape[1]
+    if old_grid is None:
+        side = math.isqrt(length)
+        if side * side != length:
+            raise ValueError(
+                f"cannot infer the grid of a position embedding with {length} grid tokens"
+                f" (and {num_prefix_tokens} prefix tokens): pass old_grid"
+            )
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != length:
+        raise ValueError(f"old_grid {old_grid} does not match {length} grid tokens")
+    h, w = new_grid
+    if tuple(old_grid) == (h, w):
+        return posemb
+    d = posemb.shape[-1]
+    image = grid_part.reshape(old_grid[0], old_grid[1], d).astype(jnp.float32)
+    resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
+    resized = resized.reshape(1, h * w, d).astype(posemb.dtype)
+    return jnp.concatenate([prefix, resized], axis=1)
+
+
+class PositionEmbedding(nn.Module):
+    """``(N, P + h*w, D) -> (N, P + h*w, D)``: adds a position embedding.
+
+    ``kind="learn"`` holds a parameter ``(1, P + h*w, D)`` drawn from
+    normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front;
+    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots).
+    """
+
+    grid: tuple[int, int]
+    kind: str = "learn"
+    num_prefix_tokens: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        n, t, d = tokens.shape
+        h, w = self.grid
+        chex.assert_shape(tokens, (n, self.num_prefix_tokens + h * w, d))
+        if self.kind == "learn":
+            shape = (1, t, d)
+            if self.has_variable("params", "embedding"):
+                stored = self.get_variable("params", "embedding").shape
+                if tuple(stored) != shape:
+                    raise ValueError(
+                        f"the position embedding has shape {tuple(stored)} but these images give"
+                        f" {h}x{w} patches, which need {shape}: resample it with"
+                        " jaxvit.resample_posemb (load_pretrained does this for you)"
+                    )
+            posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+        elif self.kind == "sincos2d":
+            posemb = posemb_sincos_2d((h, w), d, dtype=self.param_dtype)
+            posemb = jnp.pad(posemb, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
+        else:
+            raise ValueError(f"unknown position embedding {self.kind!r}: expected one of {POSEMBS}")
+        return tokens.astype(self.dtype) + posemb.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# 3. Encoder
+# ---------------------------------------------------------------------------
+
+
+def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
+    """Stochastic depth: zero whole examples with probability ``rate``, rescale the rest."""
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+class SelfAttention(nn.Module):
+    """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
+
+    The ``qkv`` kernel is ``(D, 3*D)`` with outputs ordered ``(3, heads,
+    head_dim)``. Attention runs through ``jax.nn.dot_product_attention`` (fused
+    kernels where the backend has them); the weights are formed explicitly
+    only when asked for (the ``"attention"`` collection is mutable) or when
+    attention dropout is active.
+    """
+
+    num_heads: int
+    attention_dropout: float = 0.0
+    deterministic: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    kernel_init: Any = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, t, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+        head_dim = d // self.num_heads
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        qkv = nn.Dense(3 * d, name="qkv", **dense)(x)
+        qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        dropout_active = self.attention_dropout > 0.0 and not self.deterministic
+        if dropout_active or (self.is_mutable_collection("attention") and not self.is_initializing()):
+            logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            _sow(self, "attention", "weights", weights)
+            weights = nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
+            out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v)
+        chex.assert_shape(out, (n, t, self.num_heads, head_dim))
+        return nn.Dense(d, name="out", **dense)(out.reshape(n, t, d))
+
+
+class MlpBlock(nn.Module):
+    """``(N, T, D) -> (N, T, D)``: Dense -> GELU -> dropout -> Dense -> dropout."""
+
+    mlp_dim: int
+    dropout: float = 0.0
+    gelu_approximate: bool = False
+    deterministic: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        y = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
+        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        y = nn.Dense(x.shape[-1], name="fc2", **dense)(y)
+        return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+
+
+class EncoderBlock(nn.Module):
+    """``(N, T, D) -> (N, T, D)``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Called as ``block(x, drop_path_rate) -> (x, None)``, the form ``nn.scan``
+    wants; the rate is an array so scanned blocks can each have their own.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    use_drop_path: bool = False
+    gelu_approximate: bool = False
+    layer_norm_eps: float = 1e-6
+    deterministic: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, drop_path_rate: Array) -> tuple[Array, None]:
+        chex.assert_rank(x, 3)
+        norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def residual(x: Array, y: Array) -> Array:
+            y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+            if self.use_drop_path and not self.deterministic:
+                y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
+            return x + y
+
+        y = nn.LayerNorm(name="norm1", **norm)(x)
+        y = SelfAttention(self.num_heads, self.attention_dropout, name="attn", **common)(y)
+        x = residual(x, y)
+        y = nn.LayerNorm(name="norm2", **norm)(x)
+        y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, name="mlp", **common)(y)
+        x = residual(x, y)
+        _sow(self, "intermediates", "out", x)
+        return x, None
+
+
+class Encoder(nn.Module):
+    """``(N, T, D) -> (N, T, D)``: ``depth`` blocks, then a final LayerNorm.
+
+    Works on any tokens, not only those of images. ``scan=True`` stacks the
+    blocks' parameters along a leading ``depth`` axis under ``blocks`` and
+    compiles one block; ``scan_to_unrolled`` / ``unrolled_to_scan`` convert
+    between that layout and ``block_0 ... block_{depth-1}``.
+    Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
+    """
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    gelu_approximate: bool = False
+    layer_norm_eps: float = 1e-6
+    scan: bool = False
+    remat_policy: str = "none"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        chex.assert_rank(x, 3)
+        if x.shape[-1] % self.num_heads:
+            raise ValueError(f"width {x.shape[-1]} is not divisible by num_heads={self.num_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        block_cls = EncoderBlock
+        if self.remat_policy != "none":
+            block_cls = nn.remat(
+                EncoderBlock,
+                policy=getattr(jax.checkpoint_policies, self.remat_policy),
+                prevent_cse=not self.scan,
+            )
+        kw = dict(
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            use_drop_path=self.drop_path_rate > 0.0,
+            gelu_approximate=self.gelu_approximate,
+            layer_norm_eps=self.layer_norm_eps,
+            deterministic=not train,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        rates = jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)
+        if self.scan:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "intermediates": 0, "attention": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=0,
+                length=self.depth,
+            )
+            x, _ = stack(name="blocks", **kw)(x, rates)
+        else:
+            for i in range(self.depth):
+                x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i])
+        return nn.LayerNorm(
+            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+        )(x)
+
+
+def _is_mapping(x: Any) -> bool:
+    return isinstance(x, Mapping)
+
+
+def scan_to_unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params of a ``scan=True`` model -> the ``scan=False`` layout (any subtree works)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "blocks" and _is_mapping(value):
+            depth = jax.tree_util.tree_leaves(value)[0].shape[0]
+            for i in range(depth):
+                out[f"block_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], _to_dict(value))
+        elif _is_mapping(value):
+            out[key] = scan_to_unrolled(value)
+        else:
+            out[key] = value
+    return out
+
+
+def unrolled_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params of a ``scan=False`` model -> the ``scan=True`` layout (any subtree works)."""
+    out: dict[str, Any] = {}
+    block_keys = sorted(
+        (k for k in params if k.startswith("block_") and k[6:].isdigit()), key=lambda k: int(k[6:])
+    )
+    if block_keys:
+        if [int(k[6:]) for k in block_keys] != list(range(len(block_keys))):
+            raise ValueError(f"block keys are not block_0..block_{len(block_keys) - 1}: {block_keys}")
+        blocks = [_to_dict(params[k]) for k in block_keys]
+        out["blocks"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *blocks)
+    for key, value in params.items():
+        if key in block_keys:
+            continue
+        out[key] = unrolled_to_scan(value) if _is_mapping(value) else value
+    return out
+
+
+def _to_dict(tree: Any) -> Any:
+    if _is_mapping(tree):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+# ---------------------------------------------------------------------------
+# 4. Head
+# ---------------------------------------------------------------------------
+
+
+class MAPHead(nn.Module):
+    """``(N, T, D) -> (N, D)``: multi-head attention pooling with a learned probe."""
+
+    num_heads: int
+    mlp_dim: int | None = None
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (n, 1, d))
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="attn",
+        )(probe, x)
+        z = nn.LayerNorm(
+            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+        )(y)
+        y = y + MlpBlock(
+            self.mlp_dim or 4 * d,
+            gelu_approximate=self.gelu_approximate,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(z)
+        return y[:, 0]
+
+
+class Head(nn.Module):
+    """``(N, P + S, D) -> (N, num_classes)``, or ``(N, D')`` features when ``num_classes=0``.
+
+    ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
+    ``S`` patch tokens, ``"map"`` attention pooling. ``representation_size``
+    adds ``Dense + tanh`` (``pre_logits``) before the zero-init classifier.
+    """
+
+    num_classes: int
+    pool: str = "tok"
+    num_prefix_tokens: int = 1
+    representation_size: int | None = None
+    num_heads: int = 1
+    mlp_dim: int | None = None
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    bias_init: float = 0.0
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, _, d = x.shape
+        if self.pool == "tok":
+            if self.num_prefix_tokens < 1:
+                raise ValueError("pool='tok' needs a class token (class_token=True)")
+            x = x[:, 0]
+        elif self.pool == "gap":
+            x = jnp.mean(x[:, self.num_prefix_tokens :], axis=1)
+        elif self.pool == "map":
+            x = MAPHead(
+                self.num_heads,
+                self.mlp_dim,
+                self.layer_norm_eps,
+                self.gelu_approximate,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="map",
+            )(x)
+        else:
+            raise ValueError(f"unknown pool {self.pool!r}: expected one of {POOLINGS}")
+        chex.assert_shape(x, (n, d))
+        if self.representation_size:
+            x = nn.Dense(
+                self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
+            )(x)
+            x = jnp.tanh(x)
+        _sow(self, "intermediates", "features", x)
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.bias_init),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="classifier",
+            )(x)
+        return x
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+class VisionTransformer(nn.Module):
+    """``(N, H, W, C) -> (N, num_classes)`` logits (or pooled features when ``num_classes=0``).
+
+    Intermediate outputs come through ``sow``: ``mutable=["intermediates"]``
+    returns the patch tokens, each block's output, the encoder output and the pooled
+    ``features``; ``mutable=["attention"]`` returns every block's
+    attention weights ``(N, heads, T, T)`` (see ``attention_weights``).
+    """
+
+    num_classes: int = 1000
+    patch_size: PatchSize = 16
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int | None = None
+    num_heads: int = 12
+    num_channels: int = 3
+    posemb: str = "learn"
+    class_token: bool = True
+    pool: str = "tok"
+    representation_size: int | None = None
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    gelu_approximate: bool = False
+    layer_norm_eps: float = 1e-6
+    head_bias_init: float = 0.0
+    scan: bool = False
+    remat_policy: str = "none"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    def check_config(self) -> None:
+        """Raises ``ValueError`` for fields that cannot build a model."""
+        if self.pool not in POOLINGS:
+            raise ValueError(f"unknown pool {self.pool!r}: expected one of {POOLINGS}")
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"unknown posemb {self.posemb!r}: expected one of {POSEMBS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        if self.pool == "tok" and not self.class_token:
+            raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
+        if self.width < 1 or self.depth < 0 or self.num_heads < 1:
+            raise ValueError(
+                f"width, depth, num_heads must be positive, got {self.width}, {self.depth}, {self.num_heads}"
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads={self.num_heads}")
+        if self.posemb == "sincos2d" and self.width % 4:
+            raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {self.width}")
+        if min(_pair(self.patch_size)) < 1:
+            raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+
+    def check_images(self, images: Any) -> tuple[int, int]:
+        """Raises ``ValueError`` unless ``images`` fit this model; returns the patch grid ``(h, w)``."""
+        shape = tuple(np.shape(images))
+        if len(shape) != 4:
+            raise ValueError(f"images must be rank 4 (N, H, W, C), got shape {shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images must be floating point, got dtype {images.dtype}")
+        _, height, width, channels = shape
+        p, q = _pair(self.patch_size)
+        if height % p or width % q:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}x{q}")
+        if height < p or width < q:
+            raise ValueError(f"image size {height}x{width} is smaller than the patch size {p}x{q}")
+        if channels != self.num_channels:
+            raise ValueError(
+                f"images have {channels} channels but the model expects num_channels={self.num_channels}"
+                " (NHWC layout)"
+            )
+        return height // p, width // q
+
+    @nn.compact
+    def __call__(self, images: Array, *, train: bool = False) -> Array:
+        self.check_config()
+        grid = self.check_images(images)
+        n = images.shape[0]
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        x = PatchEmbed(self.width, self.patch_size, name="patch_embed", **common)(images)
+        _sow(self, "intermediates", "patch_tokens", x)
+
+        num_prefix = 0
+        if self.class_token:
+            x = ClassToken(name="cls_token", **common)(x)
+            num_prefix = 1
+        x = PositionEmbedding(grid, self.posemb, num_prefix, name="pos_embed", **common)(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        chex.assert_shape(x, (n, num_prefix + grid[0] * grid[1], self.width))
+
+        mlp_dim = self.mlp_dim or 4 * self.width
+        x = Encoder(
+            depth=self.depth,
+            mlp_dim=mlp_dim,
+            num_heads=self.num_heads,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            drop_path_rate=self.drop_path_rate,
+            gelu_approximate=self.gelu_approximate,
+            layer_norm_eps=self.layer_norm_eps,
+            scan=self.scan,
+            remat_policy=self.remat_policy,
+            name="encoder",
+            **common,
+        )(x, train=train)
+        _sow(self, "intermediates", "encoded", x)
+
+        out = Head(
+            self.num_classes,
+            self.pool,
+            num_prefix,
+            self.representation_size,
+            self.num_heads,
+            mlp_dim,
+            self.layer_norm_eps,
+            self.gelu_approximate,
+            self.head_bias_init,
+            name="head",
+            **common,
+        )(x)
+        chex.assert_shape(out, (n, self.num_classes or self.representation_size or self.width))
+        return out
+
+
+MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(VisionTransformer) if f.name not in ("parent", "name")
+)
+
+
+def create_model(variant: str | None = None, num_classes: int = 1000, **overrides: Any) -> VisionTransformer:
+    """``create_model("B/16", num_classes=10, pool="gap")`` -> a ``VisionTransformer``.
+
+    ``variant`` sets width, depth, mlp_dim, num_heads and (if given) the
+    patch size; any field of ``VisionTransformer`` can be overridden.
+    """
+    unknown = sorted(set(overrides) - set(MODEL_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown model field(s) {unknown}: valid fields are {sorted(MODEL_FIELDS)}")
+    fields = decode_variant(variant) if variant else {}
+    fields.update(overrides)
+    model = VisionTransformer(num_classes=num_classes, **fields)
+    model.check_config()
+    return model
+
+
+def count_params(model: nn.Module, image_size: int | tuple[int, int] = 224) -> int:
+    """The number of parameters of ``model`` at ``image_size``, without allocating them."""
+    height, width = _pair(image_size)
+    channels = getattr(model, "num_channels", 3)
+    images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes.get("params", {})))
+
+
+def attention_weights(
+    model: VisionTransformer, variables: Mapping[str, Any], images: Array, block: int | None = None
+) -> Array:
+    """Attention weights ``(depth, N, heads, T, T)``, or ``(N, heads, T, T)`` for one ``block``.
+
+    Works for scanned and unrolled models; runs the model once in eval mode.
+    """
+    _, state = model.apply(variables, images, train=False, mutable=["attention"])
+    blocks = state["attention"]["encoder"]
+    if model.scan:
+        stacked = blocks["blocks"]["attn"]["weights"][0]
+    else:
+        stacked = jnp.stack([blocks[f"block_{i}"]["attn"]["weights"][0] for i in range(model.depth)])
+    return stacked if block is None else stacked[block]
+
+
+__all__: Sequence[str] = (
+    "VARIANTS",
+    "VisionTransformer",
+    "PatchEmbed",
+    "ClassToken",
+    "PositionEmbedding",
+    "SelfAttention",
+    "MlpBlock",
+    "EncoderBlock",
+    "Encoder",
+    "MAPHead",
+    "Head",
+    "create_model",
+    "decode_variant",
+    "patchify",
+    "unpatchify",
+    "posemb_sincos_2d",
+    "resample_posemb",
+    "drop_path",
+    "scan_to_unrolled",
+    "unrolled_to_scan",
+    "count_params",
+    "attention_weights",
+)

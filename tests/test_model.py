@@ -1,0 +1,504 @@
+"""Tests of the model: shapes at every step, parameter counts, equivalences, dtypes, errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxvit
+from jaxvit import model as vit
+
+TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=4)
+
+
+def tiny(**overrides) -> jaxvit.VisionTransformer:
+    return jaxvit.create_model(None, **{"num_classes": 10, **TINY, **overrides})
+
+
+def perturb(params, scale=0.05, seed=7):
+    """Random offsets, so the zero-init head and biases do not hide differences."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return tree.unflatten(
+        [a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def images(n=2, h=16, w=16, c=3, seed=0):
+    return jax.random.normal(jax.random.key(seed), (n, h, w, c), jnp.float32)
+
+
+# -- variants and parameter counts ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("Ti/16", 5_717_416),
+        ("S/16", 22_050_664),
+        ("B/16", 86_567_656),
+        ("B/32", 88_224_232),
+        ("L/16", 304_326_632),
+        ("H/14", 632_045_800),
+    ],
+)
+def test_published_parameter_counts(variant, expected):
+    assert jaxvit.count_params(jaxvit.create_model(variant, num_classes=1000), 224) == expected
+
+
+def test_parameter_count_is_the_same_when_scanned():
+    assert jaxvit.count_params(jaxvit.create_model("S/16", scan=True)) == 22_050_664
+
+
+def test_decode_variant():
+    assert jaxvit.decode_variant("B/16") == dict(
+        width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16
+    )
+    assert jaxvit.decode_variant("H/14")["patch_size"] == 14
+    assert jaxvit.decode_variant("S/16x8")["patch_size"] == (16, 8)
+    assert "patch_size" not in jaxvit.decode_variant("L")
+    for name in ["mu", "Ti", "S", "M", "B", "L", "H", "g"]:
+        assert jaxvit.decode_variant(f"{name}/32")["width"] == jaxvit.VARIANTS[name]["width"]
+
+
+@pytest.mark.parametrize("bad", ["X/16", "b/16", "B/0", "B/x", "B/16x8x2", ""])
+def test_unknown_variant_lists_valid_names(bad):
+    with pytest.raises(ValueError, match="B/16|Ti"):
+        jaxvit.create_model(bad) if bad else jaxvit.decode_variant(bad)
+
+
+def test_unknown_override_lists_fields():
+    with pytest.raises(ValueError, match="unknown model field.*'widht'.*valid fields.*width"):
+        jaxvit.create_model("Ti/16", widht=3)
+
+
+# -- step 1: patch embedding ------------------------------------------------
+
+
+def test_patchify_layout_and_inverse():
+    x = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
+    patches = jaxvit.patchify(x, 4)
+    assert patches.shape == (2, 6, 48)
+    # Patch (row 1, col 2) is the image block [4:8, 8:12], flattened (p q c).
+    np.testing.assert_array_equal(patches[0, 1 * 3 + 2], x[0, 4:8, 8:12].reshape(-1))
+    np.testing.assert_array_equal(jaxvit.unpatchify(patches, 4, (2, 3)), x)
+    np.testing.assert_array_equal(jaxvit.unpatchify(jaxvit.patchify(x, (2, 4)), (2, 4), (4, 3)), x)
+    with pytest.raises(ValueError, match="do not fit grid"):
+        jaxvit.unpatchify(patches, 4, (3, 3))
+
+
+@pytest.mark.parametrize("patch, size", [(4, (16, 24)), ((4, 2), (8, 6))])
+def test_patch_embed_equals_strided_conv(patch, size):
+    """Forward and gradients equal a VALID conv with stride = kernel, to fp32 precision."""
+    module = jaxvit.PatchEmbed(width=16, patch_size=patch)
+    x = images(2, *size, 3)
+    params = module.init(jax.random.key(1), x)
+    params = perturb(params)
+    p, q = (patch, patch) if isinstance(patch, int) else patch
+
+    def conv(params, x):
+        y = jax.lax.conv_general_dilated(
+            x,
+            params["params"]["kernel"],
+            window_strides=(p, q),
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        y = y + params["params"]["bias"]
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+
+    ours = module.apply(params, x)
+    assert ours.shape == (2, (size[0] // p) * (size[1] // q), 16)
+    np.testing.assert_allclose(ours, conv(params, x), rtol=1e-5, atol=1e-5)
+
+    def loss(f):
+        return lambda params, x: jnp.sum(jnp.sin(f(params, x)))
+
+    g_ours = jax.grad(loss(module.apply), argnums=(0, 1))(params, x)
+    g_conv = jax.grad(loss(conv), argnums=(0, 1))(params, x)
+    chex.assert_trees_all_close(g_ours, g_conv, rtol=1e-4, atol=1e-4)
+
+
+# -- shapes at every step, 224 px / patch 16 --------------------------------
+
+
+def test_shapes_at_every_step_at_224():
+    model = jaxvit.create_model("mu/16", num_classes=1000)
+    x = jax.ShapeDtypeStruct((3, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    params = variables["params"]
+    assert params["patch_embed"]["kernel"].shape == (16, 16, 3, 32)
+    assert params["cls_token"]["token"].shape == (1, 1, 32)
+    assert params["pos_embed"]["embedding"].shape == (1, 197, 32)
+    logits, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=["intermediates"]), variables, x)
+    inter = state["intermediates"]
+    assert inter["patch_tokens"][0].shape == (3, 196, 32)
+    assert inter["encoder"]["block_0"]["out"][0].shape == (3, 197, 32)
+    assert inter["encoded"][0].shape == (3, 197, 32)
+    assert logits.shape == (3, 1000)
+
+
+def test_non_square_images_and_patches():
+    model = tiny(patch_size=(4, 2))
+    x = images(2, 8, 12)
+    variables = model.init(jax.random.key(0), x)
+    assert variables["params"]["pos_embed"]["embedding"].shape == (1, 1 + 2 * 6, 32)
+    assert model.apply(variables, x).shape == (2, 10)
+
+
+# -- step 2: class token and position embedding ------------------------------
+
+
+def test_class_token_and_posemb_init():
+    model = jaxvit.create_model("S/16", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    cls = variables["params"]["cls_token"]["token"]
+    pos = variables["params"]["pos_embed"]["embedding"]
+    assert cls.shape == (1, 1, 384) and not np.any(cls)
+    assert pos.shape == (1, 197, 384)
+    assert 0.018 < float(jnp.std(pos)) < 0.022
+    # zero-init classifier: logits are the (zero) bias at init
+    assert not np.any(variables["params"]["head"]["classifier"]["kernel"])
+
+
+def test_posemb_sincos_2d():
+    pe = jaxvit.posemb_sincos_2d((3, 5), 16)
+    assert pe.shape == (1, 15, 16)
+    # row-major (h w): token 7 is y=1, x=2; first quarter is sin(x * omega_0) = sin(2)
+    np.testing.assert_allclose(pe[0, 7, 0], np.sin(2.0), rtol=1e-6)
+    np.testing.assert_allclose(pe[0, 7, 8], np.sin(1.0), rtol=1e-6)
+    assert len(np.unique(np.asarray(pe[0]), axis=0)) == 15
+    with pytest.raises(ValueError, match="multiple of 4"):
+        jaxvit.posemb_sincos_2d((2, 2), 10)
+
+
+@pytest.mark.parametrize("old, new", [((4, 4), (6, 6)), ((4, 4), (3, 5)), ((2, 3), (4, 7))])
+def test_resample_posemb_matches_torch_bilinear(old, new):
+    rng = np.random.default_rng(0)
+    posemb = rng.normal(size=(1, 1 + old[0] * old[1], 8)).astype(np.float32)
+    out = jaxvit.resample_posemb(posemb, new, old_grid=old if old[0] != old[1] else None)
+    assert out.shape == (1, 1 + new[0] * new[1], 8)
+    np.testing.assert_array_equal(out[:, 0], posemb[:, 0])  # class slot kept
+    grid = torch.from_numpy(posemb[0, 1:].reshape(1, *old, 8)).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=new, mode="bilinear", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
+    np.testing.assert_allclose(out[0, 1:], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resample_posemb_without_class_slot_and_errors():
+    posemb = jnp.ones((1, 16, 4))
+    assert jaxvit.resample_posemb(posemb, (2, 2), num_prefix_tokens=0).shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="pass old_grid"):
+        jaxvit.resample_posemb(jnp.ones((1, 1 + 12, 4)), (4, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        jaxvit.resample_posemb(jnp.ones((1, 1 + 12, 4)), (4, 4), old_grid=(3, 5))
+
+
+def test_learned_posemb_at_another_resolution_is_a_clear_error():
+    model = tiny()
+    variables = model.init(jax.random.key(0), images(1, 16, 16))
+    with pytest.raises(ValueError, match=r"\(1, 17, 32\).*6x6 patches.*\(1, 37, 32\).*resample_posemb"):
+        model.apply(variables, images(1, 24, 24))
+
+
+@pytest.mark.parametrize(
+    "overrides, tokens",
+    [
+        (dict(posemb="sincos2d", pool="gap", class_token=False), 16),
+        (dict(posemb="sincos2d", pool="tok"), 17),
+        (dict(pool="map", class_token=False), 16),
+        (dict(pool="gap", representation_size=24), 17),
+    ],
+)
+def test_pooling_and_posemb_options(overrides, tokens):
+    model = tiny(**overrides)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    assert ("cls_token" in params) == model.class_token
+    assert ("pos_embed" in params) == (model.posemb == "learn")
+    logits, state = model.apply(variables, x, mutable=["intermediates"])
+    assert state["intermediates"]["encoded"][0].shape == (2, tokens, 32)
+    assert logits.shape == (2, 10)
+    features = model.clone(num_classes=0).apply({"params": _without_head(params)}, x)
+    assert features.shape == (2, overrides.get("representation_size", 32))
+
+
+def _without_head(params):
+    head = {k: v for k, v in params["head"].items() if k != "classifier"}
+    return {**params, "head": head}
+
+
+def test_gap_is_the_mean_of_patch_tokens():
+    model = tiny(pool="gap", num_classes=0)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    features, state = model.apply(variables, x, mutable=["intermediates"])
+    encoded = state["intermediates"]["encoded"][0]
+    np.testing.assert_allclose(features, encoded[:, 1:].mean(axis=1), rtol=1e-6)
+
+
+# -- step 3: encoder -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    model = tiny(scan=True, depth=3)
+    x = images()
+    return model, model.init(jax.random.key(0), x), x
+
+
+def test_scan_equals_unrolled(scanned):
+    model, variables, x = scanned
+    blocks = variables["params"]["encoder"]["blocks"]
+    assert blocks["attn"]["qkv"]["kernel"].shape == (3, 32, 96)
+    unrolled_params = jaxvit.scan_to_unrolled(variables["params"])
+    assert set(unrolled_params["encoder"]) == {"block_0", "block_1", "block_2", "norm"}
+    unrolled = model.clone(scan=False)
+    np.testing.assert_allclose(
+        unrolled.apply({"params": unrolled_params}, x), model.apply(variables, x), rtol=1e-5, atol=1e-6
+    )
+    back = jaxvit.unrolled_to_scan(unrolled_params)
+    chex.assert_trees_all_equal(back, jax.tree_util.tree_map(np.asarray, dict(variables["params"])))
+
+
+def test_training_gradients_are_finite_and_reach_every_parameter(scanned):
+    model, variables, x = scanned
+    model = model.clone(dropout=0.1, attention_dropout=0.1, drop_path_rate=0.2)
+    params = perturb(variables["params"])
+    rngs = {"dropout": jax.random.key(3)}
+    grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, x, train=True, rngs=rngs) ** 2))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert bool(jnp.all(jnp.isfinite(g))), path
+        assert float(jnp.abs(g).max()) > 0, path
+
+
+def test_remat_gives_the_same_outputs_and_gradients(scanned):
+    model, variables, x = scanned
+    params = perturb(variables["params"])
+
+    def grads(m):
+        return jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2))(params)
+
+    plain = grads(model)
+    for policy in ["nothing_saveable", "dots_saveable"]:
+        chex.assert_trees_all_close(grads(model.clone(remat_policy=policy)), plain, rtol=1e-5, atol=1e-6)
+    unrolled = model.clone(scan=False, remat_policy="nothing_saveable")
+    out = unrolled.apply({"params": jaxvit.scan_to_unrolled(params)}, x)
+    np.testing.assert_allclose(out, model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_zeroes_whole_examples_and_keeps_the_mean():
+    x = jnp.ones((4000, 3, 2))
+    y = jaxvit.drop_path(x, 0.25, jax.random.key(0))
+    per_example = np.asarray(y[:, 0, 0])
+    np.testing.assert_allclose(np.unique(per_example), [0.0, 1 / 0.75], rtol=1e-6)
+    np.testing.assert_array_equal(y, y[:, :1, :1] * jnp.ones_like(y))
+    assert abs(float(per_example.mean()) - 1.0) < 0.05
+
+
+def test_dropout_only_in_training():
+    model = tiny(dropout=0.5, attention_dropout=0.5, drop_path_rate=0.5)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    variables = {"params": perturb(variables["params"])}
+    eval_a = model.apply(variables, x)
+    np.testing.assert_array_equal(eval_a, model.apply(variables, x))
+    train_a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    train_b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(train_a, train_b)
+    assert not np.allclose(train_a, eval_a)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_flavour_is_a_field(approximate):
+    mlp = jaxvit.MlpBlock(mlp_dim=8, gelu_approximate=approximate)
+    x = jnp.linspace(-3, 3, 12).reshape(1, 3, 4)
+    params = mlp.init(jax.random.key(0), x)
+    p = params["params"]
+    hidden = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    want = jax.nn.gelu(hidden, approximate=approximate) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    np.testing.assert_allclose(mlp.apply(params, x), want, rtol=1e-5, atol=1e-6)
+
+
+# -- intermediates ---------------------------------------------------------
+
+
+def test_attention_weights_and_block_outputs():
+    model = tiny(depth=2)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    assert set(variables) == {"params"}  # init sows nothing
+    plain = model.apply(variables, x)
+    logits, state = model.apply(variables, x, mutable=["intermediates", "attention"])
+    # The explicit-weights path gives the same logits as dot_product_attention.
+    np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-6)
+    weights = jaxvit.attention_weights(model, variables, x)
+    assert weights.shape == (2, 2, 4, 17, 17)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(jaxvit.attention_weights(model, variables, x, block=1), weights[1])
+    assert len(state["intermediates"]["encoder"]) == 2
+
+
+def test_attention_weights_match_a_hand_computation():
+    attn = jaxvit.SelfAttention(num_heads=2)
+    x = jax.random.normal(jax.random.key(0), (1, 5, 8))
+    params = attn.init(jax.random.key(1), x)
+    _, state = attn.apply(params, x, mutable=["attention"])
+    qkv = (x @ params["params"]["qkv"]["kernel"] + params["params"]["qkv"]["bias"]).reshape(1, 5, 3, 2, 4)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    want = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k) / 2.0, axis=-1)
+    np.testing.assert_allclose(state["attention"]["weights"][0], want, rtol=1e-5, atol=1e-6)
+
+
+# -- dtype threading -------------------------------------------------------
+
+
+def test_bf16_compute_with_fp32_params_threads_through_every_matmul():
+    model = tiny(dtype=jnp.bfloat16, pool="map", class_token=False, representation_size=16)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+    logits, state = model.apply(variables, x, mutable=["intermediates"])
+    assert logits.dtype == jnp.bfloat16
+    for leaf in jax.tree_util.tree_leaves(state):
+        assert leaf.dtype == jnp.bfloat16
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)}))(
+        variables, x
+    )
+    dots = _dot_operand_dtypes(jaxpr.jaxpr)
+    assert dots, "no matmul found"
+    assert all(d == {jnp.dtype(jnp.bfloat16)} for d in dots), dots
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x).astype(jnp.float32)))(
+        variables["params"]
+    )
+    assert all(
+        g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads)
+    )
+
+
+def test_bf16_params_too():
+    model = tiny(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    variables = model.init(jax.random.key(0), images())
+    assert {a.dtype for a in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+    assert model.apply(variables, images()).dtype == jnp.bfloat16
+
+
+def _dot_operand_dtypes(jaxpr):
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append({v.aval.dtype for v in eqn.invars})
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+            found.extend(_dot_operand_dtypes(sub))
+    return found
+
+
+def _subjaxprs(eqn):
+    for param in eqn.params.values():
+        for p in param if isinstance(param, tuple | list) else (param,):
+            if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+                yield p.jaxpr
+            elif hasattr(p, "eqns"):
+                yield p
+
+
+# -- bad input -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+    model = tiny()
+    return model, model.init(jax.random.key(0), images())
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, message",
+    [
+        ((16, 16, 3), jnp.float32, r"rank 4 \(N, H, W, C\), got shape \(16, 16, 3\)"),
+        ((2, 18, 16, 3), jnp.float32, "image size 18x16 is not divisible by the patch size 4x4"),
+        ((2, 16, 16, 1), jnp.float32, "1 channels but the model expects num_channels=3"),
+        ((2, 3, 16, 16), jnp.float32, "image size 3x16 is not divisible"),
+        ((2, 16, 16, 3), jnp.uint8, "must be floating point"),
+    ],
+)
+def test_bad_images_raise_before_compiling(tiny_variables, shape, dtype, message):
+    model, variables = tiny_variables
+    with pytest.raises(ValueError, match=message):
+        model.apply(variables, jnp.zeros(shape, dtype))
+    with pytest.raises(ValueError, match=message):
+        jax.jit(model.apply).lower(variables, jax.ShapeDtypeStruct(shape, dtype))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(width=30, num_heads=4), "width 30 is not divisible by num_heads=4"),
+        (dict(pool="cls"), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map'\)"),
+        (dict(posemb="sincos"), r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d'\)"),
+        (dict(remat_policy="all"), "unknown remat_policy 'all'.*nothing_saveable"),
+        (dict(class_token=False), "pool='tok' needs class_token=True"),
+        (dict(posemb="sincos2d", width=18, num_heads=2), "width divisible by 4"),
+    ],
+)
+def test_bad_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
+    model = vit.VisionTransformer(**{**TINY, **overrides})
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), images())
+
+
+def test_encoder_rejects_width_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="width 30 is not divisible by num_heads=4"):
+        jaxvit.Encoder(depth=1, mlp_dim=8, num_heads=4).init(jax.random.key(0), jnp.zeros((1, 3, 30)))
+
+
+# -- composability ---------------------------------------------------------
+
+
+class PatchRegressor(nn.Module):
+    """A user's model: our patch embedding and encoder under their own per-token head."""
+
+    @nn.compact
+    def __call__(self, images):
+        tokens = jaxvit.PatchEmbed(width=16, patch_size=4)(images)
+        tokens = tokens + self.param("pos", nn.initializers.normal(0.02), (1, tokens.shape[1], 16))
+        tokens = jaxvit.Encoder(depth=2, mlp_dim=32, num_heads=2)(tokens)
+        return nn.Dense(4 * 4 * 3)(tokens)  # reconstruct each patch
+
+
+class TextClassifier(nn.Module):
+    """The encoder on tokens that never were images."""
+
+    @nn.compact
+    def __call__(self, token_ids):
+        x = nn.Embed(100, 16)(token_ids)
+        x = jaxvit.ClassToken()(x)
+        x = jaxvit.Encoder(depth=1, mlp_dim=32, num_heads=4, scan=True)(x)
+        return jaxvit.Head(num_classes=3, pool="tok")(x)
+
+
+def test_modules_compose_into_other_models():
+    x = images(2, 16, 8)
+    regressor = PatchRegressor()
+    params = regressor.init(jax.random.key(0), x)
+    patches = regressor.apply(params, x)
+    assert patches.shape == (2, 8, 48)
+    assert jaxvit.unpatchify(patches, 4, (4, 2)).shape == x.shape
+
+    def loss(p):
+        return jnp.mean((regressor.apply(p, x) - jaxvit.patchify(x, 4)) ** 2)
+
+    grads = jax.grad(loss)(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+    text = TextClassifier()
+    ids = jnp.array([[1, 5, 7, 9], [2, 3, 4, 0]])
+    params = text.init(jax.random.key(0), ids)
+    assert text.apply(params, ids).shape == (2, 3)
+    assert params["params"]["Encoder_0"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (1, 16, 32)
