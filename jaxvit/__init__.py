@@ -24,6 +24,8 @@ from jaxvit.model import (
     unpatchify,
     unrolled_to_scan,
 )
+from jaxvit.summary import formula_flops, summarize
+from jaxvit.visualize import attention_rollout, plot_curves, rollout_map
 
 __version__ = "0.1.0"
 
@@ -39,15 +41,20 @@ __all__ = [
     "PositionEmbedding",
     "SelfAttention",
     "VisionTransformer",
+    "attention_rollout",
     "attention_weights",
     "count_params",
     "create_model",
     "decode_variant",
     "drop_path",
+    "formula_flops",
     "patchify",
+    "plot_curves",
     "posemb_sincos_2d",
     "resample_posemb",
+    "rollout_map",
     "scan_to_unrolled",
+    "summarize",
     "unpatchify",
     "unrolled_to_scan",
 ]
