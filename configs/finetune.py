@@ -1,0 +1,47 @@
+"""Fine-tune a pretrained ViT at 384 px with a new head on an ImageFolder dataset.
+
+Run:    python train.py --config configs/finetune.py \
+            --config.init_from=CHECKPOINT --config.data.root=ROOT \
+            --config.num_classes=<classes> --workdir workdirs/finetune
+        CHECKPOINT is anything jaxvit.load_pretrained reads: a ViT/AugReg or
+        big_vision .npz, a timm .safetensors/.pth, a Hugging Face folder. The
+        position embedding is resampled to the 384 px grid and the head is
+        replaced by a zero-init one when the class count differs. Set the model
+        fields to the checkpoint's (variant, pooling, GELU flavour, ...).
+Recipe: as "How to train your ViT" fine-tuning: SGD momentum 0.9, lr 0.01 with
+        cosine decay, no weight decay, gradient clipping at 1.0, batch 512,
+        inputs normalised to [-1, 1].
+Result: not run here at 384 px (no pretrained weights can be downloaded on the
+        build machine); the test suite fine-tunes from a checkpoint it exports
+        itself, at a small size.
+"""
+
+from jaxvit.configs import base_config, model_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "imagefolder"
+    c.data.root = ""
+    c.data.crop_fraction = 1.0
+    c.image_size = 384
+    c.num_channels = 3
+    c.num_classes = 10
+    c.init_from = ""
+    c.model = model_config("B/16", scan=False)
+    c.augment.random_resized_crop = True
+    c.augment.crop_scale = (0.08, 1.0)
+    c.augment.flip = True
+    c.batch_size = 512
+    c.total_steps = 10_000
+    c.optimizer.name = "sgd"
+    c.optimizer.lr = 0.01
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.warmup_steps = 500
+    c.optimizer.schedule = "cosine"
+    c.data.workers = 4
+    c.eval_every = 1_000
+    c.checkpoint_every = 1_000
+    return c

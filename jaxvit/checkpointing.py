@@ -1,0 +1,181 @@
+"""Checkpoints with orbax: the train state, the base RNG and the data iterator position.
+
+``WORKDIR/checkpoints/<step>/`` holds the newest ``max_to_keep`` steps for
+resuming; ``WORKDIR/checkpoints_best/<step>/`` holds the parameters of the
+best evaluation by the chosen metric. Orbax writes each step into a temporary
+directory and renames it when complete, so a run killed mid-save never leaves
+a partial checkpoint that looks like the newest one; ``restore_latest`` also
+falls back to an older step, with a warning, if the newest cannot be read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints under ``workdir``."""
+
+    def __init__(
+        self,
+        workdir: str,
+        max_to_keep: int = 2,
+        async_save: bool = True,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+    ):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        workdir = os.path.abspath(workdir)
+        self.latest = ocp.CheckpointManager(
+            os.path.join(workdir, LATEST_DIR),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            ),
+        )
+        self.best_metric = best_metric
+        self.best = None
+        if best_metric:
+            self.best = ocp.CheckpointManager(
+                os.path.join(workdir, BEST_DIR),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=1,
+                    best_fn=lambda metrics: metrics[best_metric],
+                    best_mode=best_mode,
+                    keep_checkpoints_without_metrics=False,
+                    enable_async_checkpointing=async_save,
+                    cleanup_tmp_directories=True,
+                ),
+            )
+
+    def save(self, step: int, state: Any, rng: jax.Array, data_state: dict[str, Any]) -> None:
+        """Starts saving ``state``, ``rng`` and the data iterator state at ``step`` (async)."""
+        self.latest.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+                data=ocp.args.JsonSave(data_state),
+            ),
+            force=True,
+        )
+
+    def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
+        """Keeps ``params`` if ``metrics[best_metric]`` is the best seen so far."""
+        if self.best is None:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics=metrics)
+
+    def restore_latest(
+        self, abstract_state: Any, abstract_rng: jax.Array
+    ) -> tuple[Any, jax.Array, dict, int] | None:
+        """``(state, rng, data_state, step)`` from the newest readable checkpoint, or ``None`` if there is none.
+
+        ``abstract_state`` carries shapes, dtypes and shardings (e.g. from
+        ``jax.eval_shape`` plus ``state_shardings``).
+        """
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
+            try:
+                restored = self.latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        rng=ocp.args.StandardRestore({"key_data": jax.random.key_data(abstract_rng)}),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as err:  # any unreadable checkpoint: try the one before it
+                log.warning("checkpoint at step %d cannot be restored (%s); trying an older one", step, err)
+                errors.append((step, err))
+                continue
+            if errors:
+                log.warning(
+                    "resumed from step %d after skipping unreadable step(s) %s", step, [s for s, _ in errors]
+                )
+            rng = jax.random.wrap_key_data(restored["rng"]["key_data"])
+            return restored["state"], rng, dict(restored["data"]), step
+        if errors:
+            raise RuntimeError(
+                f"no checkpoint in {self.latest.directory} could be restored; newest error: {errors[0][1]}"
+            ) from errors[0][1]
+        return None
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self.latest.wait_until_finished()
+        if self.best is not None:
+            self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) -> tuple[Any, Any, dict]:
+    """``(model, params, config_dict)`` from a training workdir, for inference tools.
+
+    ``which="latest"`` reads the newest readable checkpoint (its EMA parameters
+    when the run kept them and ``use_ema``), ``"best"`` the best-by-metric one.
+    """
+    from jaxvit.model import create_model
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{workdir!r} is not a training workdir: {config_path!r} is missing")
+    with open(config_path) as f:
+        config = json.load(f)
+    model = model_from_config(config, create_model)
+    directory = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LATEST_DIR)
+    if which not in ("latest", "best"):
+        raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    item = "params" if which == "best" else "state"
+    errors = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+        except Exception as err:  # fall back to an older checkpoint, as resuming does
+            log.warning("checkpoint at step %d in %s cannot be restored (%s)", step, directory, err)
+            errors.append(err)
+            continue
+        tree = restored[item]
+        if which == "best":
+            return model, tree, config
+        params = tree.get("ema_params") if use_ema else None
+        return model, params if params is not None else tree["params"], config
+    raise FileNotFoundError(f"no readable checkpoint in {directory!r}" + (f": {errors[0]}" if errors else ""))
+
+
+def model_from_config(config: dict[str, Any], create_model: Any = None) -> Any:
+    """The ``VisionTransformer`` a training config describes (``config["model"]``)."""
+    if create_model is None:
+        from jaxvit.model import create_model
+    import jax.numpy as jnp
+
+    fields = {k: v for k, v in dict(config["model"]).items() if v is not None}
+    variant = fields.pop("variant", None)
+    for key in ("dtype", "param_dtype"):
+        if isinstance(fields.get(key), str):
+            fields[key] = jnp.dtype(fields[key])
+    if isinstance(fields.get("patch_size"), list):
+        fields["patch_size"] = tuple(fields["patch_size"])
+    return create_model(
+        variant, num_classes=config["num_classes"], num_channels=config.get("num_channels", 3), **fields
+    )

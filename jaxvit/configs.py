@@ -1,0 +1,163 @@
+"""The shared skeleton of every training config (``configs/*.py`` start from ``base_config``).
+
+Every config therefore has the same keys, so any ``--config.<key>=<value>``
+override works with every file, and an unknown key fails at once.
+
+Batch sizes are **global**: ``batch_size`` is the number of examples in one
+train step summed over all devices of all processes. Each process loads
+``batch_size / process_count`` and each device holds
+``batch_size / device_count``; with ``grad_accum_steps = k`` the optimizer
+sees ``k * batch_size`` examples per update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxvit.model import VisionTransformer
+
+# Model fields set by the variant name unless overridden; None means "from the variant".
+_FROM_VARIANT = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
+# Model fields that live at the top level of the config, shared with the data.
+_TOP_LEVEL = ("num_classes", "num_channels", "parent", "name")
+
+
+def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """Every ``VisionTransformer`` field as a config entry: the variant, then overrides."""
+    fields: dict[str, Any] = {"variant": variant}
+    for f in dataclasses.fields(VisionTransformer):
+        if f.name in _TOP_LEVEL:
+            continue
+        fields[f.name] = None if f.name in _FROM_VARIANT else f.default
+    fields["dtype"] = "float32"
+    fields["param_dtype"] = "float32"
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown model field(s) {unknown}: valid fields are {sorted(fields)}")
+    fields.update(overrides)
+    config = ml_collections.ConfigDict(fields)
+    # Variant-sized fields start as None; let the command line give them a number.
+    for name in _FROM_VARIANT:
+        if config[name] is None:
+            config[name] = ml_collections.FieldReference(None, field_type=object)
+    return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for every key; a config file changes what it needs and locks the result."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = "digits"  # digits | imagefolder | synthetic | tfds:<name>
+    c.image_size = 8  # int or (height, width)
+    c.num_channels = 3
+    c.num_classes = 10
+    c.model = model_config("mu/2")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # imagefolder: root with <train_split>/ and <val_split>/
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.on_corrupt = "skip"  # skip (warn with a count) | error
+    c.data.test_fraction = 0.2  # digits: held-out share, stratified
+    c.data.split_seed = 0  # digits: fixes the split, independent of c.seed
+    c.data.synthetic_examples = 4096
+    c.data.tfds_data_dir = ""
+    c.data.mean = (0.5,)  # normalisation: (x / 255 - mean) / std -> [-1, 1]
+    c.data.std = (0.5,)
+    c.data.crop_fraction = 1.0  # eval: keep the central fraction of the shorter side
+    c.data.workers = 0  # grain worker processes (0: load in the main process)
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.random_resized_crop = False
+    c.augment.crop_scale = (0.08, 1.0)
+    c.augment.crop_padding = 0  # random shift by up to this many pixels
+    c.augment.flip = False
+    c.augment.randaugment_num_ops = 0
+    c.augment.randaugment_magnitude = 10.0
+    c.augment.mixup_alpha = 0.0
+    c.augment.cutmix_alpha = 0.0
+    c.augment.mix_prob = 1.0
+    c.augment.switch_prob = 0.5
+    c.label_smoothing = 0.0
+
+    c.batch_size = 128  # global, see the module docstring
+    c.total_steps = 1000
+    c.grad_accum_steps = 1
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | sgd | lion | adafactor
+    c.optimizer.lr = 1e-3
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.nesterov = False  # sgd
+    c.optimizer.weight_decay = 1e-4  # decoupled; kernels only
+    c.optimizer.grad_clip_norm = 1.0  # 0 turns clipping off
+    c.optimizer.schedule = "cosine"  # cosine | linear | constant
+    c.optimizer.warmup_steps = 0
+    c.optimizer.end_factor = 0.0
+    c.ema_decay = 0.0  # > 0 keeps an EMA of the weights and evaluates it
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1  # > 1 shards parameters and optimizer state
+
+    c.log_every = 50
+    c.eval_every = 500  # 0: only at the end
+    c.checkpoint_every = 500  # 0: only at the end and on SIGTERM
+    c.max_to_keep = 2
+    c.best_metric = "eval/top1"  # "" turns keep-best off
+    c.best_mode = "max"
+    c.async_checkpointing = True
+    c.progress_bar = True
+
+    c.init_from = ""  # a pretrained checkpoint (see jaxvit.load_pretrained) for fine-tuning
+    return c
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted keys of ``config``: ``["augment.flip", ..., "seed"]``."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return sorted(keys)
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Runs a config file's ``get_config()`` (the file is code, as with absl's config flags)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location("_jaxvit_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def check_overrides(argv: list[str], default_config: str) -> None:
+    """Raises ``ValueError`` listing the valid keys if a ``--config.<key>`` names no key of the config."""
+    path = default_config
+    overrides = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[len("--config.") :].split("=", 1)[0])
+    if not overrides:
+        return
+    config = load_config_file(path)
+    valid = flat_keys(config)
+    valid_set = set(valid) | {k.rsplit(".", 1)[0] for k in valid if "." in k}
+    unknown = [key for key in overrides if key not in valid_set]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {path}; valid keys: {', '.join(valid)}")
