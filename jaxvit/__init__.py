@@ -24,6 +24,7 @@ from jaxvit.model import (
     unpatchify,
     unrolled_to_scan,
 )
+from jaxvit.pretrained import InferenceBundle, export, load_for_inference, load_pretrained
 from jaxvit.summary import formula_flops, summarize
 from jaxvit.visualize import attention_rollout, plot_curves, rollout_map
 
@@ -57,4 +58,8 @@ __all__ = [
     "summarize",
     "unpatchify",
     "unrolled_to_scan",
+    "InferenceBundle",
+    "export",
+    "load_for_inference",
+    "load_pretrained",
 ]

@@ -1,0 +1,365 @@
+"""Parameter names and array layouts of the peers, mapped to jaxvit's.
+
+Every layout is a table of ``Rule(src, dst, transform)``: ``src`` is the
+checkpoint's key, ``dst`` the jaxvit key (``/``-joined, unrolled blocks), both
+templates where ``{i}`` stands for a block index. The same table serves both
+directions (``rename`` into jaxvit, ``rename_back`` out of it).
+
+Attention weights need one more step because the peers split them
+differently: ``fuse_attention`` turns the separate query/key/value
+projections into jaxvit's fused ``qkv`` (output order ``(3, heads,
+head_dim)``) and gives the MAP head flax's ``(D, heads, head_dim)`` kernels;
+``split_attention`` undoes it for export.
+
+All functions here are pure: dicts of NumPy arrays in, dicts out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+Flat = dict[str, np.ndarray]
+
+# transform name -> (into jaxvit, back out)
+_TRANSFORMS = {
+    "id": (lambda a: a, lambda a: a),
+    # torch Linear weight (out, in) <-> flax kernel (in, out)
+    "linear": (lambda a: a.T, lambda a: a.T),
+    # torch Conv2d weight OIHW <-> flax conv kernel HWIO
+    "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``src`` (checkpoint key) <-> ``dst`` (jaxvit key); ``{i}`` matches a block index."""
+
+    src: str
+    dst: str
+    transform: str = "id"
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+@functools.cache
+def _compiled(rules: tuple[Rule, ...]) -> tuple[tuple[re.Pattern[str], re.Pattern[str], Rule], ...]:
+    return tuple((_template_regex(r.src), _template_regex(r.dst), r) for r in rules)
+
+
+def _apply(key: str, table, forward: bool) -> tuple[str, Rule] | None:
+    for src_re, dst_re, rule in table:
+        match = (src_re if forward else dst_re).fullmatch(key)
+        if match:
+            index = match.groupdict().get("i")
+            target = rule.dst if forward else rule.src
+            return target.format(i=index) if index is not None else target, rule
+    return None
+
+
+def rename(flat: Mapping[str, np.ndarray], rules: tuple[Rule, ...]) -> tuple[Flat, Flat]:
+    """Checkpoint keys -> jaxvit keys. Returns ``(renamed, unmatched)``; unmatched keep their names."""
+    table = _compiled(rules)
+    out: Flat = {}
+    unmatched: Flat = {}
+    for key, value in flat.items():
+        hit = _apply(key, table, forward=True)
+        if hit is None:
+            unmatched[key] = value
+            continue
+        new_key, rule = hit
+        if new_key in out:
+            raise ValueError(f"checkpoint keys map twice onto {new_key!r} (second one: {key!r})")
+        out[new_key] = _TRANSFORMS[rule.transform][0](value)
+    return out, unmatched
+
+
+def rename_back(flat: Mapping[str, np.ndarray], rules: tuple[Rule, ...], layout: str) -> Flat:
+    """jaxvit keys -> checkpoint keys; the first rule naming a jaxvit key wins.
+
+    Raises ``ValueError`` naming the keys this layout has no place for.
+    """
+    table = _compiled(rules)
+    out: Flat = {}
+    missing = []
+    for key, value in flat.items():
+        hit = _apply(key, table, forward=False)
+        if hit is None:
+            missing.append(f"{key} {tuple(np.shape(value))}")
+            continue
+        new_key, rule = hit
+        out[new_key] = np.ascontiguousarray(_TRANSFORMS[rule.transform][1](value))
+    if missing:
+        raise ValueError(f"the {layout} layout has no place for these parameters: {', '.join(missing)}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Rule tables
+# ---------------------------------------------------------------------------
+
+
+def _flax(src: str, dst: str, names: Iterable[str] = ("kernel", "bias")) -> list[Rule]:
+    return [Rule(f"{src}/{n}", f"{dst}/{n}") for n in names]
+
+
+def _flax_block(src: str, dst: str, sub: Mapping[str, str]) -> list[Rule]:
+    """One flax encoder block; ``sub`` names the block's children in the checkpoint."""
+    rules = _flax(f"{src}/{sub['norm1']}", f"{dst}/norm1", ("scale", "bias"))
+    for n in ("query", "key", "value", "out"):
+        rules += _flax(f"{src}/{sub['attn']}/{n}", f"{dst}/attn/{n}")
+    rules += _flax(f"{src}/{sub['norm2']}", f"{dst}/norm2", ("scale", "bias"))
+    rules += _flax(f"{src}/{sub['mlp']}/Dense_0", f"{dst}/mlp/fc1")
+    rules += _flax(f"{src}/{sub['mlp']}/Dense_1", f"{dst}/mlp/fc2")
+    return rules
+
+
+def _flax_map_head(src: str) -> list[Rule]:
+    rules = [Rule(f"{src}/probe", "head/map/probe")]
+    for n in ("query", "key", "value", "out"):
+        rules += _flax(f"{src}/MultiHeadDotProductAttention_0/{n}", f"head/map/attn/{n}")
+    rules += _flax(f"{src}/LayerNorm_0", "head/map/norm", ("scale", "bias"))
+    rules += _flax(f"{src}/MlpBlock_0/Dense_0", "head/map/mlp/fc1")
+    rules += _flax(f"{src}/MlpBlock_0/Dense_1", "head/map/mlp/fc2")
+    return rules
+
+
+def _flax_common(posemb_key: str, block_sub: Mapping[str, str]) -> tuple[Rule, ...]:
+    return tuple(
+        _flax("embedding", "patch_embed")
+        + [Rule("cls", "cls_token/token"), Rule(posemb_key, "pos_embed/embedding")]
+        + _flax_block("Transformer/encoderblock_{i}", "encoder/block_{i}", block_sub)
+        + _flax("Transformer/encoder_norm", "encoder/norm", ("scale", "bias"))
+        + _flax("pre_logits", "head/pre_logits")
+        + _flax("head", "head/classifier")
+        + _flax_map_head("MAPHead_0")
+    )
+
+
+# google-research/vision_transformer (and AugReg): flax auto-names numbered in call order.
+VT_RULES = _flax_common(
+    "Transformer/posembed_input/pos_embedding",
+    dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_1", norm2="LayerNorm_2", mlp="MlpBlock_3"),
+)
+# big_vision: the position embedding sits at the top and the block children number from 0.
+BIG_VISION_RULES = _flax_common(
+    "pos_embedding",
+    dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_0", norm2="LayerNorm_1", mlp="MlpBlock_0"),
+)
+
+
+def _torch(src: str, dst: str, kind: str) -> list[Rule]:
+    if kind == "ln":
+        return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
+    return [Rule(f"{src}.weight", f"{dst}/kernel", kind), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
+def _torch_block(src: str, names: Mapping[str, str]) -> list[Rule]:
+    dst = "encoder/block_{i}"
+    rules: list[Rule] = []
+    for ours, kind in (
+        ("norm1", "ln"),
+        ("attn/qkv", "linear"),
+        ("attn/query", "linear"),
+        ("attn/key", "linear"),
+        ("attn/value", "linear"),
+        ("attn/out", "linear"),
+        ("norm2", "ln"),
+        ("mlp/fc1", "linear"),
+        ("mlp/fc2", "linear"),
+    ):
+        if ours in names:
+            rules += _torch(f"{src}.{names[ours]}", f"{dst}/{ours}", kind)
+    return rules
+
+
+TIMM_RULES = tuple(
+    _torch("patch_embed.proj", "patch_embed", "conv")
+    + [Rule("cls_token", "cls_token/token"), Rule("pos_embed", "pos_embed/embedding")]
+    + _torch_block(
+        "blocks.{i}",
+        {
+            "norm1": "norm1",
+            "attn/qkv": "attn.qkv",
+            "attn/out": "attn.proj",
+            "norm2": "norm2",
+            "mlp/fc1": "mlp.fc1",
+            "mlp/fc2": "mlp.fc2",
+        },
+    )
+    + _torch("norm", "encoder/norm", "ln")
+    + _torch("head", "head/classifier", "linear")
+    + [Rule("attn_pool.latent", "head/map/probe")]
+    + _torch("attn_pool.q", "head/map/attn/query", "linear")
+    + _torch("attn_pool.kv", "head/map/attn/kv", "linear")
+    + _torch("attn_pool.proj", "head/map/attn/out", "linear")
+    + _torch("attn_pool.norm", "head/map/norm", "ln")
+    + _torch("attn_pool.mlp.fc1", "head/map/mlp/fc1", "linear")
+    + _torch("attn_pool.mlp.fc2", "head/map/mlp/fc2", "linear")
+)
+
+# Hugging Face ViT, without the "vit." prefix. The first block names are those of the
+# google/vit-* checkpoints (and what export writes); the second those that
+# transformers 5 writes, which it also reads the first ones as.
+HF_RULES = tuple(
+    _torch("embeddings.patch_embeddings.projection", "patch_embed", "conv")
+    + [
+        Rule("embeddings.cls_token", "cls_token/token"),
+        Rule("embeddings.position_embeddings", "pos_embed/embedding"),
+    ]
+    + _torch_block(
+        "encoder.layer.{i}",
+        {
+            "norm1": "layernorm_before",
+            "attn/query": "attention.attention.query",
+            "attn/key": "attention.attention.key",
+            "attn/value": "attention.attention.value",
+            "attn/out": "attention.output.dense",
+            "norm2": "layernorm_after",
+            "mlp/fc1": "intermediate.dense",
+            "mlp/fc2": "output.dense",
+        },
+    )
+    + _torch_block(
+        "layers.{i}",
+        {
+            "norm1": "layernorm_before",
+            "attn/query": "attention.q_proj",
+            "attn/key": "attention.k_proj",
+            "attn/value": "attention.v_proj",
+            "attn/out": "attention.o_proj",
+            "norm2": "layernorm_after",
+            "mlp/fc1": "mlp.fc1",
+            "mlp/fc2": "mlp.fc2",
+        },
+    )
+    + _torch("layernorm", "encoder/norm", "ln")
+    + _torch("pooler.dense", "head/pre_logits", "linear")
+    + _torch("classifier", "head/classifier", "linear")
+)
+
+# Why some checkpoint keys have no jaxvit counterpart; shown with the error.
+UNSUPPORTED_HINTS = {
+    "fc_norm": "timm's fc_norm (a LayerNorm after pooling) has no jaxvit counterpart: jaxvit's 'gap'"
+    " pools after the final norm, like timm with global_pool='avg', fc_norm=False",
+    "norm_pre": "timm's norm_pre (a LayerNorm before the blocks, CLIP style) is not part of jaxvit's model",
+    "reg_token": "register tokens are not part of jaxvit's model",
+    ".ls1.": "LayerScale is not part of jaxvit's model",
+    ".ls2.": "LayerScale is not part of jaxvit's model",
+    "q_norm": "QK-norm is not part of jaxvit's model",
+}
+
+
+# ---------------------------------------------------------------------------
+# Attention: fuse on the way in, split on the way out
+# ---------------------------------------------------------------------------
+
+_BLOCK_ATTN = re.compile(r"(encoder/block_\d+/attn)/query/kernel")
+
+
+def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
+    """Attention weights in any peer form -> jaxvit's shapes.
+
+    Blocks: ``query/key/value`` kernels ``(D, H, Dh)`` or ``(D, D)`` -> ``qkv``
+    ``(D, 3D)`` in ``(3, H, Dh)`` output order; ``out`` ``(H, Dh, D)`` -> ``(D, D)``.
+    MAP head: a fused ``kv`` is split, and flat kernels become ``(D, H, Dh)``,
+    ``out`` ``(H, Dh, D)``. Incomplete sets are left as they are, so the
+    key check names what is missing.
+    """
+    out = dict(flat)
+    for key in list(out):
+        match = _BLOCK_ATTN.fullmatch(key)
+        if not match:
+            continue
+        attn = match.group(1)
+        names = [f"{attn}/{n}/{p}" for n in ("query", "key", "value") for p in ("kernel", "bias")]
+        if not all(n in out for n in names):
+            continue
+        q, qb, k, kb, v, vb = (out.pop(n) for n in names)
+        d = q.shape[0]
+        out[f"{attn}/qkv/kernel"] = np.concatenate([a.reshape(d, -1) for a in (q, k, v)], axis=1)
+        out[f"{attn}/qkv/bias"] = np.concatenate([a.reshape(-1) for a in (qb, kb, vb)])
+        if f"{attn}/out/kernel" in out:
+            o = out[f"{attn}/out/kernel"]
+            out[f"{attn}/out/kernel"] = o.reshape(-1, o.shape[-1])
+
+    head = "head/map/attn"
+    if f"{head}/kv/kernel" in out and f"{head}/kv/bias" in out:
+        kernel, bias = out.pop(f"{head}/kv/kernel"), out.pop(f"{head}/kv/bias")
+        out[f"{head}/key/kernel"], out[f"{head}/value/kernel"] = np.split(kernel, 2, axis=1)
+        out[f"{head}/key/bias"], out[f"{head}/value/bias"] = np.split(bias, 2)
+    for n in ("query", "key", "value"):
+        kernel, bias = out.get(f"{head}/{n}/kernel"), out.get(f"{head}/{n}/bias")
+        if kernel is not None and kernel.ndim == 2 and kernel.shape[1] % num_heads == 0:
+            out[f"{head}/{n}/kernel"] = kernel.reshape(kernel.shape[0], num_heads, -1)
+        if bias is not None and bias.ndim == 1 and bias.shape[0] % num_heads == 0:
+            out[f"{head}/{n}/bias"] = bias.reshape(num_heads, -1)
+    kernel = out.get(f"{head}/out/kernel")
+    if kernel is not None and kernel.ndim == 2 and kernel.shape[0] % num_heads == 0:
+        out[f"{head}/out/kernel"] = kernel.reshape(num_heads, -1, kernel.shape[1])
+    return out
+
+
+_BLOCK_QKV = re.compile(r"(encoder/block_\d+/attn)/qkv/kernel")
+
+
+def split_attention(flat: Mapping[str, np.ndarray], num_heads: int, blocks: str, map_head: str) -> Flat:
+    """jaxvit's attention shapes -> a peer's; the inverse of ``fuse_attention``.
+
+    ``blocks``: ``"fused"`` keeps ``qkv``; ``"flat"`` gives ``query/key/value``
+    ``(D, D)``; ``"heads"`` gives them ``(D, H, Dh)`` with ``out`` ``(H, Dh, D)``.
+    ``map_head``: ``"heads"`` keeps flax's shapes; ``"flat_kv"`` gives ``query``
+    ``(D, D)``, a fused ``kv`` ``(D, 2D)`` and ``out`` ``(D, D)`` (timm).
+    """
+    out = dict(flat)
+    if blocks != "fused":
+        for key in list(out):
+            match = _BLOCK_QKV.fullmatch(key)
+            if not match:
+                continue
+            attn = match.group(1)
+            kernel, bias = out.pop(f"{attn}/qkv/kernel"), out.pop(f"{attn}/qkv/bias")
+            d = kernel.shape[0]
+            for n, k, b in zip(
+                ("query", "key", "value"), np.split(kernel, 3, axis=1), np.split(bias, 3), strict=True
+            ):
+                out[f"{attn}/{n}/kernel"] = k if blocks == "flat" else k.reshape(d, num_heads, -1)
+                out[f"{attn}/{n}/bias"] = b if blocks == "flat" else b.reshape(num_heads, -1)
+            if blocks == "heads":
+                o = out[f"{attn}/out/kernel"]
+                out[f"{attn}/out/kernel"] = o.reshape(num_heads, -1, o.shape[-1])
+    head = "head/map/attn"
+    if map_head == "flat_kv" and f"{head}/query/kernel" in out:
+        flat_k = {}
+        for n in ("query", "key", "value"):
+            kernel = out.pop(f"{head}/{n}/kernel")
+            flat_k[n] = (kernel.reshape(kernel.shape[0], -1), out.pop(f"{head}/{n}/bias").reshape(-1))
+        out[f"{head}/query/kernel"], out[f"{head}/query/bias"] = flat_k["query"]
+        out[f"{head}/kv/kernel"] = np.concatenate([flat_k["key"][0], flat_k["value"][0]], axis=1)
+        out[f"{head}/kv/bias"] = np.concatenate([flat_k["key"][1], flat_k["value"][1]])
+        o = out[f"{head}/out/kernel"]
+        out[f"{head}/out/kernel"] = o.reshape(-1, o.shape[-1])
+    return out
+
+
+def unstack_scanned(flat: Mapping[str, np.ndarray], scanned: str, unrolled: str) -> Flat:
+    """Keys under ``scanned`` (leading depth axis) -> one key per block under ``unrolled.format(i=...)``.
+
+    E.g. ``Transformer/encoderblock/LayerNorm_0/scale (12, D)`` ->
+    ``Transformer/encoderblock_{i}/LayerNorm_0/scale (D,)`` for ``i < 12``.
+    """
+    out: Flat = {}
+    for key, value in flat.items():
+        if key.startswith(scanned + "/"):
+            rest = key[len(scanned) :]
+            for i in range(value.shape[0]):
+                out[unrolled.format(i=i) + rest] = value[i]
+        else:
+            out[key] = value
+    return out
