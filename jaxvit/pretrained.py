@@ -774,7 +774,8 @@ def _hf_labels(config: Mapping[str, Any]) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _read_labels(path: Path) -> tuple[str, ...]:
+def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
+    """Class names from a text file, one per line in class-index order (blank lines skipped)."""
     with open(path) as f:
         return tuple(line.rstrip("\n") for line in f if line.strip())
 
@@ -800,7 +801,7 @@ def _workdir_bundle(workdir: Path, image_size: ImageSize | None) -> InferenceBun
         size,
         mean,
         std,
-        _read_labels(labels_path) if labels_path.exists() else None,
+        read_labels(labels_path) if labels_path.exists() else None,
         "workdir",
         crop,
         interp,

@@ -1,0 +1,111 @@
+"""Classify images with a checkpoint: ``python -m jaxvit.predict --checkpoint PATH IMAGES_OR_DIRS...``.
+
+The checkpoint is anything ``jaxvit.load_for_inference`` reads: a VT/AugReg
+or big_vision ``.npz``, a timm state dict, a Hugging Face ViT folder, or a
+training workdir. Images are prepared the way the checkpoint's origin
+expects (``jaxvit.pretrained.PREPROCESSING``), run in batches, and the top-5
+classes are printed per image (``--json`` for one JSON document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvit.preprocess import find_images, preprocess_files
+from jaxvit.pretrained import InferenceBundle, load_for_inference, read_labels
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, C)`` probabilities -> ``(indices, probabilities)``, each ``(N, min(k, C))``, best first."""
+    k = min(k, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return order, np.take_along_axis(probs, order, axis=-1)
+
+
+def predict(
+    bundle: InferenceBundle, paths: Sequence[str | os.PathLike], batch_size: int = 32, k: int = 5
+) -> list[dict]:
+    """Image files -> one ``{"image", "top_k": [{"class", "label", "probability"}...]}`` per image."""
+    if not bundle.model.num_classes:
+        raise ValueError("the checkpoint has no classifier (num_classes=0): nothing to predict")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    labels = bundle.labels or tuple(f"class_{i}" for i in range(bundle.model.num_classes))
+    if len(labels) != bundle.model.num_classes:
+        raise ValueError(f"{len(labels)} labels for a model with {bundle.model.num_classes} classes")
+    apply = jax.jit(lambda params, x: jax.nn.softmax(bundle.model.apply({"params": params}, x), axis=-1))
+    results = []
+    batch = min(batch_size, len(paths))
+    for start in range(0, len(paths), batch):
+        chunk = list(paths[start : start + batch])
+        images = preprocess_files(chunk, bundle)
+        # Pad the last batch to the same shape, so it reuses the compiled function.
+        padded = np.concatenate([images, np.zeros((batch - len(chunk), *images.shape[1:]), images.dtype)])
+        probs = np.asarray(apply(bundle.params, jnp.asarray(padded)))[: len(chunk)]
+        indices, values = top_k(probs, k)
+        for path, idx, val in zip(chunk, indices, values, strict=True):
+            top = [
+                {"class": int(i), "label": labels[int(i)], "probability": float(p)}
+                for i, p in zip(idx, val, strict=True)
+            ]
+            results.append({"image": str(path), "top_k": top})
+    return results
+
+
+def format_text(results: Sequence[dict]) -> str:
+    """Human-readable lines: the image, then ``probability  label (class)`` per rank."""
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        lines += [f"  {t['probability']:.4f}  {t['label']} ({t['class']})" for t in r["top_k"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxvit.predict", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--checkpoint", required=True, help=".npz, timm .safetensors/.pth, HF folder or workdir"
+    )
+    parser.add_argument("--labels", help="class names, one per line, in class-index order")
+    parser.add_argument("--image-size", type=int, help="image side in pixels (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--num-heads", type=int, help="for timm files that do not say their head count")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (0, or 1 with a message on stderr)."""
+    args = parse_args(argv)
+    try:
+        paths = find_images(args.images)
+        overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+        bundle = load_for_inference(args.checkpoint, args.image_size, **overrides)
+        if args.labels:
+            labels = read_labels(args.labels)
+            if len(labels) != bundle.model.num_classes:
+                raise ValueError(
+                    f"{args.labels} has {len(labels)} labels but the model has {bundle.model.num_classes} classes"
+                )
+            bundle = dataclasses.replace(bundle, labels=labels)
+        results = predict(bundle, paths, args.batch_size, args.top_k)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else format_text(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
