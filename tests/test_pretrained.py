@@ -501,7 +501,7 @@ def test_pickles_are_refused(tiny224, tmp_path):
     with pytest.raises(ValueError, match=r"p\.npz is a pickle.*never unpickles"):
         jaxvit.load_pretrained(tmp_path / "p.npz", tiny224[0], 224)
     with open(tmp_path / "p.pth", "wb") as f:
-        pickle.dump({"patch_embed.proj.weight": NotATensor()}, f)
+        pickle.dump({"patch_embed.proj.weight": NotATensor()}, f, protocol=2)
     with pytest.raises(
         ValueError, match=r"p\.pth with torch\.load\(weights_only=True\).*refuses to unpickle"
     ):
