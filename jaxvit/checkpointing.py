@@ -16,7 +16,11 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxvit.model import create_model
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +67,16 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, rng: jax.Array, data_state: dict[str, Any]) -> None:
         """Starts saving ``state``, ``rng`` and the data iterator state at ``step`` (async)."""
+        # Two managers saving the same step at once confuse orbax's cross-process
+        # barriers; one save in flight at a time.
+        if self.best is not None:
+            self.best.wait_until_finished()
         self.latest.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+                # host numpy: saved once, from the primary process
+                rng=ocp.args.StandardSave({"key_data": np.asarray(jax.random.key_data(rng))}),
                 data=ocp.args.JsonSave(data_state),
             ),
             force=True,
@@ -78,6 +87,7 @@ class Checkpointer:
         if self.best is None:
             return
         metrics = {k: float(v) for k, v in metrics.items()}
+        self.latest.wait_until_finished()
         self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), metrics=metrics)
 
     def restore_latest(
@@ -96,7 +106,9 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
-                        rng=ocp.args.StandardRestore({"key_data": jax.random.key_data(abstract_rng)}),
+                        rng=ocp.args.StandardRestore(
+                            {"key_data": np.asarray(jax.random.key_data(abstract_rng))}
+                        ),
                         data=ocp.args.JsonRestore(),
                     ),
                 )
@@ -108,7 +120,7 @@ class Checkpointer:
                 log.warning(
                     "resumed from step %d after skipping unreadable step(s) %s", step, [s for s, _ in errors]
                 )
-            rng = jax.random.wrap_key_data(restored["rng"]["key_data"])
+            rng = jax.random.wrap_key_data(np.asarray(restored["rng"]["key_data"]))
             return restored["state"], rng, dict(restored["data"]), step
         if errors:
             raise RuntimeError(
@@ -131,43 +143,63 @@ class Checkpointer:
 def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) -> tuple[Any, Any, dict]:
     """``(model, params, config_dict)`` from a training workdir, for inference tools.
 
+    The parameters come back as numpy arrays, whatever mesh saved them.
     ``which="latest"`` reads the newest readable checkpoint (its EMA parameters
     when the run kept them and ``use_ema``), ``"best"`` the best-by-metric one.
     """
-    from jaxvit.model import create_model
-
+    if which not in ("latest", "best"):
+        raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir: {config_path!r} is missing")
     with open(config_path) as f:
         config = json.load(f)
-    model = model_from_config(config, create_model)
+    model = model_from_config(config)
     directory = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LATEST_DIR)
-    if which not in ("latest", "best"):
-        raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     item = "params" if which == "best" else "state"
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={
+            item: ocp.PyTreeCheckpointHandler(),
+            "rng": ocp.PyTreeCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+        },
+    )
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+            tree = _restore_as_numpy(manager, step, item, use_ema and which == "latest")
         except Exception as err:  # fall back to an older checkpoint, as resuming does
             log.warning("checkpoint at step %d in %s cannot be restored (%s)", step, directory, err)
             errors.append(err)
             continue
-        tree = restored[item]
         if which == "best":
             return model, tree, config
-        params = tree.get("ema_params") if use_ema else None
-        return model, params if params is not None else tree["params"], config
+        ema = tree.get("ema_params")
+        return model, ema if ema is not None else tree["params"], config
     raise FileNotFoundError(f"no readable checkpoint in {directory!r}" + (f": {errors[0]}" if errors else ""))
 
 
-def model_from_config(config: dict[str, Any], create_model: Any = None) -> Any:
+def _restore_as_numpy(manager: ocp.CheckpointManager, step: int, item: str, with_ema: bool) -> Any:
+    """Restores ``item`` (for a train state only its params and EMA) as host numpy arrays."""
+    metadata = manager.item_metadata(step)[item]
+    tree = dict(getattr(metadata, "tree", metadata))
+    if item == "state":
+        keys = ["params"] + (["ema_params"] if with_ema and tree.get("ema_params") else [])
+        tree = {k: tree[k] for k in keys}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{item: ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True)}
+        ),
+    )
+    return restored[item]
+
+
+def model_from_config(config: dict[str, Any]) -> Any:
     """The ``VisionTransformer`` a training config describes (``config["model"]``)."""
-    if create_model is None:
-        from jaxvit.model import create_model
-    import jax.numpy as jnp
 
     fields = {k: v for k, v in dict(config["model"]).items() if v is not None}
     variant = fields.pop("variant", None)

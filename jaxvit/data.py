@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from jaxvit import augment
@@ -369,6 +370,10 @@ def train_batches(
     dataset = dataset.batch(layout.local_batch, drop_remainder=True)
     iter_dataset = dataset.to_iter_dataset()
     if workers > 0:
+        # grain's worker set-up reads its absl flags; outside an absl app (a notebook,
+        # pytest) they were never parsed, and defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(iter_dataset)
 
