@@ -364,8 +364,20 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, *, title: str | 
 # ---------------------------------------------------------------------------
 
 
-def load_image(path: str | Path, size: tuple[int, int], channels: int = 3) -> np.ndarray:
-    """An image file -> ``(H, W, channels)`` float32 in ``[0, 1]``, resized to ``size = (H, W)``."""
+def load_image(
+    path: str | Path,
+    size: tuple[int, int],
+    channels: int = 3,
+    *,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """An image file -> ``(H, W, channels)`` float32 in ``[0, 1]`` at ``size = (H, W)``.
+
+    ``crop_pct = 1`` resizes the whole image to ``size``; below 1 it resizes
+    so that ``size / crop_pct`` fits the image, then takes the central
+    ``size`` (the timm evaluation transform).
+    """
     from PIL import Image
 
     path = Path(path)
@@ -373,19 +385,38 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int = 3) -> np
         raise FileNotFoundError(f"no image at {path}")
     if channels not in (1, 3):
         raise ValueError(f"can only read images for models with 1 or 3 channels, got {channels}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    try:
+        resample = Image.Resampling[interpolation.upper()]
+    except KeyError:
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}: expected e.g. 'bilinear' or 'bicubic'"
+        ) from None
+    height, width = size
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
-        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        if crop_pct < 1.0:
+            scale = max(height / crop_pct / img.height, width / crop_pct / img.width)
+            new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+            img = img.resize((new_w, new_h), resample)
+            left, top = (new_w - width) // 2, (new_h - height) // 2
+            img = img.crop((left, top, left + width, top + height))
+        else:
+            img = img.resize((width, height), resample)
         pixels = np.asarray(img, np.float32) / 255.0
-    return pixels.reshape(size[0], size[1], channels)
+    return pixels.reshape(height, width, channels)
 
 
 def _channel_vector(value: Any, channels: int, name: str) -> np.ndarray:
-    vector = np.asarray(value if value is not None else (0.0,) * channels, np.float32).reshape(-1)
-    if vector.size == 1:
-        vector = np.repeat(vector, channels)
+    vector = np.asarray(value, np.float32).reshape(-1)
+    if vector.size != channels and np.all(vector == vector[0]):
+        # The same value for every channel (e.g. (0.5, 0.5, 0.5) for a grey model) fits any count.
+        vector = np.full(channels, vector[0], np.float32)
     if vector.size != channels:
-        raise ValueError(f"{name} has {vector.size} values but the model has {channels} channels")
+        raise ValueError(
+            f"{name} has {vector.size} values {tuple(vector)} but the model has {channels} channels"
+        )
     return vector
 
 
@@ -409,8 +440,8 @@ def attention_maps_for_image(
     from jaxvit.model import attention_weights
 
     channels = image.shape[-1]
-    mean = _channel_vector(mean, channels, "mean")
-    std = _channel_vector(std if std is not None else 1.0, channels, "std")
+    mean = _channel_vector(0.0 if mean is None else mean, channels, "mean")
+    std = _channel_vector(1.0 if std is None else std, channels, "std")
     batch = jnp.asarray(((image - mean) / std)[None], jnp.float32)
     grid = model.check_images(batch)
     if model.depth < 1:
@@ -439,11 +470,18 @@ def save_attention(
     panel_size: int = 192,
 ) -> Path:
     """Loads ``checkpoint`` with ``jaxvit.load_for_inference``, draws the attention on one image, writes a PNG."""
+    # Imported here: the converters are only needed for this command.
     from jaxvit import pretrained
 
     bundle = pretrained.load_for_inference(checkpoint)
     size = _grid_pair(bundle.image_size)
-    image = load_image(image_path, size, bundle.model.num_channels)
+    image = load_image(
+        image_path,
+        size,
+        bundle.model.num_channels,
+        crop_pct=getattr(bundle, "crop_pct", 1.0),
+        interpolation=getattr(bundle, "interpolation", "bilinear"),
+    )
     maps = attention_maps_for_image(
         bundle.model,
         bundle.params,

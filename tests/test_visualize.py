@@ -155,9 +155,8 @@ WIDTH, HEADS, DEPTH = 32, 4, 2
 HEAD_DIM = WIDTH // HEADS
 
 
-@pytest.fixture(scope="module")
-def rigged():
-    """A tiny model whose every query attends to one patch token only.
+def rigged_model(image_hw, target):
+    """A tiny model whose every query attends to token ``target`` only: ``(model, params)``.
 
     Zero patch embedding, so tokens are the position embedding; attention
     output and MLP output are zero, so tokens never change. Each head's query
@@ -166,14 +165,14 @@ def rigged():
     model = jaxvit.create_model(
         None, num_classes=3, width=WIDTH, depth=DEPTH, mlp_dim=64, num_heads=HEADS, patch_size=4
     )
-    images = jnp.zeros((1, 8, 12, 3))  # grid (2, 3)
+    images = jnp.zeros((1, *image_hw, 3))
     params = jax.tree_util.tree_map(jnp.zeros_like, model.init(jax.random.key(0), images)["params"])
-    target = 1 + 4  # patch (1, 1)
+    tokens = params["pos_embed"]["embedding"].shape[1]
     hot, cold = np.zeros(WIDTH, np.float32), np.zeros(WIDTH, np.float32)
     for h in range(HEADS):
         hot[h * HEAD_DIM], hot[h * HEAD_DIM + 1] = 1.0, -1.0
         cold[h * HEAD_DIM + 2], cold[h * HEAD_DIM + 3] = 1.0, -1.0
-    pos = np.tile(cold, (1, 7, 1))
+    pos = np.tile(cold, (1, tokens, 1))
     pos[0, target] = hot
     params["pos_embed"]["embedding"] = jnp.asarray(pos)
     for i in range(DEPTH):
@@ -185,7 +184,14 @@ def rigged():
         bias = np.zeros(3 * WIDTH, np.float32)
         bias[:WIDTH] = 100.0 * hot  # the same query everywhere
         block["attn"]["qkv"] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
-    return model, params, images, target
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def rigged():
+    target = 1 + 4  # patch (1, 1) of the 2x3 grid
+    model, params = rigged_model((8, 12), target)
+    return model, params, jnp.zeros((1, 8, 12, 3)), target
 
 
 def test_rigged_model_attends_to_one_patch(rigged):
@@ -314,6 +320,52 @@ def test_curves_errors(tmp_path):
     with pytest.raises(ValueError, match="none of .*train/loss"):
         vz.plot_curves(empty, tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_load_image_resizes_and_crops(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, 10:30] = 255  # a white band in the middle half
+    Image.fromarray(pixels).save(tmp_path / "band.png")
+    whole = vz.load_image(tmp_path / "band.png", (10, 20))
+    chex.assert_shape(whole, (10, 20, 3))
+    np.testing.assert_allclose(whole[:, [0, 19]], 0.0)
+    np.testing.assert_allclose(whole[:, 7:13], 1.0)
+    # crop_pct 0.5: resize so 20x40 covers 8/0.5 x 8/0.5, i.e. to 16x32, then keep the central 8x8.
+    cropped = vz.load_image(tmp_path / "band.png", (8, 8), 1, crop_pct=0.5, interpolation="bicubic")
+    chex.assert_shape(cropped, (8, 8, 1))
+    np.testing.assert_allclose(cropped, 1.0, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no image"):
+        vz.load_image(tmp_path / "missing.png", (8, 8))
+    with pytest.raises(ValueError, match="interpolation 'cubic'"):
+        vz.load_image(tmp_path / "band.png", (8, 8), interpolation="cubic")
+
+
+def test_attention_cli_end_to_end(tmp_path, capsys):
+    """Export a rigged model, run the command, and find the attended patch in the picture."""
+    target = 1 + 2 * 4 + 3  # patch (2, 3) of the 4x4 grid
+    model, params = rigged_model((16, 16), target)
+    checkpoint = jaxvit.export(params, tmp_path / "rigged.npz", format="npz", model=model)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "black.png")
+    out = tmp_path / "pics" / "attention.png"
+    argv = ["attention", str(tmp_path / "black.png"), "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert vz.main([*argv, "--head-maps"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as png:
+        assert png.size == vz.attention_figure_size((16, 16), (4, 4), 2 + HEADS) == (788, 428)
+        pixels = np.asarray(png.convert("RGB"), np.float32)
+    # Panel 1 (the rollout) starts right of panel 0; patches are 192 / 4 = 48 pixels.
+    x0, y0 = 4 + 192 + 4, 4 + 16
+    panel = pixels[y0 : y0 + 192, x0 : x0 + 192].reshape(4, 48, 4, 48, 3)
+    cmap = matplotlib.colormaps["inferno"]
+    hot, cold = (0.6 * np.array(cmap(v)[:3]) * 255 for v in (1.0, 0.0))  # over a black image
+    np.testing.assert_allclose(panel[2, :, 3], np.broadcast_to(hot, (48, 48, 3)), atol=1)
+    np.testing.assert_allclose(panel[0, :, 0], np.broadcast_to(cold, (48, 48, 3)), atol=1)
+
+    assert vz.main([*argv[:-1], str(tmp_path / "small.png")]) == 0
+    with Image.open(tmp_path / "small.png") as png:
+        assert png.size == vz.attention_figure_size((16, 16), (4, 4), 2)
+    assert vz.main(["attention", "nope.png", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "no image" in capsys.readouterr().err
 
 
 def test_curves_cli(tmp_path, capsys):
