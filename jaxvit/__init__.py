@@ -25,10 +25,27 @@ from jaxvit.model import (
     unrolled_to_scan,
 )
 from jaxvit.pretrained import InferenceBundle, export, load_for_inference, load_pretrained
-from jaxvit.summary import formula_flops, summarize
-from jaxvit.visualize import attention_rollout, plot_curves, rollout_map
 
 __version__ = "0.1.0"
+
+# The command-line tools load on first use: imported here, ``python -m jaxvit.visualize``
+# (or ``jaxvit.summary``) would find its module already loaded and run a second copy.
+_LAZY = {
+    "attention_rollout": "jaxvit.visualize",
+    "plot_curves": "jaxvit.visualize",
+    "rollout_map": "jaxvit.visualize",
+    "formula_flops": "jaxvit.summary",
+    "summarize": "jaxvit.summary",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxvit' has no attribute {name!r}")
+
 
 __all__ = [
     "VARIANTS",
