@@ -47,7 +47,8 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        ema_params=params if ema else None,
+        # a copy: donating a state whose EMA shares buffers with the params fails
+        ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
     )
 
 
@@ -164,7 +165,7 @@ def train_step(
         return jnp.mean(cross_entropy(logits, targets)), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -140,7 +140,7 @@ def _init_params_from(config: Any, model, state: train_lib.TrainState) -> train_
 
     params = pretrained.load_pretrained(config.init_from, model, image_size=config.image_size)
     params = jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
-    ema = params if state.ema_params is not None else None
+    ema = jax.tree_util.tree_map(jnp.copy, params) if state.ema_params is not None else None
     return state.replace(params=params, ema_params=ema)
 
 
