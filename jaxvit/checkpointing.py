@@ -5,7 +5,8 @@ resuming; ``WORKDIR/checkpoints_best/<step>/`` holds the parameters of the
 best evaluation by the chosen metric. Orbax writes each step into a temporary
 directory and renames it when complete, so a run killed mid-save never leaves
 a partial checkpoint that looks like the newest one; ``restore_latest`` also
-falls back to an older step, with a warning, if the newest cannot be read.
+falls back to an older step, with a warning, if the newest cannot be read,
+and moves the unreadable one to ``WORKDIR/checkpoints_unreadable/``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
+UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 class Checkpointer:
@@ -120,6 +123,7 @@ class Checkpointer:
                 log.warning(
                     "resumed from step %d after skipping unreadable step(s) %s", step, [s for s, _ in errors]
                 )
+                self._set_aside([s for s, _ in errors])
             rng = jax.random.wrap_key_data(np.asarray(restored["rng"]["key_data"]))
             return restored["state"], rng, dict(restored["data"]), step
         if errors:
@@ -127,6 +131,20 @@ class Checkpointer:
                 f"no checkpoint in {self.latest.directory} could be restored; newest error: {errors[0][1]}"
             ) from errors[0][1]
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable steps to ``checkpoints_unreadable/``: the resumed run saves
+        those step numbers again, and orbax refuses to save a step that exists."""
+        directory = str(self.latest.directory)
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(os.path.join(directory, str(step)), target)
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+        ocp.multihost.sync_global_processes("jaxvit_set_aside_unreadable")
+        self.latest.reload()
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
