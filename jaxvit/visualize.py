@@ -315,6 +315,7 @@ def curves_figure(records: Sequence[Mapping[str, Any]], *, title: str | None = N
     ``ValueError`` if none of them has any value. The figure is
     ``CURVES_FIGSIZE * CURVES_DPI`` pixels.
     """
+    from matplotlib import ticker
     from matplotlib.figure import Figure
 
     series = {key: metric_series(records, key) for _, keys in CURVE_PANELS for key, _ in keys}
@@ -340,6 +341,10 @@ def curves_figure(records: Sequence[Mapping[str, Any]], *, title: str | None = N
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         elif panel == "loss" and min(v.min() for s, v in (series[k] for k, _ in keys) if len(s)) > 0:
             ax.set_yscale("log")
+            # Plain 0.2, 0.5, 1, 2 read better than 5x10^-1 on a log axis spanning a decade or two.
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     if title:
         figure.suptitle(title)
     return figure
