@@ -257,9 +257,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         writer.write(step, values)
         bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{images_per_sec:.0f}")
 
+    saved_step = start_step if restored is not None else -1
+
     def save(step: int) -> None:
+        nonlocal saved_step
         flush_metrics(step)  # never save a state after a non-finite step went unnoticed
+        if step == saved_step:  # e.g. SIGTERM at a checkpoint step: orbax refuses a second save
+            return
         checkpointer.save(step, state, train_rng, batches.get_state())
+        saved_step = step
 
     def run_eval(step: int) -> dict[str, float]:
         params = state.ema_params if use_ema else state.params
