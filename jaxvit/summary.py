@@ -253,7 +253,14 @@ def format_table(summary: Summary, title: str = "") -> str:
         return f"{x / scale:,.3f}"
 
     rows = [("module", "params", f"{prefix}FLOPs (formula)")]
-    rows += [(name, f"{count:,}", num(flops) if flops else "-") for name, count, flops in summary.modules]
+    depth = summary.model.depth
+
+    def label(name: str) -> str:
+        return f"{name} (x{depth})" if name == "encoder/blocks" else name
+
+    rows += [
+        (label(name), f"{count:,}", num(flops) if flops else "-") for name, count, flops in summary.modules
+    ]
     rows.append(("total", f"{summary.total_params:,}", num(summary.formula_flops)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     rule = "  ".join("-" * w for w in widths)
