@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import chex
@@ -293,14 +293,43 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
+def explicit_attention(
+    q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array] | None = None
+) -> Array:
+    """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh)) v``, heads-major.
+
+    Heads-major operands make both products plain batched matmuls, forward and
+    backward, which XLA:CPU runs much faster than the ``(N, T, H, Dh)`` layout
+    of ``jax.nn.dot_product_attention`` (see benchmarks/README.md). The softmax
+    runs in float32. ``weights_fn`` sees (and may replace, e.g. with dropout)
+    the weights ``(N, H, T, T)``.
+    """
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    logits = jnp.einsum("nhqd,nhkd->nhqk", q * scale, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if weights_fn is not None:
+        weights = weights_fn(weights)
+    return jnp.einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
+
+
+def use_explicit_attention() -> bool:
+    """Whether ``SelfAttention`` takes ``explicit_attention`` rather than ``jax.nn.dot_product_attention``.
+
+    True on the CPU backend, where it is faster; GPUs and TPUs keep
+    ``jax.nn.dot_product_attention`` and its fused kernels. Decided at trace time.
+    """
+    return jax.default_backend() == "cpu"
+
+
 class SelfAttention(nn.Module):
     """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
 
     The ``qkv`` kernel is ``(D, 3*D)`` with outputs ordered ``(3, heads,
-    head_dim)``. Attention runs through ``jax.nn.dot_product_attention`` (fused
-    kernels where the backend has them); the weights are formed explicitly
-    only when asked for (the ``"attention"`` collection is mutable) or when
-    attention dropout is active.
+    head_dim)``. On GPU/TPU attention runs through
+    ``jax.nn.dot_product_attention`` (fused kernels where the backend has
+    them); on CPU, and whenever the weights are needed (the ``"attention"``
+    collection is mutable, or attention dropout is active), through
+    ``explicit_attention`` (see ``use_explicit_attention``).
     """
 
     num_heads: int
@@ -317,17 +346,22 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
         head_dim = d // self.num_heads
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-        qkv = nn.Dense(3 * d, name="qkv", **dense)(x)
-        qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv = nn.Dense(3 * d, name="qkv", **dense)(x).reshape(n, t, 3, self.num_heads, head_dim)
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
-        if dropout_active or (self.is_mutable_collection("attention") and not self.is_initializing()):
-            logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            _sow(self, "attention", "weights", weights)
-            weights = nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
-            out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v)
+        want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
+        if dropout_active or want_weights or use_explicit_attention():
+
+            def weights_fn(weights: Array) -> Array:
+                _sow(self, "attention", "weights", weights)
+                return nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
+
+            # One transpose of qkv to (3, N, H, T, Dh); split (not indexing) so
+            # the backward pass concatenates rather than pads and adds.
+            q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
+            out = explicit_attention(q, k, v, weights_fn)
+            out = jnp.transpose(out, (0, 2, 1, 3))
         else:
+            q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
             out = jax.nn.dot_product_attention(q, k, v)
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
         return nn.Dense(d, name="out", **dense)(out.reshape(n, t, d))
@@ -790,6 +824,8 @@ __all__: Sequence[str] = (
     "ClassToken",
     "PositionEmbedding",
     "SelfAttention",
+    "explicit_attention",
+    "use_explicit_attention",
     "MlpBlock",
     "EncoderBlock",
     "Encoder",
