@@ -73,13 +73,17 @@ def preprocess(
     std: Sequence[float],
     crop_pct: float = 1.0,
     interpolation: str = "bilinear",
+    channels: int = 3,
 ) -> np.ndarray:
-    """An RGB PIL image -> ``(h, w, 3)`` float32, ready for the model."""
-    return normalize(np.asarray(resize_and_crop(image, size, crop_pct, interpolation)), mean, std)
+    """An RGB PIL image -> ``(h, w, 3)`` float32 (``(h, w, 1)`` for ``channels=1``), ready for the model."""
+    if channels == 1:
+        image = image.convert("L")
+    pixels = np.asarray(resize_and_crop(image, size, crop_pct, interpolation))
+    return normalize(pixels.reshape(*pixels.shape[:2], -1), mean, std)
 
 
 def preprocess_files(paths: Sequence[str | os.PathLike], bundle) -> np.ndarray:
-    """Image files -> ``(N, h, w, 3)`` float32, prepared as ``bundle`` (an ``InferenceBundle``) asks."""
+    """Image files -> ``(N, h, w, C)`` float32, prepared as ``bundle`` (an ``InferenceBundle``) asks."""
     return np.stack(
         [
             preprocess(
@@ -89,6 +93,7 @@ def preprocess_files(paths: Sequence[str | os.PathLike], bundle) -> np.ndarray:
                 bundle.std,
                 bundle.crop_pct,
                 bundle.interpolation,
+                bundle.model.num_channels,
             )
             for p in paths
         ]

@@ -758,8 +758,8 @@ class InferenceBundle:
     model: VisionTransformer
     params: Any
     image_size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     labels: tuple[str, ...] | None
     origin: str
     crop_pct: float = 1.0
@@ -794,7 +794,11 @@ def _workdir_bundle(workdir: Path, image_size: ImageSize | None) -> InferenceBun
         params = _resize_posemb_tree(params, model, size, _pair(image_size))
         size = _pair(image_size)
     labels_path = workdir / "labels.txt"
-    mean, std, crop, interp = PREPROCESSING["workdir"]
+    # as the run's own evaluation prepared its inputs
+    _, _, crop, interp = PREPROCESSING["workdir"]
+    data = config.get("data", {})
+    mean, std = tuple(data.get("mean", (0.5,))), tuple(data.get("std", (0.5,)))
+    crop = data.get("crop_fraction", crop)
     return InferenceBundle(
         model,
         params,

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import make_folder
 
 from jaxvit import augment, data
 
@@ -109,17 +109,6 @@ def test_batch_layout_rejects_uneven_split():
 
 
 # -- ImageFolder -----------------------------------------------------------
-
-
-def make_folder(root, classes=("cat", "dog"), per_class=3, size=(12, 10), split="train"):
-    rng = np.random.default_rng(0)
-    for name in classes:
-        os.makedirs(os.path.join(root, split, name), exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-            ext = "png" if i % 2 else "jpg"
-            Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.{ext}"))
-    return root
 
 
 def test_image_folder_reads_classes_in_sorted_order(tmp_path):

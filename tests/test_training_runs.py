@@ -1,0 +1,289 @@
+"""Whole training runs: the default config's accuracy, the same parameters on 1 device,
+8 devices (with fsdp) and 2 processes, every shipped config, fine-tuning and the workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from helpers import make_folder
+
+import jaxvit
+from jaxvit import checkpointing, trainer
+from jaxvit.configs import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
+# SGD for the cross-topology comparison: Adam divides by the root of tiny second
+# moments, so parameters whose gradient is exactly zero (the key bias of
+# attention) move by the sign of rounding noise, which differs with reduction order.
+SGD = ["--config.optimizer.name=sgd", "--config.optimizer.lr=0.1"]
+
+
+def run_train(workdir, *args, env=None, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={workdir}", *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT
+    )
+
+
+def params_of(workdir):
+    return checkpointing.restore_params(str(workdir))[1]
+
+
+def max_abs_diff(a, b):
+    diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    return max(jax.tree_util.tree_leaves(diffs))
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one")
+    result = run_train(workdir, *SGD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_workdir_holds_config_labels_metrics_tensorboard_and_checkpoints(one_device):
+    workdir, result = one_device
+    assert result.stdout.strip().splitlines()[-1].startswith("final test accuracy: ")
+    config = json.load(open(workdir / "config.json"))
+    assert config["total_steps"] == 12 and config["optimizer"]["name"] == "sgd"
+    assert open(workdir / "labels.txt").read().split() == [str(i) for i in range(10)]
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = [m for m in lines if "train/loss" in m]
+    evals = [m for m in lines if "eval/top1" in m]
+    assert [m["step"] for m in train] == [2, 4, 6, 8, 10, 12]
+    assert {"train/accuracy", "learning_rate", "images_per_sec", "train/grad_norm"} <= set(train[0])
+    assert [m["step"] for m in evals] == [6, 12]
+    assert {"eval/loss", "eval/top5"} <= set(evals[0])
+    assert os.listdir(workdir / "tensorboard")
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [8, 12]  # max_to_keep=2
+    best_step = max(evals, key=lambda m: m["eval/top1"])["step"]
+    assert os.listdir(workdir / "checkpoints_best") == [str(best_step)]
+    final = f"final test accuracy: {evals[-1]['eval/top1']:.4f}"
+    assert final in result.stdout
+
+
+def test_eight_devices_with_fsdp_give_the_same_parameters(one_device, tmp_path):
+    result = run_train(
+        tmp_path, *SGD, "--config.mesh.fsdp=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert max_abs_diff(params_of(one_device[0]), params_of(tmp_path)) < 1e-5
+
+
+def test_two_processes_give_the_same_parameters(one_device, tmp_path):
+    port = portpicker.pick_unused_port()
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--config={TINY}",
+        f"--workdir={tmp_path}",
+        *SGD,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert max_abs_diff(params_of(one_device[0]), params_of(tmp_path)) < 1e-5
+
+
+def test_rerun_of_a_finished_run_changes_nothing(one_device):
+    workdir, result = one_device
+    before = params_of(workdir)
+    again = run_train(workdir, *SGD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
+    assert max_abs_diff(before, params_of(workdir)) == 0.0
+
+
+def test_batch_not_divisible_by_devices_fails_before_training(tmp_path):
+    result = run_train(
+        tmp_path, "--config.batch_size=12", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    )
+    assert result.returncode != 0
+    assert "batch_size=12 (the global batch) must be a positive multiple of the 8 devices" in result.stderr
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    result = run_train(tmp_path, "--config.optimizer.learning_rate=0.1")
+    assert result.returncode != 0
+    assert "unknown config key(s) ['optimizer.learning_rate']" in result.stderr
+    assert "optimizer.lr" in result.stderr and "augment.mixup_alpha" in result.stderr
+
+
+# -- every shipped config builds and runs a few steps -------------------------
+
+
+def short(config, steps=2, **overrides):
+    config.unlock()
+    config.total_steps = steps
+    config.log_every = 1
+    config.eval_every = 0
+    config.checkpoint_every = 0
+    config.progress_bar = False
+    config.async_checkpointing = False
+    config.data.workers = 0
+    config.optimizer.warmup_steps = 0
+    config.update_from_flattened_dict(overrides)
+    config.lock()
+    return config
+
+
+@pytest.mark.parametrize("name", ["default", "imagefolder", "cifar_like", "vit_s16_i1k", "finetune"])
+def test_every_config_file_builds_its_model(name):
+    config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    model = checkpointing.model_from_config(config.to_dict())
+    assert jaxvit.count_params(model, config.image_size) > 0
+
+
+def test_vit_s16_i1k_runs_on_synthetic_data_of_its_shape(tmp_path):
+    config = short(
+        load_config_file(os.path.join(ROOT, "configs", "vit_s16_i1k.py")),
+        **{
+            "dataset": "synthetic",
+            "batch_size": 4,
+            "data.synthetic_examples": 16,
+        },
+    )
+    assert (config.image_size, config.num_classes, config.model.variant) == (224, 1000, "S/16")
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= metrics["eval/top1"] <= 1.0
+    train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    assert len(train) == 2 and all(np.isfinite(m["train/loss"]) for m in train)
+    # mixup + RandAugment + Inception crop were on
+    assert config.augment.mixup_alpha == 0.2 and config.augment.randaugment_num_ops == 2
+
+
+def test_cifar_like_runs(tmp_path):
+    config = short(
+        load_config_file(os.path.join(ROOT, "configs", "cifar_like.py")),
+        **{
+            "batch_size": 8,
+            "data.synthetic_examples": 32,
+            "model.depth": 2,
+        },
+    )
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert set(metrics) == {"eval/loss", "eval/top1", "eval/top5"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("folder"))
+    make_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=(40, 36))
+    make_folder(root, classes=("ant", "bee", "cat"), per_class=2, size=(30, 30), split="val")
+    return root
+
+
+def test_imagefolder_config_trains_on_a_folder(tmp_path, image_folder):
+    config = short(
+        load_config_file(os.path.join(ROOT, "configs", "imagefolder.py")),
+        **{
+            "data.root": image_folder,
+            "num_classes": 3,
+            "image_size": 32,
+            "model.variant": "mu/8",
+            "batch_size": 4,
+            "ema_decay": 0.9,
+        },
+    )
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= metrics["eval/top1"] <= 1.0
+    assert open(tmp_path / "labels.txt").read().split() == ["ant", "bee", "cat"]
+    model, params, _ = checkpointing.restore_params(str(tmp_path))  # the EMA weights
+    _, raw, _ = checkpointing.restore_params(str(tmp_path), use_ema=False)
+    assert max_abs_diff(params, raw) > 0
+    assert model.apply({"params": params}, np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 3)
+
+
+def test_num_classes_must_match_the_folder(tmp_path, image_folder):
+    config = short(
+        load_config_file(os.path.join(ROOT, "configs", "imagefolder.py")),
+        **{
+            "data.root": image_folder,
+            "num_classes": 5,
+            "image_size": 32,
+            "model.variant": "mu/8",
+        },
+    )
+    with pytest.raises(ValueError, match="num_classes=5 but the dataset has 3 classes"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_finetune_from_an_exported_checkpoint_at_a_new_resolution(tmp_path, image_folder):
+    source_model = jaxvit.create_model("mu/8", num_classes=7)
+    params = source_model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, params)
+    path = str(tmp_path / "pretrained.npz")
+    jaxvit.export(params, path, format="npz", model=source_model)
+    config = short(
+        load_config_file(os.path.join(ROOT, "configs", "finetune.py")),
+        steps=1,
+        **{
+            "init_from": path,
+            "data.root": image_folder,
+            "num_classes": 3,
+            "image_size": 32,
+            "model.variant": "mu/8",
+            "batch_size": 4,
+        },
+    )
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(config, str(workdir))
+    tuned = params_of(workdir)
+    # trained for one SGD step from the pretrained weights: close to them, not to a fresh init
+    assert (
+        np.abs(
+            tuned["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+            - params["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+        ).max()
+        < 0.05
+    )
+    assert tuned["pos_embed"]["embedding"].shape == (1, 1 + 16, 32)  # resampled from 2x2 to 4x4
+    assert tuned["head"]["classifier"]["kernel"].shape == (32, 3)  # a new head for 3 classes
+
+
+def test_predict_reads_a_training_workdir(one_device, tmp_path):
+    from PIL import Image
+
+    from jaxvit import predict
+
+    workdir = one_device[0]
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    out = tmp_path / "out.json"
+    with open(out, "w") as f:
+        sys_stdout, sys.stdout = sys.stdout, f
+        try:
+            assert predict.main(["--checkpoint", str(workdir), "--json", str(image)]) == 0
+        finally:
+            sys.stdout = sys_stdout
+    result = json.load(open(out))
+    model, params, _ = checkpointing.restore_params(str(workdir))
+    probs = np.asarray(jax.nn.softmax(model.apply({"params": params}, -np.ones((1, 8, 8, 1), np.float32))))[0]
+    top = result[0]["top_k"]
+    assert top[0]["label"] == str(int(np.argmax(probs)))
+    np.testing.assert_allclose(top[0]["probability"], probs.max(), rtol=1e-5)
+
+
+def test_default_config_reaches_97_percent(tmp_path):
+    """The README's promise: python train.py reaches >= 97% test accuracy on the digits."""
+    config = load_config_file(os.path.join(ROOT, "configs", "default.py"))
+    config.unlock()
+    config.progress_bar = False
+    config.lock()
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert metrics["eval/top1"] >= 0.97, metrics
