@@ -163,6 +163,7 @@ def compiled_step():
         schedule=schedule,
         cfg=train_lib.StepConfig(num_classes=5, mix=train_lib.MixConfig(mixup_alpha=0.2), ema_decay=0.9),
     )
+
     def fresh_state():  # the step donates its input state
         return train_lib.create_train_state(MODEL, tx, jax.random.key(0), (8, 8, 3), ema=True)
 
