@@ -144,6 +144,18 @@ def _init_params_from(config: Any, model, state: train_lib.TrainState) -> train_
     return state.replace(params=params, ema_params=ema)
 
 
+def _plot_curves(workdir: str) -> None:
+    """``WORKDIR/curves.png`` from ``metrics.jsonl``; a plotting failure never fails a finished run."""
+    if jax.process_index() != 0:
+        return
+    from jaxvit.visualize import plot_curves
+
+    try:
+        plot_curves(workdir, os.path.join(workdir, "curves.png"))
+    except (OSError, ValueError) as err:
+        log.warning("could not plot the training curves: %s", err)
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the final eval metrics."""
     check_workdir(workdir)
@@ -307,6 +319,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             if start_step < step or restored is None:
                 save(step)
             checkpointer.wait()
+            _plot_curves(workdir)
     finally:
         bar.close()
         writer.close()

@@ -62,6 +62,7 @@ def test_workdir_holds_config_labels_metrics_tensorboard_and_checkpoints(one_dev
     assert [m["step"] for m in evals] == [6, 12]
     assert {"eval/loss", "eval/top5"} <= set(evals[0])
     assert os.listdir(workdir / "tensorboard")
+    assert (workdir / "curves.png").stat().st_size > 1000
     assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [8, 12]  # max_to_keep=2
     best_step = max(evals, key=lambda m: m["eval/top1"])["step"]
     assert os.listdir(workdir / "checkpoints_best") == [str(best_step)]
