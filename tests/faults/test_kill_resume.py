@@ -1,0 +1,109 @@
+"""SIGKILL a real training process at chosen moments, rerun the same command, and
+demand the parameters and every logged metric of the uninterrupted run, bit for bit.
+
+The tiny config trains with AdamW (the default optimizer), dropout, drop-path,
+mixup and label smoothing, so the RNG streams, the optimizer state and the data
+iterator position must all survive the kills.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from faultkit import (
+    TMP_MARK,
+    TOTAL_STEPS,
+    assert_metrics_match,
+    assert_params_identical,
+    final_params,
+    finalized_steps,
+    metrics_lines,
+    tmp_dirs,
+)
+
+from jaxvit import checkpointing
+
+
+def _new_train_lines(workdir, before: int, at_step: int | None = None):
+    """An event: a train line appended after ``before`` lines (for step ``at_step`` if given)."""
+
+    def event() -> bool:
+        lines = metrics_lines(workdir)[before:]
+        return any("train/loss" in m and (at_step is None or m["step"] == at_step) for m in lines)
+
+    return event
+
+
+def _nth_save_started(workdir, n: int):
+    """An event: the ``n``-th new half-written step directory of this process appeared."""
+    seen: set[str] = set()
+    latest = os.path.join(workdir, checkpointing.LATEST_DIR)
+
+    def event() -> bool:
+        if os.path.isdir(latest):
+            seen.update(name for name in os.listdir(latest) if TMP_MARK in name)
+        return len(seen) >= n
+
+    return event
+
+
+def _kill_moment(kind: str, workdir, rng: random.Random):
+    """``(event, delay)``: kill ``delay`` seconds after ``event()`` first holds."""
+    before = len(metrics_lines(workdir))
+    if kind == "step":  # somewhere in the train steps after the first logged one
+        return _new_train_lines(workdir, before), rng.uniform(0.0, 0.3)
+    if kind == "save":  # at once, while orbax is writing a step
+        return _nth_save_started(workdir, rng.choice([1, 2])), 0.0
+    if kind == "eval":  # the step-6 line is flushed just before the step-6 evaluation
+        return _new_train_lines(workdir, before, at_step=6), rng.uniform(0.0, 0.15)
+    if kind == "startup":  # importing, reading the data, restoring or compiling
+        return (lambda: True), rng.uniform(0.5, 4.0)
+    if kind == "anytime":  # any step, save, evaluation or the exit, after training started
+        return _new_train_lines(workdir, before), rng.uniform(0.0, 2.0)
+    raise ValueError(kind)
+
+
+# Two kills per seed, then a run to the end: 9 processes in all.
+SCHEDULES = {0: ("save", "eval"), 1: ("step", "save"), 2: ("startup", "anytime")}
+
+
+@pytest.mark.parametrize("seed", sorted(SCHEDULES))
+def test_sigkill_and_rerun_ends_bit_identical(trainer, reference, tmp_path, seed):
+    rng = random.Random(seed)
+    workdir = tmp_path / "w"
+    history = []
+    for kind in SCHEDULES[seed]:
+        event, delay = _kill_moment(kind, workdir, rng)
+        before = finalized_steps(workdir)
+        proc = trainer.start(workdir)
+        killed = trainer.kill_when(proc, event, delay)
+        run = trainer.finish(proc)
+        on_disk, half_written = finalized_steps(workdir), tmp_dirs(workdir)
+        history.append((kind, round(delay, 3), run.returncode, on_disk, half_written))
+        if not killed:  # it finished before the moment came: a clean run, still checked below
+            assert run.returncode == 0, run.describe()
+            continue
+        assert run.returncode == -9, run.describe()
+        # The run that was killed resumed from the newest step finished before it started.
+        if run.resumed_from is not None:
+            assert run.resumed_from == before[-1], (history, run.describe())
+        if kind == "save":
+            assert any(d.startswith(checkpointing.LATEST_DIR + "/") for d in half_written), (
+                f"the kill missed the save it aimed at: {history}"
+            )
+
+    expected_start = finalized_steps(workdir)
+    last = trainer.run(workdir)
+    assert last.returncode == 0, (history, last.describe())
+    assert "final test accuracy" in last.stdout
+    # Never a half-written step: resumed from the newest finished one, read without error,
+    # and orbax's temporary directories are gone.
+    assert last.resumed_from == (expected_start[-1] if expected_start else None), history
+    assert "cannot be restored" not in last.stderr, last.describe()
+    assert tmp_dirs(workdir) == []
+    assert finalized_steps(workdir)[-1] == TOTAL_STEPS
+
+    assert_params_identical(final_params(workdir), reference.params)
+    assert_metrics_match(workdir, reference.metrics)
