@@ -502,3 +502,19 @@ def test_modules_compose_into_other_models():
     params = text.init(jax.random.key(0), ids)
     assert text.apply(params, ids).shape == (2, 3)
     assert params["params"]["Encoder_0"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (1, 16, 32)
+
+
+def test_fused_and_explicit_attention_paths_agree(monkeypatch):
+    """GPUs take jax.nn.dot_product_attention, the CPU the heads-major explicit path: same numbers."""
+    model = tiny()
+    x = images()
+    variables = {"params": perturb(model.init(jax.random.key(0), x)["params"])}
+
+    def loss_and_grads():
+        return jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(variables["params"])
+
+    monkeypatch.setattr(vit, "use_explicit_attention", lambda: True)
+    explicit = loss_and_grads()
+    monkeypatch.setattr(vit, "use_explicit_attention", lambda: False)
+    fused = loss_and_grads()
+    chex.assert_trees_all_close(explicit, fused, rtol=1e-5, atol=1e-6)
