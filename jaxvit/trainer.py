@@ -174,7 +174,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         raise ValueError(
             f"num_classes={config.num_classes} but the dataset has {len(train_source.class_names)} classes"
         )
-    _write_run_files(workdir, config, list(train_source.class_names))
     layout = data.BatchLayout(config.batch_size, jax.process_index(), jax.process_count())
     preprocess = data.preprocess_from_config(config)
 
@@ -210,6 +209,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
     )
     restored = checkpointer.restore_latest(abstract_with_sharding, train_rng)
+    # Only now: a config that cannot restore the workdir's checkpoints must not
+    # replace the config.json that describes them.
+    _write_run_files(workdir, config, list(train_source.class_names))
     if restored is not None:
         state, train_rng, data_state, start_step = restored
         log.info("resuming from step %d", start_step)
