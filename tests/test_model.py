@@ -517,4 +517,4 @@ def test_fused_and_explicit_attention_paths_agree(monkeypatch):
     explicit = loss_and_grads()
     monkeypatch.setattr(vit, "use_explicit_attention", lambda: False)
     fused = loss_and_grads()
-    chex.assert_trees_all_close(explicit, fused, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(explicit, fused, rtol=1e-4, atol=1e-5)  # fp32 summation order
