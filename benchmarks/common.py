@@ -122,6 +122,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # glibc.malloc.hugetlb=1 changes step times on CPU a lot (see README.md)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "python": platform.python_version(),
     }
     try:

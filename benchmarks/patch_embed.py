@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     m = result["machine"]
     print(
         f"batch {args.batch}, {args.image_size} px, patch {args.patch}, width {args.width}, fp32,"
-        f" {m['threads']} threads, {m['cpu']}, load {m['load_average_1m']:.2f} at start"
+        f" {m['threads']} threads, {m['cpu']}, load {m['load_average_1m']:.2f} at start,"
+        f" GLIBC_TUNABLES={m['glibc_tunables'] or '(unset)'}"
     )
     print(common.markdown_table(result["rows"]))
 
