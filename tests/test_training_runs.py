@@ -288,3 +288,14 @@ def test_default_config_reaches_97_percent(tmp_path):
     config.lock()
     metrics = trainer.train_and_evaluate(config, str(tmp_path))
     assert metrics["eval/top1"] >= 0.97, metrics
+
+
+def test_bf16_compute_trains_with_fp32_parameters(tmp_path):
+    config = short(load_config_file(TINY), steps=3, **{"model.dtype": "bfloat16"})
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(metrics["eval/loss"])
+    model, params, _ = checkpointing.restore_params(str(tmp_path))
+    assert model.dtype == np.dtype("bfloat16")
+    assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {np.dtype("float32")}
+    train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "train/loss" in line]
+    assert len(train) == 3 and all(np.isfinite(m["train/loss"]) for m in train)
