@@ -189,18 +189,14 @@ def image_folder(tmp_path_factory):
     return root
 
 
+def folder_config(root, **overrides):
+    """configs/imagefolder.py, shrunk to a 32 px mu/8 model for a couple of steps."""
+    settings = {"data.root": root, "num_classes": 3, "image_size": 32, "model.variant": "mu/8", **overrides}
+    return short(load_config_file(os.path.join(ROOT, "configs", "imagefolder.py")), **settings)
+
+
 def test_imagefolder_config_trains_on_a_folder(tmp_path, image_folder):
-    config = short(
-        load_config_file(os.path.join(ROOT, "configs", "imagefolder.py")),
-        **{
-            "data.root": image_folder,
-            "num_classes": 3,
-            "image_size": 32,
-            "model.variant": "mu/8",
-            "batch_size": 4,
-            "ema_decay": 0.9,
-        },
-    )
+    config = folder_config(image_folder, batch_size=4, ema_decay=0.9)
     metrics = trainer.train_and_evaluate(config, str(tmp_path))
     assert 0.0 <= metrics["eval/top1"] <= 1.0
     assert open(tmp_path / "labels.txt").read().split() == ["ant", "bee", "cat"]
@@ -211,15 +207,7 @@ def test_imagefolder_config_trains_on_a_folder(tmp_path, image_folder):
 
 
 def test_num_classes_must_match_the_folder(tmp_path, image_folder):
-    config = short(
-        load_config_file(os.path.join(ROOT, "configs", "imagefolder.py")),
-        **{
-            "data.root": image_folder,
-            "num_classes": 5,
-            "image_size": 32,
-            "model.variant": "mu/8",
-        },
-    )
+    config = folder_config(image_folder, num_classes=5)
     with pytest.raises(ValueError, match="num_classes=5 but the dataset has 3 classes"):
         trainer.train_and_evaluate(config, str(tmp_path))
 
