@@ -16,6 +16,8 @@ import dataclasses
 import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -393,8 +395,26 @@ def train_batches(
         # pytest) they were never parsed, and defaults are what we want.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_exit_with_parent
+        )
     return iter(iter_dataset)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each grain worker: exit once the training process is gone.
+
+    A trainer killed with SIGKILL cannot stop its workers, and a worker blocked
+    on a full queue would otherwise wait forever.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
 
 
 class _EvalExample(grain.transforms.Map):
