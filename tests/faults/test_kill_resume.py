@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import time
 
 import pytest
 from faultkit import (
@@ -106,5 +108,57 @@ def test_sigkill_and_rerun_ends_bit_identical(trainer, reference, tmp_path, seed
     assert tmp_dirs(workdir) == []
     assert finalized_steps(workdir)[-1] == TOTAL_STEPS
 
+    assert_params_identical(final_params(workdir), reference.params)
+    assert_metrics_match(workdir, reference.metrics)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux ``/proc``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces, so split after ")"
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkill_with_data_workers_leaves_no_orphans_and_resumes_identical(trainer, reference, tmp_path):
+    workdir = tmp_path / "w"
+    args = ("--config.data.workers=2",)
+    proc = trainer.start(workdir, *args)
+    workers = []
+
+    def training_with_workers() -> bool:
+        workers[:] = _children(proc.pid)
+        return bool(metrics_lines(workdir)) and len(workers) >= 2
+
+    assert trainer.kill_when(proc, training_with_workers, 0.0)
+    assert trainer.finish(proc).returncode == -9
+    on_disk = finalized_steps(workdir)
+    # The workers (and multiprocessing's resource tracker) notice and exit.
+    deadline = time.monotonic() + 30
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    orphans = [pid for pid in workers if _alive(pid)]
+    for pid in orphans:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, f"data workers outlived the killed trainer: {orphans}"
+
+    last = trainer.run(workdir, *args)
+    assert last.returncode == 0, last.describe()
+    assert last.resumed_from == (on_disk[-1] if on_disk else None)
     assert_params_identical(final_params(workdir), reference.params)
     assert_metrics_match(workdir, reference.metrics)
