@@ -24,6 +24,23 @@ def from_pil(image: Image.Image, channels: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
+# Pillow's convert() clips 16-bit values to 255 instead of scaling them, and reads a
+# float image as grey levels of 1/255: both would train on white or black images.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits; ``ValueError`` for 32-bit integer and float images."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return Image.fromarray((np.asarray(img).astype(np.uint32) // 257).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        raise ValueError(
+            f"mode {img.mode!r} pixels (32-bit integer or float) have no known range;"
+            " convert the file to 8 or 16 bits per channel"
+        )
+    return img
+
+
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``(H, W, C) -> (h, w, C)`` bilinear (antialiased when shrinking)."""
     if image.shape[:2] == tuple(size):

@@ -169,6 +169,9 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # finite gradients can still give a non-finite update (Adam with eps=0 divides
+    # zero by zero where a gradient is exactly zero)
+    finite = finite & jnp.isfinite(optax.tree.norm(updates))
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if cfg.ema_decay > 0:

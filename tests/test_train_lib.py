@@ -232,3 +232,17 @@ def test_learning_rate_metric_follows_the_schedule():
         state, metrics = step(state, batch(4), jax.random.key(0))
         lrs.append(float(metrics["learning_rate"]))
     np.testing.assert_allclose(lrs, [0.0, 0.25, 0.5], atol=1e-6)
+
+
+def test_a_non_finite_update_from_finite_gradients_is_not_applied():
+    """Adam with eps=0 divides 0 by 0 where a gradient is exactly 0 (the attention key bias)."""
+    tx, schedule = optim.make_optimizer(config(eps=0.0, warmup_steps=0), 10)
+    state = train_lib.create_train_state(MODEL, tx, jax.random.key(0), (8, 8, 3), ema=False)
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    step = functools.partial(
+        train_lib.train_step, model=MODEL, tx=tx, schedule=schedule, cfg=train_lib.StepConfig(num_classes=5)
+    )
+    state, metrics = jax.jit(step)(state, batch(4), jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["finite"]) == 0.0
+    chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, state.params), before)
