@@ -334,6 +334,28 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def memory_table(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Peak training memory of timm and of jaxvit (as configured), one fresh subprocess each."""
+    argv = [a for a in argv if a != "--memory-only"]
+    rows = []
+    for fw in ("timm", "jaxvit"):
+        probe = run_memory_probe(fw, argv)
+        rows.append(
+            {
+                "framework": fw,
+                "scan": args.scan if fw == "jaxvit" else None,
+                "remat": args.remat if fw == "jaxvit" else None,
+                "train peak RSS MiB": probe["rss_peak_delta"] / MiB,
+                "train XLA buffers MiB": probe["train_xla_bytes"] / MiB if fw == "jaxvit" else None,
+            }
+        )
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "memory_probe"},
+        "machine": common.machine_info(args.threads),
+        "rows": rows,
+    }
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="Ti/16")
@@ -353,6 +375,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="jaxvit only: scan x remat for --variant (use B/16), step time, compile time, memory",
     )
     ap.add_argument("--ablation-remat", default="nothing_saveable")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the peak-memory subprocesses: timm, and jaxvit with --scan/--remat as given",
+    )
     ap.add_argument("--json", action="store_true", help="print the full results as JSON")
     ap.add_argument("--memory-probe", choices=["jaxvit", "timm"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -369,7 +396,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args)))
         return
-    result = ablation(args) if args.ablation else compare(args, argv)
+    if args.memory_only:
+        result = memory_table(args, argv)
+    else:
+        result = ablation(args) if args.ablation else compare(args, argv)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -380,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         f" GLIBC_TUNABLES={m['glibc_tunables'] or '(unset)'}"
     )
     print(common.markdown_table(result["rows"]))
-    if not args.ablation:
+    if not (args.ablation or args.memory_only):
         print(
             f"\njaxvit/timm speed ratio, median of {args.repeats} rounds: train"
             f" {result['train_ratio_median']:.2f} (per round:"
