@@ -151,7 +151,7 @@ def train_step(
     """One optimizer step on ``batch = {"image": (N, H, W, C), "label": (N,)}``.
 
     Dropout and mixing keys are folded from ``rng`` and the step number, so a
-    resumed run draws the same ones. A non-finite loss or gradient leaves the
+    resumed run draws the same ones. A non-finite loss, gradient or update leaves the
     parameters and optimizer state as they were (``metrics["finite"]`` is 0),
     so the loop can stop with the last good state intact.
     """
@@ -166,13 +166,13 @@ def train_step(
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    # finite gradients can still give a non-finite update (Adam with eps=0 divides
-    # zero by zero where a gradient is exactly zero)
-    finite = finite & jnp.isfinite(optax.tree.norm(updates))
     params = optax.apply_updates(state.params, updates)
+    # Element-wise, not through a norm (whose squares overflow long before the values
+    # do); and on the new parameters too: finite gradients can still give a NaN update
+    # (Adam with eps=0 divides zero by zero where a gradient is exactly zero).
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
     ema_params = state.ema_params
     if cfg.ema_decay > 0:
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - cfg.ema_decay)
@@ -194,6 +194,10 @@ def train_step(
         "finite": finite.astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:

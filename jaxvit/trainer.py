@@ -253,7 +253,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         for s, m in fetched:
             if not m["finite"]:
                 raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, grad_norm="
+                    f"non-finite loss, gradient or update at step {s} (loss={float(m['loss'])}, grad_norm="
                     f"{float(m['grad_norm'])}); stopped. Parameters were not updated with it; the newest"
                     " checkpoint holds the last good state. Lower the learning rate or check the data."
                 )

@@ -130,7 +130,7 @@ def test_nan_from_the_data_stops_naming_the_step_and_keeps_the_last_good_checkpo
     # std 0: every image is +-inf, so step 9, the first of this run, has a NaN loss.
     run = trainer.run(workdir, "--config.data.std=(0.0,)")
     assert run.returncode != 0, run.describe()
-    assert "NonFiniteLossError: non-finite loss or gradient at step 9 " in run.stderr, run.describe()
+    assert "NonFiniteLossError: non-finite loss, gradient or update at step 9 " in run.stderr, run.describe()
     assert finalized_steps(workdir) == [8]
     newest = final_params(workdir)
     assert _all_finite(newest)
@@ -143,7 +143,7 @@ def test_huge_learning_rate_stops_at_the_first_nan_and_the_checkpoint_is_finite(
     # parameters jump to ~1e29 (finite) and step 3's activations overflow.
     run = trainer.run(workdir, "--config.optimizer.lr=1e30", "--config.checkpoint_every=2")
     assert run.returncode != 0, run.describe()
-    assert "non-finite loss or gradient at step 3 " in run.stderr, run.describe()
+    assert "non-finite loss, gradient or update at step 3 " in run.stderr, run.describe()
     lines = [m for m in metrics_lines(workdir) if "train/loss" in m]
     assert [m["step"] for m in lines] == [2] and np.isfinite(lines[0]["train/loss"])
     assert finalized_steps(workdir) == [2]
