@@ -191,7 +191,7 @@ def posemb_sincos_2d(
 ) -> Array:
     """The fixed 2-D sin-cos embedding: ``(1, h*w, width)``, rows in ``(h w)`` order.
 
-    A quarter of the channels each hold sin(y), cos(y), sin(x), cos(x) at
+    A quarter of the channels each hold sin(x), cos(x), sin(y), cos(y) at
     geometric frequencies, as in "Better plain ViT baselines".
     """
     h, w = grid
@@ -293,6 +293,19 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
+def _per_projection_init(init: Any, parts: int) -> Any:
+    """An initializer for a fused ``(D, parts*D)`` kernel that draws each ``(D, D)``
+    projection on its own, so q, k and v start as separate xavier layers would
+    (a fan-out of ``parts*D`` would shrink them)."""
+
+    def fused(key: Array, shape: tuple[int, ...], dtype: DType = jnp.float32) -> Array:
+        d_in, d_out = shape
+        keys = jax.random.split(key, parts)
+        return jnp.concatenate([init(k, (d_in, d_out // parts), dtype) for k in keys], axis=1)
+
+    return fused
+
+
 def explicit_attention(
     q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array] | None = None
 ) -> Array:
@@ -346,7 +359,10 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
         head_dim = d // self.num_heads
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
-        qkv = nn.Dense(3 * d, name="qkv", **dense)(x).reshape(n, t, 3, self.num_heads, head_dim)
+        qkv_init = _per_projection_init(self.kernel_init, 3)
+        qkv = nn.Dense(3 * d, name="qkv", **{**dense, "kernel_init": qkv_init})(x).reshape(
+            n, t, 3, self.num_heads, head_dim
+        )
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights or use_explicit_attention():
@@ -368,7 +384,7 @@ class SelfAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """``(N, T, D) -> (N, T, D)``: Dense -> GELU -> dropout -> Dense -> dropout."""
+    """``(N, T, D) -> (N, T, D)``: Dense -> GELU -> dropout -> Dense."""
 
     mlp_dim: int
     dropout: float = 0.0
@@ -388,8 +404,8 @@ class MlpBlock(nn.Module):
         y = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
         y = nn.gelu(y, approximate=self.gelu_approximate)
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-        y = nn.Dense(x.shape[-1], name="fc2", **dense)(y)
-        return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        # no dropout after fc2: the residual in EncoderBlock applies it, once, as the references do
+        return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
 
 
 class EncoderBlock(nn.Module):

@@ -518,3 +518,11 @@ def test_fused_and_explicit_attention_paths_agree(monkeypatch):
     monkeypatch.setattr(vit, "use_explicit_attention", lambda: False)
     fused = loss_and_grads()
     chex.assert_trees_all_close(explicit, fused, rtol=1e-4, atol=1e-5)  # fp32 summation order
+
+
+def test_fused_qkv_starts_as_three_xavier_projections():
+    attn = jaxvit.SelfAttention(num_heads=6)
+    kernel = attn.init(jax.random.key(0), jnp.zeros((1, 2, 384)))["params"]["qkv"]["kernel"]
+    assert kernel.shape == (384, 1152)
+    for part in jnp.split(kernel, 3, axis=1):  # xavier on (384, 384): std sqrt(1/384)
+        assert abs(float(jnp.std(part)) / np.sqrt(1 / 384) - 1) < 0.03
