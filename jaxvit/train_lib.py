@@ -70,6 +70,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class MixConfig:
+    """Batch mixing: mixup (``mixup_alpha``) and/or CutMix (``cutmix_alpha``) Beta parameters."""
+
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     switch_prob: float = 0.5  # chance of cutmix when both are on
@@ -175,7 +177,10 @@ def train_step(
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
     ema_params = state.ema_params
     if cfg.ema_decay > 0:
-        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - cfg.ema_decay)
+        blended = optax.incremental_update(params, state.ema_params, 1.0 - cfg.ema_decay)
+        # with accumulation the parameters move every k-th step only; so does the EMA
+        updated = (state.step + 1) % cfg.grad_accum_steps == 0
+        ema_params = jax.tree_util.tree_map(lambda b, e: jnp.where(updated, b, e), blended, state.ema_params)
 
     def keep_if_finite(new, old):
         return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -207,7 +212,11 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
     num_classes = logits.shape[-1]
     loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    rank = jnp.sum(logits > label_logit, axis=-1)  # classes scored above the true one
+    # The true class's rank, ties broken by class index as argmax does; a NaN logit
+    # ranks last, so a broken model never scores.
+    classes = jnp.arange(num_classes)
+    above = (logits > label_logit) | ((logits == label_logit) & (classes < labels[:, None]))
+    rank = jnp.where(jnp.isnan(label_logit[:, 0]), num_classes, jnp.sum(above, axis=-1))
     return {
         "loss": jnp.sum(loss * mask),
         "top1": jnp.sum((rank < 1) * mask),

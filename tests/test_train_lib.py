@@ -246,3 +246,16 @@ def test_a_non_finite_update_from_finite_gradients_is_not_applied():
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert float(metrics["finite"]) == 0.0
     chex.assert_trees_all_equal(jax.tree_util.tree_map(np.asarray, state.params), before)
+
+
+def test_eval_step_breaks_ties_like_argmax_and_never_credits_nan():
+    model = jaxvit.create_model(
+        None, num_classes=4, width=8, depth=0, num_heads=1, patch_size=4, pool="gap", class_token=False
+    )
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))["params"]  # zero head: all logits tie
+    batch = {"image": jnp.zeros((4, 4, 4, 3)), "label": jnp.arange(4), "mask": jnp.ones(4)}
+    sums = train_lib.eval_step(params, batch, model=model)
+    assert float(sums["top1"]) == 1.0  # only label 0 wins the tie, as argmax picks it
+    nan_params = jax.tree_util.tree_map(lambda a: a * jnp.nan, params)
+    sums = train_lib.eval_step(nan_params, batch, model=model)
+    assert (float(sums["top1"]), float(sums["top5"])) == (0.0, 0.0)
