@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxvit import checkpointing, data, optim, train_lib
@@ -27,8 +27,11 @@ from jaxvit.checkpointing import model_from_config
 log = logging.getLogger(__name__)
 
 
+EVAL_METRICS = ("eval/loss", "eval/top1", "eval/top5")
+
+
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; the message names the step."""
+    """Training produced a NaN/inf loss, gradient or update; the message names the step."""
 
 
 class _Preemption:
@@ -45,6 +48,13 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def should_stop(self) -> bool:
+        """Whether any process was signalled: the save is collective, so all agree first."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.any(flags))
+
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
@@ -52,18 +62,24 @@ class _Preemption:
 class MetricsWriter:
     """``metrics.jsonl`` (one JSON object per line) and TensorBoard events, on process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, start_step: int):
         self.active = jax.process_index() == 0
+        self.eval_steps: set[int] = set()  # steps whose evaluation is already logged
         if not self.active:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        self.eval_steps = _truncate_metrics(path, start_step)
+        self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        """Appends ``{"step": step, **values}`` to metrics.jsonl and TensorBoard."""
         if not self.active:
             return
+        if any(k.startswith("eval/") for k in values):
+            self.eval_steps.add(step)
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         for key, value in values.items():
@@ -74,6 +90,28 @@ class MetricsWriter:
         if self.active:
             self._jsonl.close()
             self._tb.close()
+
+
+def _truncate_metrics(path: str, start_step: int) -> set[int]:
+    """Keeps the complete lines up to ``start_step``: a resumed run rewrites the steps
+    after its checkpoint, and a line cut off by a kill must not merge with the next.
+    Returns the steps whose evaluation lines were kept."""
+    if not os.path.exists(path):
+        return set()
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n") and record.get("step", 0) <= start_step:
+                kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return {r["step"] for r in map(json.loads, kept) if any(k.startswith("eval/") for k in r)}
 
 
 def check_workdir(workdir: str) -> None:
@@ -100,6 +138,15 @@ def validate_config(config: Any, num_devices: int) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every"):
         if config[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {config[key]}")
+    if config.total_steps % config.grad_accum_steps:
+        raise ValueError(
+            f"total_steps={config.total_steps} is not a multiple of grad_accum_steps={config.grad_accum_steps}:"
+            " the last accumulated gradients would never be applied"
+        )
+    if config.best_metric and config.best_metric not in EVAL_METRICS:
+        raise ValueError(f"best_metric={config.best_metric!r} is not one of {EVAL_METRICS} (or '' for none)")
+    if config.best_metric == "eval/loss" and config.best_mode != "min":
+        raise ValueError("best_metric='eval/loss' needs best_mode='min'")
     if config.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
     model = model_from_config(config.to_dict())
@@ -231,7 +278,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     )
     if data_state is not None:
         batches.set_state(data_state)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step)
     bar = tqdm(
         total=config.total_steps,
         initial=start_step,
@@ -284,7 +331,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     def run_eval(step: int) -> dict[str, float]:
         params = state.ema_params if use_ema else state.params
         metrics = _evaluate(eval_step, params, test_source, layout, preprocess, batch_sharding)
-        writer.write(step, metrics)
+        if step not in writer.eval_steps:  # a rerun of a finished run evaluates again
+            writer.write(step, metrics)
         checkpointer.save_best(step, params, metrics)
         return metrics
 
@@ -309,7 +357,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                     and step < config.total_steps
                 ):
                     save(step)
-                if preemption.requested:
+                if preemption.should_stop():
                     log.warning("SIGTERM: saving at step %d and exiting", step)
                     save(step)
                     checkpointer.wait()
@@ -328,8 +376,3 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         checkpointer.wait()
         checkpointer.close()
     return last_eval
-
-
-def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
-    """The number of train steps that covers ``epochs`` passes over ``num_examples``."""
-    return max(1, math.ceil(num_examples * epochs / batch_size))

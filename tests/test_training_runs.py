@@ -108,6 +108,8 @@ def test_rerun_of_a_finished_run_changes_nothing(one_device):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
     assert max_abs_diff(before, params_of(workdir)) == 0.0
+    keys = [(m["step"], "eval/loss" in m) for m in map(json.loads, open(workdir / "metrics.jsonl"))]
+    assert len(keys) == len(set(keys)) == 8  # 6 train and 2 eval lines, none logged twice
 
 
 def test_batch_not_divisible_by_devices_fails_before_training(tmp_path):

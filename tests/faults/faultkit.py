@@ -186,12 +186,14 @@ EVAL_KEYS = ("eval/loss", "eval/top1", "eval/top5")
 
 
 def assert_metrics_match(workdir, reference: list[dict], keys=TRAIN_KEYS + EVAL_KEYS) -> None:
-    """Every line logged (reruns log some steps twice) equals the reference run's line for
-    that step in ``keys``, exactly; and every reference line was logged at least once."""
+    """Every line logged equals the reference run's line for that step in ``keys``, exactly;
+    every reference line was logged exactly once (a resumed run drops the lines past its
+    checkpoint before logging those steps again)."""
     expected = {(m["step"], "eval/loss" in m): m for m in reference}
     seen = set()
     for line in metrics_lines(workdir):
         key = (line["step"], "eval/loss" in line)
+        assert key not in seen, f"step {line['step']} logged twice"
         want = expected[key]
         for k in keys:
             if k in want:

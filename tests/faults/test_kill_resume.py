@@ -28,12 +28,28 @@ from faultkit import (
 from jaxvit import checkpointing
 
 
-def _new_train_lines(workdir, before: int, at_step: int | None = None):
-    """An event: a train line appended after ``before`` lines (for step ``at_step`` if given)."""
+def _inode(path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _new_train_lines(workdir, at_step: int | None = None):
+    """An event: the process started now logged a train line (for step ``at_step`` if given).
+
+    Each run rewrites metrics.jsonl (dropping the lines past its checkpoint) into a new
+    file, so lines of the file as it was before the run started are never mistaken for new.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    old = _inode(path)
 
     def event() -> bool:
-        lines = metrics_lines(workdir)[before:]
-        return any("train/loss" in m and (at_step is None or m["step"] == at_step) for m in lines)
+        if _inode(path) in (None, old):
+            return False
+        return any(
+            "train/loss" in m and (at_step is None or m["step"] == at_step) for m in metrics_lines(workdir)
+        )
 
     return event
 
@@ -53,17 +69,16 @@ def _nth_save_started(workdir, n: int):
 
 def _kill_moment(kind: str, workdir, rng: random.Random):
     """``(event, delay)``: kill ``delay`` seconds after ``event()`` first holds."""
-    before = len(metrics_lines(workdir))
     if kind == "step":  # somewhere in the train steps after the first logged one
-        return _new_train_lines(workdir, before), rng.uniform(0.0, 0.3)
+        return _new_train_lines(workdir), rng.uniform(0.0, 0.3)
     if kind == "save":  # at once, while orbax is writing a step
         return _nth_save_started(workdir, rng.choice([1, 2])), 0.0
     if kind == "eval":  # the step-6 line is flushed just before the step-6 evaluation
-        return _new_train_lines(workdir, before, at_step=6), rng.uniform(0.0, 0.15)
+        return _new_train_lines(workdir, at_step=6), rng.uniform(0.0, 0.15)
     if kind == "startup":  # importing, reading the data, restoring or compiling
         return (lambda: True), rng.uniform(0.5, 4.0)
     if kind == "anytime":  # any step, save, evaluation or the exit, after training started
-        return _new_train_lines(workdir, before), rng.uniform(0.0, 2.0)
+        return _new_train_lines(workdir), rng.uniform(0.0, 2.0)
     raise ValueError(kind)
 
 
