@@ -11,7 +11,7 @@ Result: none recorded on real data here (no CIFAR copy on the build machine);
         the test suite runs it for a few steps on synthetic data.
 """
 
-from jaxvit.configs import base_config, model_config
+from jaxvit.configs import base_config, model_config, steps_for_epochs
 
 
 def get_config():
@@ -31,7 +31,7 @@ def get_config():
     c.augment.cutmix_alpha = 1.0
     c.label_smoothing = 0.1
     c.batch_size = 256
-    c.total_steps = 39_000  # 200 epochs of 50,000 images
+    c.total_steps = steps_for_epochs(50_000, c.batch_size, 200)  # 39,063
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.05
     c.optimizer.warmup_steps = 2_000

@@ -13,6 +13,7 @@ sees ``k * batch_size`` examples per update.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -45,6 +46,11 @@ def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
         if config[name] is None:
             config[name] = ml_collections.FieldReference(None, field_type=object)
     return config
+
+
+def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
+    """The number of train steps that covers ``epochs`` passes over ``num_examples``."""
+    return max(1, math.ceil(num_examples * epochs / batch_size))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -95,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.momentum = 0.9  # sgd
     c.optimizer.nesterov = False  # sgd
-    c.optimizer.weight_decay = 1e-4  # decoupled; kernels only
+    # kernels only; multiplied by the learning rate (optax/PyTorch AdamW), so big_vision's
+    # lr-independent wd corresponds to weight_decay = wd / lr; SGD adds it as L2
+    c.optimizer.weight_decay = 1e-4
     c.optimizer.grad_clip_norm = 1.0  # 0 turns clipping off
     c.optimizer.schedule = "cosine"  # cosine | linear | constant
     c.optimizer.warmup_steps = 0
