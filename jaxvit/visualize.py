@@ -383,33 +383,15 @@ def load_image(
     so that ``size / crop_pct`` fits the image, then takes the central
     ``size`` (the timm evaluation transform).
     """
-    from PIL import Image
+    from jaxvit import preprocess
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
     if channels not in (1, 3):
         raise ValueError(f"can only read images for models with 1 or 3 channels, got {channels}")
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    try:
-        resample = Image.Resampling[interpolation.upper()]
-    except KeyError:
-        raise ValueError(
-            f"unknown interpolation {interpolation!r}: expected e.g. 'bilinear' or 'bicubic'"
-        ) from None
+    img = preprocess.load_image(path)  # RGB, 16-bit scaled to 8 bits, errors name the file
+    if channels == 1:
+        img = img.convert("L")
     height, width = size
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        if crop_pct < 1.0:
-            scale = max(height / crop_pct / img.height, width / crop_pct / img.width)
-            new_w, new_h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
-            img = img.resize((new_w, new_h), resample)
-            left, top = (new_w - width) // 2, (new_h - height) // 2
-            img = img.crop((left, top, left + width, top + height))
-        else:
-            img = img.resize((width, height), resample)
-        pixels = np.asarray(img, np.float32) / 255.0
+    pixels = np.asarray(preprocess.resize_and_crop(img, size, crop_pct, interpolation), np.float32) / 255.0
     return pixels.reshape(height, width, channels)
 
 

@@ -334,7 +334,7 @@ def test_load_image_resizes_and_crops(tmp_path):
     cropped = vz.load_image(tmp_path / "band.png", (8, 8), 1, crop_pct=0.5, interpolation="bicubic")
     chex.assert_shape(cropped, (8, 8, 1))
     np.testing.assert_allclose(cropped, 1.0, atol=1e-6)
-    with pytest.raises(FileNotFoundError, match="no image"):
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
         vz.load_image(tmp_path / "missing.png", (8, 8))
     with pytest.raises(ValueError, match="interpolation 'cubic'"):
         vz.load_image(tmp_path / "band.png", (8, 8), interpolation="cubic")
@@ -365,7 +365,7 @@ def test_attention_cli_end_to_end(tmp_path, capsys):
     with Image.open(tmp_path / "small.png") as png:
         assert png.size == vz.attention_figure_size((16, 16), (4, 4), 2)
     assert vz.main(["attention", "nope.png", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
-    assert "no image" in capsys.readouterr().err
+    assert "image nope.png does not exist" in capsys.readouterr().err
 
 
 def test_curves_cli(tmp_path, capsys):
