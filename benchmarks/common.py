@@ -169,3 +169,11 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+def describe_machine(machine: dict) -> str:
+    """The part of a table's caption that says where it ran."""
+    return (
+        f"{machine['threads']} threads, {machine['cpu']}, load {machine['load_average_1m']:.2f} at start,"
+        f" GLIBC_TUNABLES={machine['glibc_tunables'] or '(unset)'}"
+    )

@@ -135,11 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    m = result["machine"]
     print(
         f"batch {args.batch}, {args.image_size} px, patch {args.patch}, width {args.width}, fp32,"
-        f" {m['threads']} threads, {m['cpu']}, load {m['load_average_1m']:.2f} at start,"
-        f" GLIBC_TUNABLES={m['glibc_tunables'] or '(unset)'}"
+        f" {common.describe_machine(result['machine'])}"
     )
     print(common.markdown_table(result["rows"]))
 

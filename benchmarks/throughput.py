@@ -403,11 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    m = result["machine"]
     print(
-        f"{args.variant}, batch {args.batch}, {args.image_size} px, {args.dtype}, {m['threads']} threads,"
-        f" {m['cpu']}, load {m['load_average_1m']:.2f} at start,"
-        f" GLIBC_TUNABLES={m['glibc_tunables'] or '(unset)'}"
+        f"{args.variant}, batch {args.batch}, {args.image_size} px, {args.dtype},"
+        f" {common.describe_machine(result['machine'])}"
     )
     print(common.markdown_table(result["rows"]))
     if not (args.ablation or args.memory_only):
