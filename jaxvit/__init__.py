@@ -21,6 +21,7 @@ from jaxvit.model import (
     posemb_sincos_2d,
     resample_posemb,
     scan_to_unrolled,
+    to_pair,
     unpatchify,
     unrolled_to_scan,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "resample_posemb",
     "rollout_map",
     "scan_to_unrolled",
+    "to_pair",
     "summarize",
     "unpatchify",
     "unrolled_to_scan",

@@ -27,6 +27,7 @@ from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from jaxvit import augment
+from jaxvit.model import to_pair
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def make_source(config: Any, split: str) -> Source:
     if name == "digits":
         return DigitsSource(split, data.test_fraction, data.split_seed)
     if name == "synthetic":
-        size = _pair(config.image_size)
+        size = to_pair(config.image_size)
         count = data.synthetic_examples if split == "train" else max(1, data.synthetic_examples // 10)
         return SyntheticSource(
             count, size, config.num_channels, config.num_classes, seed=0 if split == "train" else 1
@@ -240,13 +241,6 @@ def make_source(config: Any, split: str) -> Source:
     raise ValueError(
         f"unknown dataset {name!r}: expected 'digits', 'imagefolder', 'synthetic' or 'tfds:<name>'"
     )
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +282,7 @@ class Preprocess:
 def preprocess_from_config(config: Any) -> Preprocess:
     aug = config.augment
     return Preprocess(
-        image_size=_pair(config.image_size),
+        image_size=to_pair(config.image_size),
         mean=tuple(config.data.mean),
         std=tuple(config.data.std),
         crop_fraction=config.data.crop_fraction,

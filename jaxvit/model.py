@@ -70,11 +70,12 @@ def _sow(module: nn.Module, collection: str, name: str, value: Array) -> None:
         module.sow(collection, name, value)
 
 
-def _pair(patch_size: PatchSize) -> tuple[int, int]:
-    if isinstance(patch_size, int):
-        return (patch_size, patch_size)
-    p, q = patch_size
-    return (int(p), int(q))
+def to_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """``16 -> (16, 16)``, ``(16, 8) -> (16, 8)``: a patch, image or grid size as ``(h, w)``."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def patchify(images: Array, patch_size: PatchSize) -> Array:
     ``(p, q, C, D)``, so ``patchify(x) @ kernel.reshape(-1, D)`` equals the
     VALID conv with stride = kernel size.
     """
-    p, q = _pair(patch_size)
+    p, q = to_pair(patch_size)
     n, height, width, c = images.shape
     h, w = height // p, width // q
     x = images.reshape(n, h, p, w, q, c)
@@ -126,7 +127,7 @@ def patchify(images: Array, patch_size: PatchSize) -> Array:
 
 def unpatchify(patches: Array, patch_size: PatchSize, grid: tuple[int, int]) -> Array:
     """``(N, h*w, p*q*C) -> (N, h*p, w*q, C)``: the inverse of ``patchify``."""
-    p, q = _pair(patch_size)
+    p, q = to_pair(patch_size)
     h, w = grid
     n, s, f = patches.shape
     if s != h * w or f % (p * q):
@@ -153,7 +154,7 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
-        p, q = _pair(self.patch_size)
+        p, q = to_pair(self.patch_size)
         chex.assert_rank(images, 4)
         n, height, width, c = images.shape
         kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
@@ -712,7 +713,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"width {self.width} is not divisible by num_heads={self.num_heads}")
         if self.posemb == "sincos2d" and self.width % 4:
             raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {self.width}")
-        if min(_pair(self.patch_size)) < 1:
+        if min(to_pair(self.patch_size)) < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
 
     def check_images(self, images: Any) -> tuple[int, int]:
@@ -723,7 +724,7 @@ class VisionTransformer(nn.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be floating point, got dtype {images.dtype}")
         _, height, width, channels = shape
-        p, q = _pair(self.patch_size)
+        p, q = to_pair(self.patch_size)
         if height % p or width % q:
             raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}x{q}")
         if height < p or width < q:
@@ -810,7 +811,7 @@ def create_model(variant: str | None = None, num_classes: int = 1000, **override
 
 def count_params(model: nn.Module, image_size: int | tuple[int, int] = 224) -> int:
     """The number of parameters of ``model`` at ``image_size``, without allocating them."""
-    height, width = _pair(image_size)
+    height, width = to_pair(image_size)
     channels = getattr(model, "num_channels", 3)
     images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
@@ -858,4 +859,5 @@ __all__: Sequence[str] = (
     "unrolled_to_scan",
     "count_params",
     "attention_weights",
+    "to_pair",
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jaxvit.augment import to_8bit
+from jaxvit.augment import normalize, to_8bit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -60,12 +60,6 @@ def resize_and_crop(
     image = image.resize((new_w, new_h), resample)
     left, top = (new_w - w) // 2, (new_h - h) // 2
     return image.crop((left, top, left + w, top + h))
-
-
-def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """``(..., H, W, 3)`` uint8 -> float32 ``(pixels / 255 - mean) / std``."""
-    x = np.asarray(pixels, np.float32) / 255.0
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def preprocess(

@@ -43,6 +43,7 @@ from jaxvit.model import (
     posemb_sincos_2d,
     resample_posemb,
     scan_to_unrolled,
+    to_pair,
     unrolled_to_scan,
 )
 
@@ -67,13 +68,6 @@ PREPROCESSING = {
 
 _HF_GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
 _BLOCK_INDEX = re.compile(r"encoder/block_(\d+)/")
-
-
-def _pair(size: ImageSize | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
 
 
 # ---------------------------------------------------------------------------
@@ -193,7 +187,7 @@ def _from_state_dict(path: Path, arrays: dict[str, np.ndarray], metadata: Mappin
 def _grid_from_config(config: Mapping[str, Any]) -> tuple[int, int] | None:
     if "image_size" not in config or "patch_size" not in config:
         return None
-    (h, w), (p, q) = _pair(config["image_size"]), _pair(config["patch_size"])
+    (h, w), (p, q) = to_pair(config["image_size"]), to_pair(config["patch_size"])
     return (h // p, w // q)
 
 
@@ -253,7 +247,7 @@ def _is_square(n: int) -> bool:
 
 def _target_shapes(model: VisionTransformer, image_size: ImageSize) -> dict[str, jax.ShapeDtypeStruct]:
     """Flat ``/``-joined parameter shapes of ``model`` (unrolled) at ``image_size``."""
-    h, w = _pair(image_size)
+    h, w = to_pair(image_size)
     unrolled = model.clone(scan=False) if model.scan else model
     images = jax.ShapeDtypeStruct((1, h, w, model.num_channels), jnp.float32)
     shapes = jax.eval_shape(lambda x: unrolled.init(jax.random.key(0), x), images)
@@ -422,9 +416,9 @@ def fit_to_model(
     checkpoint_grid: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """A read ``Checkpoint`` -> params for ``model`` at ``image_size`` (scanned if ``model.scan``)."""
-    h, w = _pair(image_size)
+    h, w = to_pair(image_size)
     target = _target_shapes(model, (h, w))
-    p, q = _pair(model.patch_size)
+    p, q = to_pair(model.patch_size)
     _check_architecture(ckpt, model)
     flat = layouts.fuse_attention(ckpt.params, model.num_heads)
     flat = _fit_posemb(flat, ckpt, model, target, (h // p, w // q), checkpoint_grid)
@@ -528,7 +522,7 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     LayerNorm epsilon 1e-6); ``overrides`` set any model field.
     """
     if ckpt.origin == "hf" and ckpt.config:
-        size = _pair(ckpt.config.get("image_size", 224))
+        size = to_pair(ckpt.config.get("image_size", 224))
         return model_from_hf_config(ckpt.config, **overrides), size
     p = ckpt.params
     if "patch_embed/kernel" not in p:
@@ -538,7 +532,7 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
         fields = {k: v for k, v in saved.items() if k in MODEL_FIELDS}
         fields.update(overrides)
         model = create_model(None, **fields)
-        return model, _pair(ckpt.config.get("image_size", 224))
+        return model, to_pair(ckpt.config.get("image_size", 224))
     kp, kq, channels, width = p["patch_embed/kernel"].shape
     class_token = "cls_token/token" in p
     pool = "map" if any(k.startswith("head/map/") for k in p) else ("tok" if class_token else "gap")
@@ -593,8 +587,8 @@ def _export_image_size(
     flat: Mapping[str, np.ndarray], model: VisionTransformer, image_size: ImageSize | None
 ):
     if image_size is not None:
-        return _pair(image_size)
-    p, q = _pair(model.patch_size)
+        return to_pair(image_size)
+    p, q = to_pair(model.patch_size)
     posemb = flat.get("pos_embed/embedding")
     if posemb is None:
         return (224, 224)
@@ -660,7 +654,7 @@ def _hf_export_config(model: VisionTransformer, size: tuple[int, int], labels: S
         "patch_size": model.patch_size,
         "num_channels": model.num_channels,
         "qkv_bias": True,
-        "encoder_stride": _pair(model.patch_size)[0],
+        "encoder_stride": to_pair(model.patch_size)[0],
         "id2label": {str(i): n for i, n in enumerate(names)},
         "label2id": {n: i for i, n in enumerate(names)},
     }
@@ -702,7 +696,7 @@ def export(
 
     if model.representation_size:
         raise ValueError(f"format={format!r} has no pre_logits layer: the model has representation_size set")
-    p, q = _pair(model.patch_size)
+    p, q = to_pair(model.patch_size)
     if model.posemb == "sincos2d":
         # The peers have no fixed sin-cos option; a learned table with these values computes the same.
         flat["pos_embed/embedding"] = _padded_sincos(model, (size[0] // p, size[1] // q))
@@ -789,10 +783,10 @@ def _workdir_bundle(workdir: Path, image_size: ImageSize | None) -> InferenceBun
             f" which this installation lacks ({e})"
         ) from None
     model, params, config = restore_params(str(workdir))
-    size = _pair(config.get("image_size", 224))
-    if image_size is not None and _pair(image_size) != size:
-        params = _resize_posemb_tree(params, model, size, _pair(image_size))
-        size = _pair(image_size)
+    size = to_pair(config.get("image_size", 224))
+    if image_size is not None and to_pair(image_size) != size:
+        params = _resize_posemb_tree(params, model, size, to_pair(image_size))
+        size = to_pair(image_size)
     labels_path = workdir / "labels.txt"
     # as the run's own evaluation prepared its inputs
     _, _, crop, interp = PREPROCESSING["workdir"]
@@ -817,7 +811,7 @@ def _resize_posemb_tree(
 ) -> Any:
     if model.posemb != "learn":
         return params
-    p, q = _pair(model.patch_size)
+    p, q = to_pair(model.patch_size)
     params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
     posemb = params["pos_embed"]["embedding"]
     log.info("resampling the position embedding from %s to %s pixels", old, new)
@@ -844,7 +838,7 @@ def load_for_inference(
         return _workdir_bundle(path, image_size)
     ckpt = read_checkpoint(path)
     model, native = model_from_checkpoint(ckpt, **model_overrides)
-    size = _pair(image_size) if image_size is not None else native
+    size = to_pair(image_size) if image_size is not None else native
     params = fit_to_model(ckpt, model, size)
     labels = _hf_labels(ckpt.config) if ckpt.origin == "hf" else None
     if labels is None and ckpt.config.get("labels"):

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit.model import MODEL_FIELDS, VisionTransformer, _pair, create_model
+from jaxvit.model import MODEL_FIELDS, VisionTransformer, create_model, to_pair
 
 # ---------------------------------------------------------------------------
 # Parameters
@@ -47,7 +47,7 @@ from jaxvit.model import MODEL_FIELDS, VisionTransformer, _pair, create_model
 
 def param_shapes(model: VisionTransformer, image_size: int | tuple[int, int] = 224) -> dict[str, Any]:
     """The ``params`` tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (nothing is allocated)."""
-    height, width = _pair(image_size)
+    height, width = to_pair(image_size)
     images = jax.ShapeDtypeStruct((1, height, width, model.num_channels), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
     return dict(variables["params"])
@@ -127,8 +127,8 @@ def formula_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 
     ``encoder/blocks``, ``head/map``, ``head/pre_logits``, ``head/classifier``);
     modules without matmuls are left out.
     """
-    height, width_px = _pair(image_size)
-    p, q = _pair(model.patch_size)
+    height, width_px = to_pair(image_size)
+    p, q = to_pair(model.patch_size)
     if height % p or width_px % q:
         raise ValueError(f"image size {height}x{width_px} is not divisible by the patch size {p}x{q}")
     patches = (height // p) * (width_px // q)
@@ -162,7 +162,7 @@ def xla_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 224)
     """
     if model.scan:
         model = model.clone(scan=False)
-    height, width = _pair(image_size)
+    height, width = to_pair(image_size)
     images = jax.ShapeDtypeStruct((1, height, width, model.num_channels), jnp.float32)
     params = param_shapes(model, (height, width))
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
@@ -215,7 +215,7 @@ def summarize(
     model: VisionTransformer, image_size: int | tuple[int, int] = 224, *, xla: bool = True
 ) -> Summary:
     """Parameters per module, totals, and forward FLOPs per image (formula, and XLA's unless ``xla=False``)."""
-    size = _pair(image_size)
+    size = to_pair(image_size)
     model.check_config()
     model.check_images(jax.ShapeDtypeStruct((1, *size, model.num_channels), jnp.float32))
     params = module_params(param_shapes(model, size))
@@ -224,7 +224,7 @@ def summarize(
     missing = sorted(set(flops) - names)
     if missing:
         raise RuntimeError(f"FLOPs counted for modules the parameters do not have: {missing}")
-    p, q = _pair(model.patch_size)
+    p, q = to_pair(model.patch_size)
     tokens = (size[0] // p) * (size[1] // q) + (1 if model.class_token else 0)
     return Summary(
         model=model,

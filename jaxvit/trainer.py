@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from jaxvit import checkpointing, data, optim, train_lib
 from jaxvit.checkpointing import model_from_config
+from jaxvit.model import to_pair
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _truncate_metrics(path: str, start_step: int) -> set[int]:
     Returns the steps whose evaluation lines were kept."""
     if not os.path.exists(path):
         return set()
-    kept = []
+    kept, eval_steps = [], set()
     with open(path) as f:
         for line in f:
             try:
@@ -107,11 +108,13 @@ def _truncate_metrics(path: str, start_step: int) -> set[int]:
                 continue
             if line.endswith("\n") and record.get("step", 0) <= start_step:
                 kept.append(line)
+                if any(k.startswith("eval/") for k in record):
+                    eval_steps.add(record["step"])
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
-    return {r["step"] for r in map(json.loads, kept) if any(k.startswith("eval/") for k in r)}
+    return eval_steps
 
 
 def check_workdir(workdir: str) -> None:
@@ -150,8 +153,8 @@ def validate_config(config: Any, num_devices: int) -> None:
     if config.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
     model = model_from_config(config.to_dict())
-    size = data._pair(config.image_size)
-    p, q = (model.patch_size, model.patch_size) if isinstance(model.patch_size, int) else model.patch_size
+    size = to_pair(config.image_size)
+    p, q = to_pair(model.patch_size)
     if size[0] % p or size[1] % q:
         raise ValueError(
             f"image_size={config.image_size} is not divisible by the model's patch size {model.patch_size}"
@@ -210,7 +213,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     validate_config(config, num_devices)
     model = model_from_config(config.to_dict())
     mesh = train_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    image_size = data._pair(config.image_size)
+    image_size = to_pair(config.image_size)
     image_shape = (*image_size, config.num_channels)
 
     train_source = data.make_source(config, "train")

@@ -29,6 +29,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvit.model import to_pair
+
 Array = Any  # jax.Array or np.ndarray
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -97,13 +99,6 @@ def attention_rollout(
     return rollout
 
 
-def _grid_pair(grid: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(grid, int):
-        return (grid, grid)
-    h, w = grid
-    return (int(h), int(w))
-
-
 def rollout_map(
     rollout: Array, grid: int | tuple[int, int], num_prefix_tokens: int = 1, pool: str = "tok"
 ) -> Array:
@@ -117,7 +112,7 @@ def rollout_map(
     ``(N, heads, T, T)`` for per-head maps.
     """
     rollout = jnp.asarray(rollout)
-    h, w = _grid_pair(grid)
+    h, w = to_pair(grid)
     if rollout.ndim < 2 or rollout.shape[-1] != rollout.shape[-2]:
         raise ValueError(f"rollout must have shape (..., T, T), got {rollout.shape}")
     tokens = rollout.shape[-1]
@@ -461,7 +456,7 @@ def save_attention(
     from jaxvit import pretrained
 
     bundle = pretrained.load_for_inference(checkpoint)
-    size = _grid_pair(bundle.image_size)
+    size = to_pair(bundle.image_size)
     image = load_image(
         image_path,
         size,
