@@ -34,13 +34,6 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Index of this process in a multi-process run.")
-_HOST_MALLOC = flags.DEFINE_enum(
-    "host_malloc",
-    "auto",
-    ["auto", "on", "off"],
-    "Let glibc malloc keep freed memory for reuse (jaxvit.host): 'auto' does so when JAX runs on"
-    " the CPU, where it makes training steps up to 1.5x faster.",
-)
 
 
 def main(argv: list[str]) -> None:
@@ -50,10 +43,6 @@ def main(argv: list[str]) -> None:
     # and jaxvit's own messages.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("jaxvit").setLevel(logging.INFO)
-    from jaxvit import host
-
-    # before JAX starts its CPU client, whose threads must start on the shared malloc arena
-    host.configure_for_cpu_training(_HOST_MALLOC.value)
     import jax
 
     if _COORDINATOR.value:
