@@ -27,7 +27,15 @@ def get_config():
     c.num_channels = 3
     c.num_classes = 1000
     c.model = model_config(
-        "S/16", pool="gap", class_token=False, posemb="sincos2d", representation_size=384, scan=True
+        "S/16",
+        pool="gap",
+        class_token=False,
+        posemb="sincos2d",
+        representation_size=384,
+        # scanned blocks keep only the dense layers' outputs: 3x less step memory, and on CPU
+        # faster than unrolled (benchmarks/README.md)
+        scan=True,
+        remat_policy="dots_with_no_batch_dims_saveable",
     )
     c.augment.random_resized_crop = True
     c.augment.crop_scale = (0.05, 1.0)
