@@ -1,6 +1,7 @@
 """Training and inference throughput of jaxvit against timm, measured in the same run.
 
     python benchmarks/throughput.py --variant Ti/16 --batch 32 --image-size 224 --repeats 5
+    python benchmarks/throughput.py --variant S/16 --scan --remat dots_with_no_batch_dims_saveable
     python benchmarks/throughput.py --ablation            # ViT-B/16: scan x remat (jaxvit only)
 
 Per variant it reports, for jaxvit (JAX/Flax) and timm (PyTorch, eager, fp32):
