@@ -299,8 +299,10 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
 # autodiff of jax.nn.gelu, jax.nn.softmax (while jax_softmax_custom_jvp is off)
 # and flax's LayerNorm keeps every intermediate: four (N, T, mlp_dim) arrays per
 # GELU, two (N, H, T, T) per softmax and four (N, T, D) per LayerNorm. That cuts
-# the saved activations of a ViT-B/16 block at batch 32 from 659 to 358 MiB.
-# They are custom JVPs (not VJPs), so forward-mode and higher derivatives work.
+# the saved activations of a ViT-B/16 block at batch 32 from 659 to 358 MiB on
+# the CPU; elsewhere attention runs in jax.nn.dot_product_attention, not this
+# softmax. They are custom JVPs (not VJPs), so forward-mode and higher
+# derivatives work.
 
 
 @jax.custom_jvp
@@ -377,11 +379,12 @@ def _layer_norm_jvp(epsilon: float, primals: tuple, tangents: tuple) -> tuple[Ar
 class LayerNorm(nn.Module):
     """``(..., D) -> (..., D)``: ``layer_norm`` with parameters ``scale`` and ``bias`` (flax's names).
 
-    Statistics in float32 whatever ``dtype`` is; the output is cast to ``dtype``.
+    Statistics in float32 whatever ``dtype`` is; the output is cast to ``dtype``
+    (``None``: the promoted dtype of ``x`` and the parameters, as in flax).
     """
 
     epsilon: float = 1e-6
-    dtype: DType = jnp.float32
+    dtype: DType | None = jnp.float32
     param_dtype: DType = jnp.float32
 
     @nn.compact
@@ -389,8 +392,9 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
-        stats = jnp.promote_types(self.dtype, jnp.float32)
-        return layer_norm(x, scale.astype(stats), bias.astype(stats), self.epsilon).astype(self.dtype)
+        dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
+        stats = jnp.promote_types(dtype, jnp.float32)
+        return layer_norm(x, scale.astype(stats), bias.astype(stats), self.epsilon).astype(dtype)
 
 
 def _per_projection_init(init: Any, parts: int) -> Any:

@@ -552,6 +552,7 @@ def test_gelu_matches_jax_in_value_and_derivatives(approximate):
 
 def test_softmax_matches_jax_in_value_jvp_and_vjp():
     x, t, g = _rand((3, 5, 7)), _rand((3, 5, 7), 1), _rand((3, 5, 7), 2)
+    x = x.at[0, 0, :3].set(-jnp.inf)  # masked entries: weight 0, gradient 0
     ref = lambda x: jax.nn.softmax(x, axis=-1)
     chex.assert_trees_all_close(vit.softmax(x), ref(x), rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(
@@ -600,9 +601,14 @@ def test_layer_norm_keeps_float32_statistics_for_bf16():
     assert y.dtype == jnp.bfloat16 and params["params"]["scale"].dtype == jnp.float32
     expected = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32).apply(params, x.astype(jnp.float32))
     chex.assert_trees_all_close(y.astype(jnp.float32), expected, atol=2e-2)
+    grads = jax.grad(lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32)), argnums=(0, 1))(params, x)
+    assert grads[1].dtype == jnp.bfloat16 and grads[0]["params"]["scale"].dtype == jnp.float32
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    # dtype=None infers the output dtype from the input and the parameters, as flax does
+    assert vit.LayerNorm(dtype=None).apply(params, x).dtype == jnp.float32
 
 
-def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass():
+def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass(monkeypatch):
     """The activations autodiff keeps for a block, counted element by element.
 
     Per block: for each LayerNorm its normalized input, its output, 1/std and
@@ -612,6 +618,7 @@ def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass():
     """
     from jax._src.ad_checkpoint import saved_residuals  # no public equivalent that returns values
 
+    monkeypatch.setattr(vit, "use_explicit_attention", lambda: True)  # the path with our softmax
     n, t, d, m, h = 2, 5, 8, 32, 2
     block = vit.EncoderBlock(mlp_dim=m, num_heads=h)
     x = _rand((n, t, d))
