@@ -1,5 +1,7 @@
 """Tests of the model: shapes at every step, parameter counts, equivalences, dtypes, errors."""
 
+import os
+
 import chex
 import flax.linen as nn
 import jax
@@ -529,7 +531,7 @@ def test_fused_qkv_starts_as_three_xavier_projections():
 
 
 # ---------------------------------------------------------------------------
-# Memory-lean derivatives: same values and gradients as jax/flax, fewer saved arrays
+# Memory-lean derivatives: same values and gradients as jax, fewer saved arrays
 # ---------------------------------------------------------------------------
 
 
@@ -561,60 +563,12 @@ def test_softmax_matches_jax_in_value_jvp_and_vjp():
     chex.assert_trees_all_close(jax.vjp(vit.softmax, x)[1](g), jax.vjp(ref, x)[1](g), rtol=1e-5, atol=1e-6)
 
 
-def test_layer_norm_matches_flax_in_value_and_gradients():
-    x = _rand((2, 5, 16)) + 4.0  # an offset, so a one-pass variance would lose digits
-    ref_module = nn.LayerNorm(epsilon=1e-6)
-    ours_module = vit.LayerNorm(epsilon=1e-6)
-    params = ours_module.init(jax.random.key(0), x)
-    ref_params = ref_module.init(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)  # checkpoints load
-    params = jax.tree.map(lambda p: p + _rand(p.shape, 3, 0.5), params)
-    g = _rand(x.shape, 4)
-
-    def loss(module, params, x):
-        return jnp.sum(module.apply(params, x) * g)
-
-    chex.assert_trees_all_close(ours_module.apply(params, x), ref_module.apply(params, x), atol=2e-5)
-    chex.assert_trees_all_close(
-        jax.grad(loss, argnums=(1, 2))(ours_module, params, x),
-        jax.grad(loss, argnums=(1, 2))(ref_module, params, x),
-        rtol=1e-4,
-        atol=1e-4,
-    )
-    # forward mode too, and a hessian-vector product
-    t = _rand(x.shape, 5)
-    chex.assert_trees_all_close(
-        jax.jvp(lambda x: ours_module.apply(params, x), (x,), (t,)),
-        jax.jvp(lambda x: ref_module.apply(params, x), (x,), (t,)),
-        rtol=1e-4,
-        atol=1e-4,
-    )
-    hvp = lambda m: jax.jvp(jax.grad(lambda x: loss(m, params, x) ** 2), (x,), (t,))[1]
-    chex.assert_trees_all_close(hvp(ours_module), hvp(ref_module), rtol=1e-3, atol=1e-3)
-
-
-def test_layer_norm_keeps_float32_statistics_for_bf16():
-    x = (_rand((2, 3, 8)) + 100.0).astype(jnp.bfloat16)
-    module = vit.LayerNorm(dtype=jnp.bfloat16)
-    params = module.init(jax.random.key(0), x)
-    y = module.apply(params, x)
-    assert y.dtype == jnp.bfloat16 and params["params"]["scale"].dtype == jnp.float32
-    expected = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32).apply(params, x.astype(jnp.float32))
-    chex.assert_trees_all_close(y.astype(jnp.float32), expected, atol=2e-2)
-    grads = jax.grad(lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32)), argnums=(0, 1))(params, x)
-    assert grads[1].dtype == jnp.bfloat16 and grads[0]["params"]["scale"].dtype == jnp.float32
-    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-    # dtype=None infers the output dtype from the input and the parameters, as flax does
-    assert vit.LayerNorm(dtype=None).apply(params, x).dtype == jnp.float32
-
-
 def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass(monkeypatch):
-    """The activations autodiff keeps for a block, counted element by element.
+    """The activations autodiff keeps for jaxvit's own ops in a block, counted element by element.
 
-    Per block: for each LayerNorm its normalized input, its output, 1/std and
-    the broadcast scale; q (scaled), k, v; the softmax output; the attention
-    output; the GELU's slope and its output. jax.nn.gelu, jax.nn.softmax and flax's LayerNorm
-    would keep 4, 2 and 4 arrays instead of 2, 1 and 2.
+    q (scaled), k, v; the softmax output; the attention output; the GELU's
+    slope and its output. jax.nn.softmax and jax.nn.gelu would keep 2 and 4
+    arrays instead of 1 and 2. (flax's LayerNorms keep their own, not counted.)
     """
     from jax._src.ad_checkpoint import saved_residuals  # no public equivalent that returns values
 
@@ -627,11 +581,6 @@ def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass(monkeypatch)
     def f(params, x):
         return jnp.sum(block.apply(params, x, jnp.zeros(()))[0])
 
-    saved = [
-        r
-        for r, src in saved_residuals(f, params, x)
-        if not src.startswith(("from the argument", "from a literal"))
-    ]
-    layer_norms = 2 * (2 * n * t * d + n * t + d)
-    expected = layer_norms + 3 * n * t * d + n * h * t * t + n * t * d + 2 * n * t * m
+    saved = [r for r, src in saved_residuals(f, params, x) if os.path.join("jaxvit", "model.py") in src]
+    expected = 3 * n * t * d + n * h * t * t + n * t * d + 2 * n * t * m
     assert sum(int(np.prod(r.shape)) for r in saved) == expected
