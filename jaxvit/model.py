@@ -19,9 +19,9 @@ layer it creates. Pure functions (``patchify``, ``posemb_sincos_2d``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import chex
@@ -30,6 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
+
+from jaxvit import ops
+
+# Kept importable from here for code written against jaxvit 0.1; they live in
+# jaxvit.convert.scan and jaxvit.ops now.
+from jaxvit.convert.scan import scan_to_unrolled, unrolled_to_scan  # noqa: F401
+from jaxvit.ops import explicit_attention, use_explicit_attention  # noqa: F401
 
 Array = jax.Array
 DType = Any
@@ -62,6 +69,35 @@ VARIANTS: dict[str, dict[str, int]] = {
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
     "e": dict(width=1792, depth=56, mlp_dim=15360, num_heads=16),
 }
+
+
+# One function per validation rule, so a bad value gets the same message
+# wherever it arrives: VisionTransformer.check_config runs them all before
+# tracing, and a module used on its own checks the fields it owns.
+
+
+def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``choices``; the message lists them."""
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}: expected one of {tuple(choices)}")
+
+
+def check_heads(width: int, num_heads: int) -> None:
+    """Raises ``ValueError`` unless ``width`` splits evenly into ``num_heads`` heads."""
+    if width % num_heads:
+        raise ValueError(f"width {width} is not divisible by num_heads={num_heads}")
+
+
+def check_sincos_width(width: int) -> None:
+    """Raises ``ValueError`` unless the 2-D sin-cos table fits ``width`` (sin, cos of x and y: 4 parts)."""
+    if width % 4:
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width} (a multiple of 4)")
+
+
+def check_pool_has_token(pool: str, class_token: bool) -> None:
+    """Raises ``ValueError`` for ``pool="tok"`` without a class token to pool."""
+    if pool == "tok" and not class_token:
+        raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
 
 
 def _sow(module: nn.Module, collection: str, name: str, value: Array) -> None:
@@ -197,8 +233,7 @@ def posemb_sincos_2d(
     geometric frequencies, as in "Better plain ViT baselines".
     """
     h, w = grid
-    if width % 4:
-        raise ValueError(f"width must be a multiple of 4 for the sincos2d embedding, got {width}")
+    check_sincos_width(width)
     y, x = np.mgrid[:h, :w]
     omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
     omega = 1.0 / (temperature**omega)
@@ -206,6 +241,12 @@ def posemb_sincos_2d(
     x = np.einsum("m,d->md", x.flatten(), omega)
     pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
     return jnp.asarray(pe[None], dtype)
+
+
+def square_grid(num_tokens: int) -> tuple[int, int] | None:
+    """``196 -> (14, 14)``: the square patch grid of ``num_tokens`` tokens, or None if there is none."""
+    side = math.isqrt(num_tokens) if num_tokens > 0 else 0
+    return (side, side) if side and side * side == num_tokens else None
 
 
 def resample_posemb(
@@ -226,13 +267,12 @@ def resample_posemb(
     prefix, grid_part = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     length = grid_part.shape[1]
     if old_grid is None:
-        side = math.isqrt(length)
-        if side * side != length:
+        old_grid = square_grid(length)
+        if old_grid is None:
             raise ValueError(
                 f"cannot infer the grid of a position embedding with {length} grid tokens"
                 f" (and {num_prefix_tokens} prefix tokens): pass old_grid"
             )
-        old_grid = (side, side)
     if old_grid[0] * old_grid[1] != length:
         raise ValueError(f"old_grid {old_grid} does not match {length} grid tokens")
     h, w = new_grid
@@ -279,7 +319,7 @@ class PositionEmbedding(nn.Module):
             posemb = posemb_sincos_2d((h, w), d, dtype=self.param_dtype)
             posemb = jnp.pad(posemb, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
         else:
-            raise ValueError(f"unknown position embedding {self.kind!r}: expected one of {POSEMBS}")
+            check_choice("posemb", self.kind, POSEMBS)
         return tokens.astype(self.dtype) + posemb.astype(self.dtype)
 
 
@@ -295,59 +335,6 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
-# The derivatives below keep one array per op for the backward pass, where
-# autodiff of jax.nn.gelu and jax.nn.softmax (while jax_softmax_custom_jvp is
-# off) keeps every intermediate: four (N, T, mlp_dim) arrays per GELU and two
-# (N, H, T, T) per softmax. That cuts the saved activations of a ViT-B/16 block
-# at batch 32 from 632 to 426 MiB on the CPU; elsewhere attention runs in
-# jax.nn.dot_product_attention, not this softmax. They are custom JVPs (not
-# VJPs), so forward-mode and higher derivatives work. (A LayerNorm of the same
-# kind saved 74 MiB more per block but made the default digits model's step a
-# quarter slower on XLA:CPU, so flax's stays.)
-
-
-@jax.custom_jvp
-def softmax(x: Array) -> Array:
-    """Softmax over the last axis; its derivative keeps only the output."""
-    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
-    return unnormalized / unnormalized.sum(axis=-1, keepdims=True)
-
-
-@softmax.defjvp
-def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
-    (x,), (dx,) = primals, tangents
-    y = softmax(x)
-    return y, y * (dx - (y * dx).sum(axis=-1, keepdims=True))
-
-
-_SQRT_HALF = math.sqrt(0.5)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _gelu_and_slope(x: Array, approximate: bool) -> tuple[Array, Array]:
-    if approximate:  # the same expression as jax.nn.gelu, and its derivative
-        t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x**3)))
-        cdf = 0.5 * (1.0 + t)
-        slope = cdf + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-    else:
-        cdf = jax.lax.erfc(-x * _SQRT_HALF) / 2
-        slope = cdf + x * jnp.exp(-0.5 * x * x) * (_SQRT_HALF / math.sqrt(math.pi))
-    return x * cdf, slope
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def gelu(x: Array, approximate: bool = False) -> Array:
-    """``jax.nn.gelu`` (exact erf form, or the tanh approximation) whose derivative keeps one array."""
-    return _gelu_and_slope(x, approximate)[0]
-
-
-@gelu.defjvp
-def _gelu_jvp(approximate: bool, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
-    (x,), (dx,) = primals, tangents
-    y, slope = _gelu_and_slope(x, approximate)
-    return y, slope * dx
-
-
 def _per_projection_init(init: Any, parts: int) -> Any:
     """An initializer for a fused ``(D, parts*D)`` kernel that draws each ``(D, D)``
     projection on its own, so q, k and v start as separate xavier layers would
@@ -361,34 +348,6 @@ def _per_projection_init(init: Any, parts: int) -> Any:
     return fused
 
 
-def explicit_attention(
-    q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array] | None = None
-) -> Array:
-    """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh)) v``, heads-major.
-
-    Heads-major operands make both products plain batched matmuls, forward and
-    backward, which XLA:CPU runs much faster than the ``(N, T, H, Dh)`` layout
-    of ``jax.nn.dot_product_attention`` (see benchmarks/README.md). The softmax
-    runs in float32. ``weights_fn`` sees (and may replace, e.g. with dropout)
-    the weights ``(N, H, T, T)``.
-    """
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    logits = jnp.einsum("nhqd,nhkd->nhqk", q * scale, k)
-    weights = softmax(logits.astype(jnp.float32))
-    if weights_fn is not None:
-        weights = weights_fn(weights)
-    return jnp.einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
-
-
-def use_explicit_attention() -> bool:
-    """Whether ``SelfAttention`` takes ``explicit_attention`` rather than ``jax.nn.dot_product_attention``.
-
-    True on the CPU backend, where it is faster; GPUs and TPUs keep
-    ``jax.nn.dot_product_attention`` and its fused kernels. Decided at trace time.
-    """
-    return jax.default_backend() == "cpu"
-
-
 class SelfAttention(nn.Module):
     """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
 
@@ -397,7 +356,7 @@ class SelfAttention(nn.Module):
     ``jax.nn.dot_product_attention`` (fused kernels where the backend has
     them); on CPU, and whenever the weights are needed (the ``"attention"``
     collection is mutable, or attention dropout is active), through
-    ``explicit_attention`` (see ``use_explicit_attention``).
+    ``ops.explicit_attention`` (``jaxvit.ops.set_attention_impl`` chooses).
     """
 
     num_heads: int
@@ -410,8 +369,7 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n, t, d = x.shape
-        if d % self.num_heads:
-            raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+        check_heads(d, self.num_heads)
         head_dim = d // self.num_heads
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
         qkv_init = _per_projection_init(self.kernel_init, 3)
@@ -420,7 +378,7 @@ class SelfAttention(nn.Module):
         )
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
-        if dropout_active or want_weights or use_explicit_attention():
+        if dropout_active or want_weights or ops.use_explicit_attention():
 
             def weights_fn(weights: Array) -> Array:
                 _sow(self, "attention", "weights", weights)
@@ -429,7 +387,7 @@ class SelfAttention(nn.Module):
             # One transpose of qkv to (3, N, H, T, Dh); split (not indexing) so
             # the backward pass concatenates rather than pads and adds.
             q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
-            out = explicit_attention(q, k, v, weights_fn)
+            out = ops.explicit_attention(q, k, v, weights_fn)
             out = jnp.transpose(out, (0, 2, 1, 3))
         else:
             q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
@@ -457,7 +415,7 @@ class MlpBlock(nn.Module):
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
         y = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
-        y = gelu(y, self.gelu_approximate)
+        y = ops.gelu(y, self.gelu_approximate)
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
         # no dropout after fc2: the residual in EncoderBlock applies it, once, as the references do
         return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
@@ -494,10 +452,18 @@ class EncoderBlock(nn.Module):
             return x + y
 
         y = nn.LayerNorm(name="norm1", **norm)(x)
-        y = SelfAttention(self.num_heads, self.attention_dropout, name="attn", **common)(y)
+        y = SelfAttention(
+            num_heads=self.num_heads, attention_dropout=self.attention_dropout, name="attn", **common
+        )(y)
         x = residual(x, y)
         y = nn.LayerNorm(name="norm2", **norm)(x)
-        y = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, name="mlp", **common)(y)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            gelu_approximate=self.gelu_approximate,
+            name="mlp",
+            **common,
+        )(y)
         x = residual(x, y)
         _sow(self, "intermediates", "out", x)
         return x, None
@@ -529,10 +495,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         chex.assert_rank(x, 3)
-        if x.shape[-1] % self.num_heads:
-            raise ValueError(f"width {x.shape[-1]} is not divisible by num_heads={self.num_heads}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat_policy {self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+        check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         block_cls = EncoderBlock
         if self.remat_policy != "none":
             block_cls = nn.remat(
@@ -570,49 +533,6 @@ class Encoder(nn.Module):
         )(x)
 
 
-def _is_mapping(x: Any) -> bool:
-    return isinstance(x, Mapping)
-
-
-def scan_to_unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params of a ``scan=True`` model -> the ``scan=False`` layout (any subtree works)."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if key == "blocks" and _is_mapping(value):
-            depth = jax.tree_util.tree_leaves(value)[0].shape[0]
-            for i in range(depth):
-                out[f"block_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], _to_dict(value))
-        elif _is_mapping(value):
-            out[key] = scan_to_unrolled(value)
-        else:
-            out[key] = value
-    return out
-
-
-def unrolled_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params of a ``scan=False`` model -> the ``scan=True`` layout (any subtree works)."""
-    out: dict[str, Any] = {}
-    block_keys = sorted(
-        (k for k in params if k.startswith("block_") and k[6:].isdigit()), key=lambda k: int(k[6:])
-    )
-    if block_keys:
-        if [int(k[6:]) for k in block_keys] != list(range(len(block_keys))):
-            raise ValueError(f"block keys are not block_0..block_{len(block_keys) - 1}: {block_keys}")
-        blocks = [_to_dict(params[k]) for k in block_keys]
-        out["blocks"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *blocks)
-    for key, value in params.items():
-        if key in block_keys:
-            continue
-        out[key] = unrolled_to_scan(value) if _is_mapping(value) else value
-    return out
-
-
-def _to_dict(tree: Any) -> Any:
-    if _is_mapping(tree):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
-
-
 # ---------------------------------------------------------------------------
 # 4. Head
 # ---------------------------------------------------------------------------
@@ -644,7 +564,7 @@ class MAPHead(nn.Module):
             epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )(y)
         y = y + MlpBlock(
-            self.mlp_dim or 4 * d,
+            mlp_dim=self.mlp_dim or 4 * d,
             gelu_approximate=self.gelu_approximate,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -669,31 +589,37 @@ class Head(nn.Module):
     mlp_dim: int | None = None
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
-    bias_init: float = 0.0
+    classifier_bias: float = 0.0
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    bias_init: float | None = None  # deprecated name of classifier_bias, until jaxvit 0.3
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n, _, d = x.shape
+        classifier_bias = self.classifier_bias
+        if self.bias_init is not None:
+            warnings.warn(
+                "Head.bias_init is deprecated: use classifier_bias", DeprecationWarning, stacklevel=2
+            )
+            classifier_bias = self.bias_init
         if self.pool == "tok":
-            if self.num_prefix_tokens < 1:
-                raise ValueError("pool='tok' needs a class token (class_token=True)")
+            check_pool_has_token(self.pool, self.num_prefix_tokens >= 1)
             x = x[:, 0]
         elif self.pool == "gap":
             x = jnp.mean(x[:, self.num_prefix_tokens :], axis=1)
         elif self.pool == "map":
             x = MAPHead(
-                self.num_heads,
-                self.mlp_dim,
-                self.layer_norm_eps,
-                self.gelu_approximate,
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                layer_norm_eps=self.layer_norm_eps,
+                gelu_approximate=self.gelu_approximate,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="map",
             )(x)
         else:
-            raise ValueError(f"unknown pool {self.pool!r}: expected one of {POOLINGS}")
+            check_choice("pool", self.pool, POOLINGS)
         chex.assert_shape(x, (n, d))
         if self.representation_size:
             x = nn.Dense(
@@ -705,7 +631,7 @@ class Head(nn.Module):
             x = nn.Dense(
                 self.num_classes,
                 kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(self.bias_init),
+                bias_init=nn.initializers.constant(classifier_bias),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="classifier",
@@ -751,27 +677,25 @@ class VisionTransformer(nn.Module):
 
     def check_config(self) -> None:
         """Raises ``ValueError`` for fields that cannot build a model."""
-        if self.pool not in POOLINGS:
-            raise ValueError(f"unknown pool {self.pool!r}: expected one of {POOLINGS}")
-        if self.posemb not in POSEMBS:
-            raise ValueError(f"unknown posemb {self.posemb!r}: expected one of {POSEMBS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat_policy {self.remat_policy!r}: expected one of {REMAT_POLICIES}")
-        if self.pool == "tok" and not self.class_token:
-            raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
+        check_choice("pool", self.pool, POOLINGS)
+        check_choice("posemb", self.posemb, POSEMBS)
+        check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_pool_has_token(self.pool, self.class_token)
         if self.width < 1 or self.depth < 0 or self.num_heads < 1:
             raise ValueError(
                 f"width, depth, num_heads must be positive, got {self.width}, {self.depth}, {self.num_heads}"
             )
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads={self.num_heads}")
-        if self.posemb == "sincos2d" and self.width % 4:
-            raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {self.width}")
+        check_heads(self.width, self.num_heads)
+        if self.posemb == "sincos2d":
+            check_sincos_width(self.width)
         if min(to_pair(self.patch_size)) < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
 
-    def check_images(self, images: Any) -> tuple[int, int]:
-        """Raises ``ValueError`` unless ``images`` fit this model; returns the patch grid ``(h, w)``."""
+    def patch_grid(self, images: Any) -> tuple[int, int]:
+        """The patch grid ``(h, w)`` of ``images`` ``(N, H, W, C)``; ``ValueError`` unless they fit the model.
+
+        Takes arrays and ``jax.ShapeDtypeStruct``s alike, so it checks before anything is traced.
+        """
         shape = tuple(np.shape(images))
         if len(shape) != 4:
             raise ValueError(f"images must be rank 4 (N, H, W, C), got shape {shape}")
@@ -790,21 +714,28 @@ class VisionTransformer(nn.Module):
             )
         return height // p, width // q
 
+    def check_images(self, images: Any) -> tuple[int, int]:
+        """Deprecated name of ``patch_grid`` (until jaxvit 0.3)."""
+        warnings.warn("check_images is deprecated: use patch_grid", DeprecationWarning, stacklevel=2)
+        return self.patch_grid(images)
+
     @nn.compact
     def __call__(self, images: Array, *, train: bool = False) -> Array:
         self.check_config()
-        grid = self.check_images(images)
+        grid = self.patch_grid(images)
         n = images.shape[0]
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        x = PatchEmbed(self.width, self.patch_size, name="patch_embed", **common)(images)
+        x = PatchEmbed(width=self.width, patch_size=self.patch_size, name="patch_embed", **common)(images)
         _sow(self, "intermediates", "patch_tokens", x)
 
         num_prefix = 0
         if self.class_token:
             x = ClassToken(name="cls_token", **common)(x)
             num_prefix = 1
-        x = PositionEmbedding(grid, self.posemb, num_prefix, name="pos_embed", **common)(x)
+        x = PositionEmbedding(
+            grid=grid, kind=self.posemb, num_prefix_tokens=num_prefix, name="pos_embed", **common
+        )(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         chex.assert_shape(x, (n, num_prefix + grid[0] * grid[1], self.width))
 
@@ -826,15 +757,15 @@ class VisionTransformer(nn.Module):
         _sow(self, "intermediates", "encoded", x)
 
         out = Head(
-            self.num_classes,
-            self.pool,
-            num_prefix,
-            self.representation_size,
-            self.num_heads,
-            mlp_dim,
-            self.layer_norm_eps,
-            self.gelu_approximate,
-            self.head_bias_init,
+            num_classes=self.num_classes,
+            pool=self.pool,
+            num_prefix_tokens=num_prefix,
+            representation_size=self.representation_size,
+            num_heads=self.num_heads,
+            mlp_dim=mlp_dim,
+            layer_norm_eps=self.layer_norm_eps,
+            gelu_approximate=self.gelu_approximate,
+            classifier_bias=self.head_bias_init,
             name="head",
             **common,
         )(x)
@@ -863,13 +794,22 @@ def create_model(variant: str | None = None, num_classes: int = 1000, **override
     return model
 
 
-def count_params(model: nn.Module, image_size: int | tuple[int, int] = 224) -> int:
-    """The number of parameters of ``model`` at ``image_size``, without allocating them."""
+def param_shapes(model: nn.Module, image_size: int | tuple[int, int] = 224) -> dict[str, Any]:
+    """The ``params`` tree of ``model`` at ``image_size`` with ``jax.ShapeDtypeStruct`` leaves.
+
+    Nothing is allocated (``jax.eval_shape`` of ``init``).
+    """
     height, width = to_pair(image_size)
     channels = getattr(model, "num_channels", 3)
     images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
-    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes.get("params", {})))
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    return dict(variables.get("params", {}))
+
+
+def count_params(model: nn.Module, image_size: int | tuple[int, int] = 224) -> int:
+    """The number of parameters of ``model`` at ``image_size``, without allocating them."""
+    leaves = jax.tree_util.tree_leaves(param_shapes(model, image_size))
+    return sum(math.prod(a.shape) for a in leaves)
 
 
 def attention_weights(
@@ -895,8 +835,6 @@ __all__: Sequence[str] = (
     "ClassToken",
     "PositionEmbedding",
     "SelfAttention",
-    "explicit_attention",
-    "use_explicit_attention",
     "MlpBlock",
     "EncoderBlock",
     "Encoder",
@@ -912,6 +850,8 @@ __all__: Sequence[str] = (
     "scan_to_unrolled",
     "unrolled_to_scan",
     "count_params",
+    "param_shapes",
+    "square_grid",
     "attention_weights",
     "to_pair",
 )

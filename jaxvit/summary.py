@@ -38,19 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit.model import MODEL_FIELDS, VisionTransformer, create_model, to_pair
+from jaxvit.model import MODEL_FIELDS, VisionTransformer, create_model, param_shapes, to_pair
 
 # ---------------------------------------------------------------------------
 # Parameters
 # ---------------------------------------------------------------------------
-
-
-def param_shapes(model: VisionTransformer, image_size: int | tuple[int, int] = 224) -> dict[str, Any]:
-    """The ``params`` tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (nothing is allocated)."""
-    height, width = to_pair(image_size)
-    images = jax.ShapeDtypeStruct((1, height, width, model.num_channels), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
-    return dict(variables["params"])
 
 
 def _size(tree: Any) -> int:
@@ -217,7 +209,7 @@ def summarize(
     """Parameters per module, totals, and forward FLOPs per image (formula, and XLA's unless ``xla=False``)."""
     size = to_pair(image_size)
     model.check_config()
-    model.check_images(jax.ShapeDtypeStruct((1, *size, model.num_channels), jnp.float32))
+    model.patch_grid(jax.ShapeDtypeStruct((1, *size, model.num_channels), jnp.float32))
     params = module_params(param_shapes(model, size))
     flops = formula_flops(model, size)
     names = {name for name, _ in params}

@@ -425,7 +425,7 @@ def attention_maps_for_image(
     mean = _channel_vector(0.0 if mean is None else mean, channels, "mean")
     std = _channel_vector(1.0 if std is None else std, channels, "std")
     batch = jnp.asarray(((image - mean) / std)[None], jnp.float32)
-    grid = model.check_images(batch)
+    grid = model.patch_grid(batch)
     if model.depth < 1:
         raise ValueError("the model has no encoder blocks, so no attention to show")
     variables = {"params": params}

@@ -1,17 +1,15 @@
 """Tests of the model: shapes at every step, parameter counts, equivalences, dtypes, errors."""
 
-import os
-
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxvit
 from jaxvit import model as vit
+from jaxvit import ops
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=4)
 
@@ -180,6 +178,8 @@ def test_posemb_sincos_2d():
 
 @pytest.mark.parametrize("old, new", [((4, 4), (6, 6)), ((4, 4), (3, 5)), ((2, 3), (4, 7))])
 def test_resample_posemb_matches_torch_bilinear(old, new):
+    import torch  # the test extra has it; only this test needs it
+
     rng = np.random.default_rng(0)
     posemb = rng.normal(size=(1, 1 + old[0] * old[1], 8)).astype(np.float32)
     out = jaxvit.resample_posemb(posemb, new, old_grid=old if old[0] != old[1] else None)
@@ -506,7 +506,7 @@ def test_modules_compose_into_other_models():
     assert params["params"]["Encoder_0"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (1, 16, 32)
 
 
-def test_fused_and_explicit_attention_paths_agree(monkeypatch):
+def test_fused_and_explicit_attention_paths_agree():
     """GPUs take jax.nn.dot_product_attention, the CPU the heads-major explicit path: same numbers."""
     model = tiny()
     x = images()
@@ -515,10 +515,13 @@ def test_fused_and_explicit_attention_paths_agree(monkeypatch):
     def loss_and_grads():
         return jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(variables["params"])
 
-    monkeypatch.setattr(vit, "use_explicit_attention", lambda: True)
-    explicit = loss_and_grads()
-    monkeypatch.setattr(vit, "use_explicit_attention", lambda: False)
-    fused = loss_and_grads()
+    with ops.attention_impl("explicit"):
+        assert ops.use_explicit_attention()
+        explicit = loss_and_grads()
+    with ops.attention_impl("fused"):
+        assert not ops.use_explicit_attention()
+        fused = loss_and_grads()
+    assert ops.get_attention_impl() == "auto"
     chex.assert_trees_all_close(explicit, fused, rtol=1e-4, atol=1e-5)  # fp32 summation order
 
 
@@ -542,37 +545,49 @@ def _rand(shape, seed=0, scale=3.0):
 @pytest.mark.parametrize("approximate", [False, True])
 def test_gelu_matches_jax_in_value_and_derivatives(approximate):
     x = _rand((64,))
-    ours = lambda x: vit.gelu(x, approximate)
+    ours = lambda x: ops.gelu(x, approximate)
     ref = lambda x: jax.nn.gelu(x, approximate=approximate)
     chex.assert_trees_all_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
     d1 = lambda f: jax.vmap(jax.grad(f))
     chex.assert_trees_all_close(d1(ours)(x), d1(ref)(x), rtol=1e-5, atol=1e-6)
     d2 = lambda f: jax.vmap(jax.grad(jax.grad(f)))  # the custom JVP differentiates again
     chex.assert_trees_all_close(d2(ours)(x), d2(ref)(x), rtol=1e-4, atol=1e-5)
-    assert vit.gelu(x.astype(jnp.bfloat16), approximate).dtype == jnp.bfloat16
+    assert ops.gelu(x.astype(jnp.bfloat16), approximate).dtype == jnp.bfloat16
 
 
 def test_softmax_matches_jax_in_value_jvp_and_vjp():
     x, t, g = _rand((3, 5, 7)), _rand((3, 5, 7), 1), _rand((3, 5, 7), 2)
     x = x.at[0, 0, :3].set(-jnp.inf)  # masked entries: weight 0, gradient 0
     ref = lambda x: jax.nn.softmax(x, axis=-1)
-    chex.assert_trees_all_close(vit.softmax(x), ref(x), rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(ops.softmax(x), ref(x), rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(
-        jax.jvp(vit.softmax, (x,), (t,)), jax.jvp(ref, (x,), (t,)), rtol=1e-5, atol=1e-6
+        jax.jvp(ops.softmax, (x,), (t,)), jax.jvp(ref, (x,), (t,)), rtol=1e-5, atol=1e-6
     )
-    chex.assert_trees_all_close(jax.vjp(vit.softmax, x)[1](g), jax.vjp(ref, x)[1](g), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.vjp(ops.softmax, x)[1](g), jax.vjp(ref, x)[1](g), rtol=1e-5, atol=1e-6)
 
 
-def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass(monkeypatch):
-    """The activations autodiff keeps for jaxvit's own ops in a block, counted element by element.
+def _distinct_residuals(f, *args, shape):
+    """How many different arrays of ``shape`` the backward pass of ``f`` keeps (public ``jax.vjp``)."""
+    _, backward = jax.vjp(f, *args)
+    kept = [np.asarray(a) for a in jax.tree_util.tree_leaves(backward) if a.shape == shape]
+    distinct = []
+    for a in kept:  # eager autodiff may hold one array twice
+        if not any(np.array_equal(a, b) for b in distinct):
+            distinct.append(a)
+    return len(distinct)
 
-    q (scaled), k, v; the softmax output; the attention output; the GELU's
-    slope and its output. jax.nn.softmax and jax.nn.gelu would keep 2 and 4
-    arrays instead of 1 and 2. (flax's LayerNorms keep their own, not counted.)
-    """
-    from jax._src.ad_checkpoint import saved_residuals  # no public equivalent that returns values
 
-    monkeypatch.setattr(vit, "use_explicit_attention", lambda: True)  # the path with our softmax
+def test_gelu_and_softmax_keep_one_array_each_for_the_backward_pass():
+    x = _rand((4, 6, 7))
+    assert _distinct_residuals(ops.gelu, x, shape=x.shape) == 1
+    assert _distinct_residuals(ops.softmax, x, shape=x.shape) == 1
+    # jax's own keep more: what this saves
+    assert _distinct_residuals(lambda x: jax.nn.gelu(x, approximate=False), x, shape=x.shape) == 3
+    assert _distinct_residuals(jax.nn.softmax, x, shape=x.shape) == 1  # plus two (.., 1) arrays
+
+
+def test_encoder_block_keeps_one_attention_and_two_mlp_arrays_for_the_backward_pass():
+    """In a whole block: the softmax output (N, H, T, T) once; GELU's slope and output (N, T, mlp_dim)."""
     n, t, d, m, h = 2, 5, 8, 32, 2
     block = vit.EncoderBlock(mlp_dim=m, num_heads=h)
     x = _rand((n, t, d))
@@ -581,6 +596,25 @@ def test_encoder_block_keeps_one_array_per_op_for_the_backward_pass(monkeypatch)
     def f(params, x):
         return jnp.sum(block.apply(params, x, jnp.zeros(()))[0])
 
-    saved = [r for r, src in saved_residuals(f, params, x) if os.path.join("jaxvit", "model.py") in src]
-    expected = 3 * n * t * d + n * h * t * t + n * t * d + 2 * n * t * m
-    assert sum(int(np.prod(r.shape)) for r in saved) == expected
+    with ops.attention_impl("explicit"):  # the path with our softmax
+        assert _distinct_residuals(f, params, x, shape=(n, h, t, t)) == 1
+        assert _distinct_residuals(f, params, x, shape=(n, t, m)) == 2
+
+
+def test_old_names_still_work_for_one_release():
+    model = tiny()
+    shape = jax.ShapeDtypeStruct((2, 16, 8, 3), jnp.float32)
+    with pytest.warns(DeprecationWarning, match="patch_grid"):
+        assert model.check_images(shape) == (4, 2)
+    head = jaxvit.Head(num_classes=3, pool="gap", bias_init=-2.0)
+    with pytest.warns(DeprecationWarning, match="classifier_bias"):
+        params = head.init(jax.random.key(0), jnp.zeros((1, 4, 8)))
+    np.testing.assert_array_equal(params["params"]["classifier"]["bias"], [-2.0] * 3)
+    assert vit.scan_to_unrolled is jaxvit.scan_to_unrolled
+    assert vit.use_explicit_attention is ops.use_explicit_attention
+
+
+def test_attention_impl_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"unknown attention impl 'flash': expected one of \('auto'"):
+        ops.set_attention_impl("flash")
+    assert ops.get_attention_impl() == "auto"

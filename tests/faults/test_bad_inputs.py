@@ -259,10 +259,10 @@ def test_check_images_over_generated_shapes_and_dtypes(shape, dtype, patch, chan
         if c != channels:
             broken.append(f"images have {c} channels but the model expects num_channels={channels}")
     if not broken:
-        assert model.check_images(images) == (shape[1] // patch[0], shape[2] // patch[1])
+        assert model.patch_grid(images) == (shape[1] // patch[0], shape[2] // patch[1])
         return
     with pytest.raises(ValueError) as info:
-        model.check_images(images)
+        model.patch_grid(images)
     assert _message_is_one_of(info.value, broken), (str(info.value), broken)
 
 
@@ -451,7 +451,7 @@ def test_predict_preprocessing_of_every_mode(tmp_path, channels):
     images = preprocess.preprocess_files([p for p, _ in written.values()], bundle)
     assert images.shape == (len(written), 8, 12, channels) and images.dtype == np.float32
     assert np.all(np.abs(images) <= 1.0)
-    bundle.model.check_images(images)
+    bundle.model.patch_grid(images)
     gray = list(written).index("gray.png")
     if channels == 3:  # grayscale becomes three equal channels
         np.testing.assert_array_equal(images[gray, ..., 0], images[gray, ..., 2])

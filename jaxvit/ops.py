@@ -1,0 +1,130 @@
+"""Kernels the model's layers are computed with, chosen for speed and memory.
+
+``gelu`` and ``softmax`` have the values of ``jax.nn``'s but derivatives that
+keep one array each for the backward pass (benchmarks/README.md has the
+memory figures). ``explicit_attention`` is the heads-major attention the CPU
+runs; ``set_attention_impl`` chooses between it and
+``jax.nn.dot_product_attention``, as timm's ``set_fused_attn`` does for its
+models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# They are custom JVPs (not VJPs), so forward-mode and higher derivatives work.
+
+
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+    """Softmax over the last axis; its derivative keeps only the output."""
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+    return unnormalized / unnormalized.sum(axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    y = softmax(x)
+    return y, y * (dx - (y * dx).sum(axis=-1, keepdims=True))
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_and_slope(x: Array, approximate: bool) -> tuple[Array, Array]:
+    if approximate:  # the same expression as jax.nn.gelu, and its derivative
+        t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x**3)))
+        cdf = 0.5 * (1.0 + t)
+        slope = cdf + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    else:
+        cdf = jax.lax.erfc(-x * _SQRT_HALF) / 2
+        slope = cdf + x * jnp.exp(-0.5 * x * x) * (_SQRT_HALF / math.sqrt(math.pi))
+    return x * cdf, slope
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def gelu(x: Array, approximate: bool = False) -> Array:
+    """``jax.nn.gelu`` (exact erf form, or the tanh approximation) whose derivative keeps one array."""
+    return _gelu_and_slope(x, approximate)[0]
+
+
+@gelu.defjvp
+def _gelu_jvp(approximate: bool, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    y, slope = _gelu_and_slope(x, approximate)
+    return y, slope * dx
+
+
+def explicit_attention(
+    q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array] | None = None
+) -> Array:
+    """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh)) v``, heads-major.
+
+    Heads-major operands make both products plain batched matmuls, forward and
+    backward, which XLA:CPU runs much faster than the ``(N, T, H, Dh)`` layout
+    of ``jax.nn.dot_product_attention`` (see benchmarks/README.md). The softmax
+    runs in float32. ``weights_fn`` sees (and may replace, e.g. with dropout)
+    the weights ``(N, H, T, T)``.
+    """
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    logits = jnp.einsum("nhqd,nhkd->nhqk", q * scale, k)
+    weights = softmax(logits.astype(jnp.float32))
+    if weights_fn is not None:
+        weights = weights_fn(weights)
+    return jnp.einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
+
+
+# ---------------------------------------------------------------------------
+# The attention switch
+# ---------------------------------------------------------------------------
+
+ATTENTION_IMPLS = ("auto", "explicit", "fused")
+_attention_impl = "auto"
+
+
+def set_attention_impl(impl: str) -> None:
+    """Chooses how ``SelfAttention`` computes attention, for every model traced after the call.
+
+    ``"auto"`` (the default): ``explicit_attention`` on the CPU backend,
+    where it is faster, and ``jax.nn.dot_product_attention`` (fused kernels
+    where the backend has them) on GPU/TPU. ``"explicit"`` and ``"fused"``
+    force one path. The choice is read at trace time: functions that
+    ``jax.jit`` already compiled keep the path they were traced with.
+    """
+    global _attention_impl
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
+    _attention_impl = impl
+
+
+def get_attention_impl() -> str:
+    """The current choice of ``set_attention_impl``."""
+    return _attention_impl
+
+
+@contextlib.contextmanager
+def attention_impl(impl: str) -> Iterator[None]:
+    """``with attention_impl("fused"): ...`` sets the attention path inside the block only."""
+    previous = get_attention_impl()
+    set_attention_impl(impl)
+    try:
+        yield
+    finally:
+        set_attention_impl(previous)
+
+
+def use_explicit_attention() -> bool:
+    """Whether ``SelfAttention`` takes ``explicit_attention`` now (see ``set_attention_impl``)."""
+    if _attention_impl == "auto":
+        return jax.default_backend() == "cpu"
+    return _attention_impl == "explicit"
