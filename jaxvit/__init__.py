@@ -1,5 +1,7 @@
 """jaxvit: a Vision Transformer in JAX/Flax linen."""
 
+from jaxvit.exporting import export
+from jaxvit.inference import InferenceBundle, load_for_inference
 from jaxvit.model import (
     VARIANTS,
     ClassToken,
@@ -25,7 +27,7 @@ from jaxvit.model import (
     unpatchify,
     unrolled_to_scan,
 )
-from jaxvit.pretrained import InferenceBundle, export, load_for_inference, load_pretrained
+from jaxvit.pretrained import load_pretrained
 
 __version__ = "0.1.0"
 

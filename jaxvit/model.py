@@ -225,12 +225,17 @@ class ClassToken(nn.Module):
 
 
 def posemb_sincos_2d(
-    grid: tuple[int, int], width: int, temperature: float = 10_000.0, dtype: DType = jnp.float32
+    grid: tuple[int, int],
+    width: int,
+    temperature: float = 10_000.0,
+    dtype: DType = jnp.float32,
+    num_prefix_tokens: int = 0,
 ) -> Array:
-    """The fixed 2-D sin-cos embedding: ``(1, h*w, width)``, rows in ``(h w)`` order.
+    """The fixed 2-D sin-cos embedding: ``(1, P + h*w, width)``, rows in ``(h w)`` order.
 
     A quarter of the channels each hold sin(x), cos(x), sin(y), cos(y) at
-    geometric frequencies, as in "Better plain ViT baselines".
+    geometric frequencies, as in "Better plain ViT baselines". The
+    ``num_prefix_tokens`` rows in front (class token slots) are zeros.
     """
     h, w = grid
     check_sincos_width(width)
@@ -240,6 +245,7 @@ def posemb_sincos_2d(
     y = np.einsum("m,d->md", y.flatten(), omega)
     x = np.einsum("m,d->md", x.flatten(), omega)
     pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    pe = np.pad(pe, ((num_prefix_tokens, 0), (0, 0)))
     return jnp.asarray(pe[None], dtype)
 
 
@@ -316,8 +322,9 @@ class PositionEmbedding(nn.Module):
                     )
             posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
         elif self.kind == "sincos2d":
-            posemb = posemb_sincos_2d((h, w), d, dtype=self.param_dtype)
-            posemb = jnp.pad(posemb, ((0, 0), (self.num_prefix_tokens, 0), (0, 0)))
+            posemb = posemb_sincos_2d(
+                (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens
+            )
         else:
             check_choice("posemb", self.kind, POSEMBS)
         return tokens.astype(self.dtype) + posemb.astype(self.dtype)

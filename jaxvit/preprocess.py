@@ -2,7 +2,7 @@
 
 ``load_image`` is the only function that touches files; the rest are pure
 functions of PIL images and arrays. Two resizing modes cover the origins
-(see ``jaxvit.pretrained.PREPROCESSING``):
+(see ``jaxvit.inference.PREPROCESSING``):
 
 - ``crop_pct=1.0`` (VT/AugReg, big_vision, Hugging Face ViT, jaxvit
   workdirs): resize the whole image to ``(h, w)``, ignoring its aspect ratio.

@@ -453,9 +453,9 @@ def save_attention(
 ) -> Path:
     """Loads ``checkpoint`` with ``jaxvit.load_for_inference``, draws the attention on one image, writes a PNG."""
     # Imported here: the converters are only needed for this command.
-    from jaxvit import pretrained
+    from jaxvit import inference
 
-    bundle = pretrained.load_for_inference(checkpoint)
+    bundle = inference.load_for_inference(checkpoint)
     size = to_pair(bundle.image_size)
     image = load_image(
         image_path,

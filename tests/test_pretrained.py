@@ -517,3 +517,28 @@ def test_not_a_checkpoint(tiny224, tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match="without config.json"):
         jaxvit.load_pretrained(tmp_path / "folder", tiny224[0], 224)
+
+
+def test_every_registered_format_has_what_the_registry_promises():
+    from jaxvit.convert import registry
+
+    for fmt in registry.FORMATS:
+        assert isinstance(fmt.NAME, str) and callable(fmt.claims) and callable(fmt.read), fmt
+        assert fmt.PREPROCESSING.crop_pct <= 1.0
+    for fmt in registry.EXPORTS.values():
+        assert (
+            callable(fmt.write) and isinstance(fmt.HAS_PRE_LOGITS, bool) and isinstance(fmt.HAS_SINCOS, bool)
+        )
+    assert sorted(registry.EXPORTS) == ["hf", "npz", "timm"]
+    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf", "timm", "workdir")
+    assert registry.format_for("state_dict", {"blocks.0.norm1.weight": np.zeros(2)}).NAME == "timm"
+    with pytest.raises(ValueError, match="unknown origin 'nope'"):
+        registry.by_origin("nope")
+
+
+def test_names_of_the_old_pretrained_module_still_resolve():
+    assert pretrained.export is jaxvit.export
+    assert pretrained.load_for_inference is jaxvit.load_for_inference
+    assert pretrained.PREPROCESSING["timm"].interpolation == "bicubic"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pretrained.nope  # noqa: B018

@@ -271,6 +271,23 @@ def test_predict_reads_a_training_workdir(one_device, tmp_path):
     np.testing.assert_allclose(top[0]["probability"], probs.max(), rtol=1e-5)
 
 
+def test_load_for_inference_of_a_workdir_takes_model_overrides(one_device):
+    workdir = one_device[0]
+    plain = jaxvit.load_for_inference(workdir)
+    flipped = jaxvit.load_for_inference(workdir, scan=not plain.model.scan)
+    assert flipped.model.scan != plain.model.scan
+    x = np.linspace(-1, 1, 2 * 8 * 8).reshape(2, 8, 8, 1).astype(np.float32)
+    np.testing.assert_allclose(
+        flipped.model.apply({"params": flipped.params}, x),
+        plain.model.apply({"params": plain.params}, x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert jaxvit.load_for_inference(workdir, dtype="bfloat16").model.dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) \['widht'\]"):
+        jaxvit.load_for_inference(workdir, widht=3)
+
+
 def test_default_config_reaches_97_percent(tmp_path):
     """The README's promise: python train.py reaches >= 97% test accuracy on the digits."""
     config = load_config_file(os.path.join(ROOT, "configs", "default.py"))

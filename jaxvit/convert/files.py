@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-Flat = dict[str, np.ndarray]
+from jaxvit.convert.checkpoint import Flat
 
 
 def sniff(path: str | os.PathLike) -> str:

@@ -20,10 +20,11 @@ import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 
-Flat = dict[str, np.ndarray]
+from jaxvit.convert.checkpoint import Checkpoint, Flat
 
 # transform name -> (into jaxvit, back out)
 _TRANSFORMS = {
@@ -105,62 +106,50 @@ def rename_back(flat: Mapping[str, np.ndarray], rules: tuple[Rule, ...], layout:
 # ---------------------------------------------------------------------------
 
 
-def _flax(src: str, dst: str, names: Iterable[str] = ("kernel", "bias")) -> list[Rule]:
+def flax_rules(src: str, dst: str, names: Iterable[str] = ("kernel", "bias")) -> list[Rule]:
     return [Rule(f"{src}/{n}", f"{dst}/{n}") for n in names]
 
 
-def _flax_block(src: str, dst: str, sub: Mapping[str, str]) -> list[Rule]:
+def flax_block_rules(src: str, dst: str, sub: Mapping[str, str]) -> list[Rule]:
     """One flax encoder block; ``sub`` names the block's children in the checkpoint."""
-    rules = _flax(f"{src}/{sub['norm1']}", f"{dst}/norm1", ("scale", "bias"))
+    rules = flax_rules(f"{src}/{sub['norm1']}", f"{dst}/norm1", ("scale", "bias"))
     for n in ("query", "key", "value", "out"):
-        rules += _flax(f"{src}/{sub['attn']}/{n}", f"{dst}/attn/{n}")
-    rules += _flax(f"{src}/{sub['norm2']}", f"{dst}/norm2", ("scale", "bias"))
-    rules += _flax(f"{src}/{sub['mlp']}/Dense_0", f"{dst}/mlp/fc1")
-    rules += _flax(f"{src}/{sub['mlp']}/Dense_1", f"{dst}/mlp/fc2")
+        rules += flax_rules(f"{src}/{sub['attn']}/{n}", f"{dst}/attn/{n}")
+    rules += flax_rules(f"{src}/{sub['norm2']}", f"{dst}/norm2", ("scale", "bias"))
+    rules += flax_rules(f"{src}/{sub['mlp']}/Dense_0", f"{dst}/mlp/fc1")
+    rules += flax_rules(f"{src}/{sub['mlp']}/Dense_1", f"{dst}/mlp/fc2")
     return rules
 
 
-def _flax_map_head(src: str) -> list[Rule]:
+def flax_map_head_rules(src: str) -> list[Rule]:
     rules = [Rule(f"{src}/probe", "head/map/probe")]
     for n in ("query", "key", "value", "out"):
-        rules += _flax(f"{src}/MultiHeadDotProductAttention_0/{n}", f"head/map/attn/{n}")
-    rules += _flax(f"{src}/LayerNorm_0", "head/map/norm", ("scale", "bias"))
-    rules += _flax(f"{src}/MlpBlock_0/Dense_0", "head/map/mlp/fc1")
-    rules += _flax(f"{src}/MlpBlock_0/Dense_1", "head/map/mlp/fc2")
+        rules += flax_rules(f"{src}/MultiHeadDotProductAttention_0/{n}", f"head/map/attn/{n}")
+    rules += flax_rules(f"{src}/LayerNorm_0", "head/map/norm", ("scale", "bias"))
+    rules += flax_rules(f"{src}/MlpBlock_0/Dense_0", "head/map/mlp/fc1")
+    rules += flax_rules(f"{src}/MlpBlock_0/Dense_1", "head/map/mlp/fc2")
     return rules
 
 
-def _flax_common(posemb_key: str, block_sub: Mapping[str, str]) -> tuple[Rule, ...]:
+def flax_vit_rules(posemb_key: str, block_sub: Mapping[str, str]) -> tuple[Rule, ...]:
     return tuple(
-        _flax("embedding", "patch_embed")
+        flax_rules("embedding", "patch_embed")
         + [Rule("cls", "cls_token/token"), Rule(posemb_key, "pos_embed/embedding")]
-        + _flax_block("Transformer/encoderblock_{i}", "encoder/block_{i}", block_sub)
-        + _flax("Transformer/encoder_norm", "encoder/norm", ("scale", "bias"))
-        + _flax("pre_logits", "head/pre_logits")
-        + _flax("head", "head/classifier")
-        + _flax_map_head("MAPHead_0")
+        + flax_block_rules("Transformer/encoderblock_{i}", "encoder/block_{i}", block_sub)
+        + flax_rules("Transformer/encoder_norm", "encoder/norm", ("scale", "bias"))
+        + flax_rules("pre_logits", "head/pre_logits")
+        + flax_rules("head", "head/classifier")
+        + flax_map_head_rules("MAPHead_0")
     )
 
 
-# google-research/vision_transformer (and AugReg): flax auto-names numbered in call order.
-VT_RULES = _flax_common(
-    "Transformer/posembed_input/pos_embedding",
-    dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_1", norm2="LayerNorm_2", mlp="MlpBlock_3"),
-)
-# big_vision: the position embedding sits at the top and the block children number from 0.
-BIG_VISION_RULES = _flax_common(
-    "pos_embedding",
-    dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_0", norm2="LayerNorm_1", mlp="MlpBlock_0"),
-)
-
-
-def _torch(src: str, dst: str, kind: str) -> list[Rule]:
+def torch_rules(src: str, dst: str, kind: str) -> list[Rule]:
     if kind == "ln":
         return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
     return [Rule(f"{src}.weight", f"{dst}/kernel", kind), Rule(f"{src}.bias", f"{dst}/bias")]
 
 
-def _torch_block(src: str, names: Mapping[str, str]) -> list[Rule]:
+def torch_block_rules(src: str, names: Mapping[str, str]) -> list[Rule]:
     dst = "encoder/block_{i}"
     rules: list[Rule] = []
     for ours, kind in (
@@ -175,74 +164,30 @@ def _torch_block(src: str, names: Mapping[str, str]) -> list[Rule]:
         ("mlp/fc2", "linear"),
     ):
         if ours in names:
-            rules += _torch(f"{src}.{names[ours]}", f"{dst}/{ours}", kind)
+            rules += torch_rules(f"{src}.{names[ours]}", f"{dst}/{ours}", kind)
     return rules
 
 
-TIMM_RULES = tuple(
-    _torch("patch_embed.proj", "patch_embed", "conv")
-    + [Rule("cls_token", "cls_token/token"), Rule("pos_embed", "pos_embed/embedding")]
-    + _torch_block(
-        "blocks.{i}",
-        {
-            "norm1": "norm1",
-            "attn/qkv": "attn.qkv",
-            "attn/out": "attn.proj",
-            "norm2": "norm2",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
+def flax_checkpoint(
+    path: Path, origin: str, arrays: Flat, rules: tuple[Rule, ...], num_prefix_tokens: int
+) -> Checkpoint:
+    """A flax ``.npz``'s arrays (unrolled blocks) renamed by ``rules`` into a ``Checkpoint``."""
+    params, unmatched = rename(arrays, rules)
+    if "patch_embed/kernel" not in params:
+        raise ValueError(
+            f"{path} is an .npz without 'embedding/kernel' (nor under 'params/'): not a ViT checkpoint"
+            f" of google-research/vision_transformer or big_vision. Its first keys: {sorted(arrays)[:5]}"
+        )
+    query = params.get("encoder/block_0/attn/query/kernel")
+    return Checkpoint(
+        path=str(path),
+        origin=origin,
+        params=params,
+        unmatched=unmatched,
+        num_prefix_tokens=num_prefix_tokens,
+        num_heads=int(query.shape[1]) if query is not None and query.ndim == 3 else None,
     )
-    + _torch("norm", "encoder/norm", "ln")
-    + _torch("head", "head/classifier", "linear")
-    + [Rule("attn_pool.latent", "head/map/probe")]
-    + _torch("attn_pool.q", "head/map/attn/query", "linear")
-    + _torch("attn_pool.kv", "head/map/attn/kv", "linear")
-    + _torch("attn_pool.proj", "head/map/attn/out", "linear")
-    + _torch("attn_pool.norm", "head/map/norm", "ln")
-    + _torch("attn_pool.mlp.fc1", "head/map/mlp/fc1", "linear")
-    + _torch("attn_pool.mlp.fc2", "head/map/mlp/fc2", "linear")
-)
 
-# Hugging Face ViT, without the "vit." prefix. The first block names are those of the
-# google/vit-* checkpoints (and what export writes); the second those that
-# transformers 5 writes, which it also reads the first ones as.
-HF_RULES = tuple(
-    _torch("embeddings.patch_embeddings.projection", "patch_embed", "conv")
-    + [
-        Rule("embeddings.cls_token", "cls_token/token"),
-        Rule("embeddings.position_embeddings", "pos_embed/embedding"),
-    ]
-    + _torch_block(
-        "encoder.layer.{i}",
-        {
-            "norm1": "layernorm_before",
-            "attn/query": "attention.attention.query",
-            "attn/key": "attention.attention.key",
-            "attn/value": "attention.attention.value",
-            "attn/out": "attention.output.dense",
-            "norm2": "layernorm_after",
-            "mlp/fc1": "intermediate.dense",
-            "mlp/fc2": "output.dense",
-        },
-    )
-    + _torch_block(
-        "layers.{i}",
-        {
-            "norm1": "layernorm_before",
-            "attn/query": "attention.q_proj",
-            "attn/key": "attention.k_proj",
-            "attn/value": "attention.v_proj",
-            "attn/out": "attention.o_proj",
-            "norm2": "layernorm_after",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
-    )
-    + _torch("layernorm", "encoder/norm", "ln")
-    + _torch("pooler.dense", "head/pre_logits", "linear")
-    + _torch("classifier", "head/classifier", "linear")
-)
 
 # Why some checkpoint keys have no jaxvit counterpart; shown with the error.
 UNSUPPORTED_HINTS = {

@@ -1,0 +1,80 @@
+"""The model a checkpoint was made for, told from its config or, failing that, its shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxvit.convert import registry
+from jaxvit.convert.checkpoint import Checkpoint, depth_of, log
+from jaxvit.model import MODEL_FIELDS, VARIANTS, VisionTransformer, create_model, square_grid, to_pair
+
+
+def guess_num_heads(width: int, path: str) -> int:
+    """The head count of the published variant of this width (or head_dim 64), with a warning."""
+    for name, sizes in VARIANTS.items():
+        if sizes["width"] == width:
+            log.warning(
+                "%s does not say its number of heads; using %d, that of ViT-%s",
+                path,
+                sizes["num_heads"],
+                name,
+            )
+            return sizes["num_heads"]
+    if width % 64 == 0:
+        log.warning("%s does not say its number of heads; using %d (head_dim 64)", path, width // 64)
+        return width // 64
+    raise ValueError(f"{path} does not say its number of attention heads (width {width}): pass num_heads=...")
+
+
+def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, tuple[int, int]]:
+    """``(model, image_size)`` that a read checkpoint was made for, from its shapes and config.
+
+    Fields the weights cannot tell take the origin's defaults (exact GELU,
+    LayerNorm epsilon 1e-6); ``overrides`` set any model field.
+    """
+    build = getattr(registry.by_origin(ckpt.origin), "build_model", None)
+    built = build(ckpt, **overrides) if build else None
+    if built is not None:
+        return built
+    params = ckpt.params
+    if "patch_embed/kernel" not in params:
+        raise ValueError(f"{ckpt.path} has no patch embedding: cannot tell the model")
+    saved = ckpt.config.get("model", {})
+    if saved:
+        fields = {k: v for k, v in saved.items() if k in MODEL_FIELDS}
+        fields.update(overrides)
+        model = create_model(None, **fields)
+        return model, to_pair(ckpt.config.get("image_size", 224))
+    kp, kq, channels, width = params["patch_embed/kernel"].shape
+    class_token = "cls_token/token" in params
+    pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
+    fields: dict[str, Any] = dict(
+        num_classes=params["head/classifier/bias"].shape[0] if "head/classifier/bias" in params else 0,
+        patch_size=kp if kp == kq else (kp, kq),
+        width=width,
+        depth=depth_of(params),
+        mlp_dim=params["encoder/block_0/mlp/fc1/kernel"].shape[-1]
+        if "encoder/block_0/mlp/fc1/kernel" in params
+        else None,
+        num_channels=channels,
+        class_token=class_token,
+        pool=pool,
+        posemb="learn" if "pos_embed/embedding" in params else "sincos2d",
+        representation_size=(
+            params["head/pre_logits/kernel"].shape[-1] if "head/pre_logits/kernel" in params else None
+        ),
+    )
+    fields.update(overrides)
+    if "num_heads" not in fields:
+        fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)
+    model = create_model(None, **fields)
+    size = (224, 224)
+    if "pos_embed/embedding" in params:
+        grid_len = params["pos_embed/embedding"].shape[1] - ckpt.num_prefix_tokens
+        grid = ckpt.grid or square_grid(grid_len)
+        if grid is None:
+            raise ValueError(
+                f"{ckpt.path}: {grid_len} position-embedding grid tokens is not a square: pass image_size"
+            )
+        size = (grid[0] * kp, grid[1] * kq)
+    return model, size

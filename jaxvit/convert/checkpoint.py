@@ -1,0 +1,114 @@
+"""What every checkpoint format reads into: a ``Checkpoint`` in jaxvit's names.
+
+Also the small facts shared by the formats: how images are prepared for a
+checkpoint's origin (``Preprocessing``), and what the keys say of the
+architecture (depth, grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxvit.model import MODEL_FIELDS, to_pair
+
+log = logging.getLogger("jaxvit.pretrained")
+
+Flat = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How the origin of a checkpoint prepared its images.
+
+    Images are scaled to [0, 1], then normalised with ``mean``/``std`` per
+    channel. ``crop_pct`` < 1: resize the shorter side to ``size / crop_pct``
+    and center-crop (timm); 1.0: resize the whole image to the model's size.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+
+# VT/AugReg, big_vision and HF ViT resize the whole image and map [0, 1] to [-1, 1].
+INCEPTION = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# timm's ViT defaults: ImageNet statistics, shorter side to size / 0.875, center crop.
+IMAGENET_TIMM = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, "bicubic")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint in jaxvit's names, before it is fitted to a model.
+
+    ``params``: flat ``/``-joined keys, unrolled blocks, attention still in
+    the checkpoint's split (see ``layouts.fuse_attention``). ``unmatched``:
+    checkpoint keys with no jaxvit counterpart, under their own names.
+    ``num_prefix_tokens``: slots in front of the grid in the checkpoint's
+    position embedding (0 for big_vision, which adds it before the class
+    token goes in front). ``grid``, ``num_heads``: when the checkpoint says
+    them. ``config``: Hugging Face ``config.json`` or the metadata ``export``
+    wrote.
+    """
+
+    path: str
+    origin: str
+    params: Flat
+    unmatched: Flat
+    num_prefix_tokens: int = 1
+    grid: tuple[int, int] | None = None
+    num_heads: int | None = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def posemb_prefix(self) -> int:
+        """Deprecated name of ``num_prefix_tokens`` (until jaxvit 0.3)."""
+        warnings.warn(
+            "Checkpoint.posemb_prefix is deprecated: use num_prefix_tokens", DeprecationWarning, stacklevel=2
+        )
+        return self.num_prefix_tokens
+
+
+def strip_prefix(arrays: Mapping[str, np.ndarray], prefixes: Sequence[str]) -> tuple[str, Flat]:
+    """The first of ``prefixes`` that some key starts with, and the keys under it without it."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in arrays):
+            kept = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if len(kept) < len(arrays):
+                log.info("ignoring %d entries outside %r", len(arrays) - len(kept), prefix)
+            return prefix, kept
+    return "", dict(arrays)
+
+
+_BLOCK_INDEX = re.compile(r"encoder/block_(\d+)/")
+
+
+def depth_of(params: Mapping[str, Any]) -> int:
+    """The number of encoder blocks named in jaxvit keys (``encoder/block_{i}/...``)."""
+    indices = {int(m.group(1)) for k in params if (m := _BLOCK_INDEX.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def grid_from_config(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The patch grid a config's ``image_size`` and ``patch_size`` give, if it has both."""
+    if "image_size" not in config or "patch_size" not in config:
+        return None
+    (h, w), (p, q) = to_pair(config["image_size"]), to_pair(config["patch_size"])
+    return (h // p, w // q)
+
+
+def model_fields(model: Any) -> dict[str, Any]:
+    """The JSON-able fields of a ``VisionTransformer``, for the metadata of an export."""
+    fields = {}
+    for name in MODEL_FIELDS:
+        value = getattr(model, name)
+        if isinstance(value, (bool, int, float, str, type(None), tuple, list)):
+            fields[name] = value
+    return fields

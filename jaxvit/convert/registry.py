@@ -1,0 +1,50 @@
+"""The checkpoint formats jaxvit reads and writes: one module each, one row each here.
+
+A format module has ``NAME`` (the origin it reports), ``PREPROCESSING`` (how
+its images were prepared), ``claims(kind, arrays)`` (whether a file of
+``kind`` "npz", "state_dict" or "hf_folder" with these keys is its own) and
+``read(path, arrays, metadata) -> Checkpoint``. Optional: ``EXPORT_FORMAT``,
+``write(flat, model, size, path, labels)``, ``HAS_PRE_LOGITS`` and
+``HAS_SINCOS`` (whether the layout can hold a ``pre_logits`` layer and leave
+out a fixed sin-cos table) for ``jaxvit.export``;
+``build_model(ckpt, **overrides)`` when the file says its architecture
+(otherwise it is told from the shapes); ``labels(ckpt)``.
+
+Adding a format means adding its module and a row to ``FORMATS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+
+import numpy as np
+
+from jaxvit.convert import big_vision, hf_vit, timm, vision_transformer
+from jaxvit.convert.checkpoint import Preprocessing
+
+# Asked in this order: the first format that claims a file reads it.
+FORMATS: tuple[ModuleType, ...] = (big_vision, vision_transformer, hf_vit, timm)
+
+EXPORTS: dict[str, ModuleType] = {f.EXPORT_FORMAT: f for f in FORMATS if hasattr(f, "EXPORT_FORMAT")}
+
+
+def format_for(kind: str, arrays: Mapping[str, np.ndarray]) -> ModuleType:
+    """The format module that reads a file of ``kind`` with these arrays."""
+    for fmt in FORMATS:
+        if fmt.claims(kind, arrays):
+            return fmt
+    raise ValueError(f"no checkpoint format reads a {kind} with keys {sorted(arrays)[:5]}")
+
+
+def by_origin(origin: str) -> ModuleType:
+    """The format module whose ``NAME`` is ``origin``."""
+    for fmt in FORMATS:
+        if fmt.NAME == origin:
+            return fmt
+    raise ValueError(f"unknown origin {origin!r}: expected one of {[f.NAME for f in FORMATS]}")
+
+
+def preprocessing(origin: str) -> Preprocessing:
+    """How images are prepared for checkpoints of ``origin``."""
+    return by_origin(origin).PREPROCESSING
