@@ -21,7 +21,8 @@ if __name__ == "__main__":
     try:
         configs.check_overrides(sys.argv[1:], _DEFAULT_CONFIG)
     except ValueError as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file.", lock_config=True
@@ -50,7 +51,12 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from jaxvit import trainer
 
-    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        # Config, data and workdir errors name what is wrong: the message is the whole story.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if "preempted_at_step" in metrics:
         print(f"preempted: saved at step {int(metrics['preempted_at_step'])}")
         return

@@ -6,6 +6,7 @@ from typing import Any
 
 from jaxvit.convert import registry
 from jaxvit.convert.checkpoint import Checkpoint, depth_of, log
+from jaxvit.fitting import check_blocks, check_declared
 from jaxvit.model import MODEL_FIELDS, VARIANTS, VisionTransformer, create_model, square_grid, to_pair
 
 
@@ -32,6 +33,20 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     Fields the weights cannot tell take the origin's defaults (exact GELU,
     LayerNorm epsilon 1e-6); ``overrides`` set any model field.
     """
+    model, size = _build(ckpt, overrides)
+    # What the file declares must agree with its weights before anything is traced.
+    check_declared(ckpt, model, size, given=set(overrides))
+    return model, size
+
+
+def _shape(params: Any, key: str, ndim: int, path: str) -> tuple[int, ...]:
+    shape = tuple(params[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{path}: {key} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransformer, tuple[int, int]]:
     build = getattr(registry.by_origin(ckpt.origin), "build_model", None)
     built = build(ckpt, **overrides) if build else None
     if built is not None:
@@ -39,21 +54,24 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     params = ckpt.params
     if "patch_embed/kernel" not in params:
         raise ValueError(f"{ckpt.path} has no patch embedding: cannot tell the model")
+    check_blocks(ckpt)
     saved = ckpt.config.get("model", {})
     if saved:
         fields = {k: v for k, v in saved.items() if k in MODEL_FIELDS}
         fields.update(overrides)
         model = create_model(None, **fields)
         return model, to_pair(ckpt.config.get("image_size", 224))
-    kp, kq, channels, width = params["patch_embed/kernel"].shape
+    kp, kq, channels, width = _shape(params, "patch_embed/kernel", 4, ckpt.path)
     class_token = "cls_token/token" in params
     pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
     fields: dict[str, Any] = dict(
-        num_classes=params["head/classifier/bias"].shape[0] if "head/classifier/bias" in params else 0,
+        num_classes=_shape(params, "head/classifier/bias", 1, ckpt.path)[0]
+        if "head/classifier/bias" in params
+        else 0,
         patch_size=kp if kp == kq else (kp, kq),
         width=width,
         depth=depth_of(params),
-        mlp_dim=params["encoder/block_0/mlp/fc1/kernel"].shape[-1]
+        mlp_dim=_shape(params, "encoder/block_0/mlp/fc1/kernel", 2, ckpt.path)[-1]
         if "encoder/block_0/mlp/fc1/kernel" in params
         else None,
         num_channels=channels,
@@ -61,7 +79,9 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
         pool=pool,
         posemb="learn" if "pos_embed/embedding" in params else "sincos2d",
         representation_size=(
-            params["head/pre_logits/kernel"].shape[-1] if "head/pre_logits/kernel" in params else None
+            _shape(params, "head/pre_logits/kernel", 2, ckpt.path)[-1]
+            if "head/pre_logits/kernel" in params
+            else None
         ),
     )
     fields.update(overrides)
@@ -70,7 +90,7 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     model = create_model(None, **fields)
     size = (224, 224)
     if "pos_embed/embedding" in params:
-        grid_len = params["pos_embed/embedding"].shape[1] - ckpt.num_prefix_tokens
+        grid_len = _shape(params, "pos_embed/embedding", 3, ckpt.path)[1] - ckpt.num_prefix_tokens
         grid = ckpt.grid or square_grid(grid_len)
         if grid is None:
             raise ValueError(

@@ -11,7 +11,6 @@ and moves the unreadable one to ``WORKDIR/checkpoints_unreadable/``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -170,9 +169,11 @@ def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) ->
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir: {config_path!r} is missing")
-    with open(config_path) as f:
-        config = json.load(f)
-    model = model_from_config(config)
+    from jaxvit.convert import validate
+
+    config = validate.read_json_object(config_path, "workdir config")
+    model = model_from_config(config, where=config_path)
+    size = validate.size_field(config, "image_size", config_path, default=224)
     directory = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LATEST_DIR)
     item = "params" if which == "best" else "state"
     manager = ocp.CheckpointManager(
@@ -192,10 +193,9 @@ def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) ->
             log.warning("checkpoint at step %d in %s cannot be restored (%s)", step, directory, err)
             errors.append(err)
             continue
-        if which == "best":
-            return model, tree, config
-        ema = tree.get("ema_params")
-        return model, ema if ema is not None else tree["params"], config
+        params = tree if which == "best" else tree.get("ema_params") or tree["params"]
+        _check_stored_shapes(model, params, size, config_path, step)
+        return model, params, config
     raise FileNotFoundError(f"no readable checkpoint in {directory!r}" + (f": {errors[0]}" if errors else ""))
 
 
@@ -216,16 +216,47 @@ def _restore_as_numpy(manager: ocp.CheckpointManager, step: int, item: str, with
     return restored[item]
 
 
-def model_from_config(config: dict[str, Any]) -> Any:
-    """The ``VisionTransformer`` a training config describes (``config["model"]``)."""
+def _check_stored_shapes(model: Any, params: Any, size: Any, config_path: str, step: int) -> None:
+    """Raises unless the restored ``params`` have the shapes ``model`` (from config.json) needs."""
+    import flax
 
-    fields = {k: v for k, v in dict(config["model"]).items() if v is not None}
+    from jaxvit.model import param_shapes
+
+    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(param_shapes(model, size)), sep="/")
+    have = flax.traverse_util.flatten_dict(dict(params), sep="/")
+    lines = [
+        f"{k}: stored {tuple(np.shape(have[k]))} vs config {tuple(want[k].shape)}"
+        for k in sorted(set(want) & set(have))
+        if tuple(np.shape(have[k])) != tuple(want[k].shape)
+    ]
+    lines += [f"missing from the checkpoint: {k}" for k in sorted(set(want) - set(have))]
+    lines += [f"not in the config's model: {k}" for k in sorted(set(have) - set(want))]
+    if lines:
+        shown = lines[:10] + ([f"... and {len(lines) - 10} more"] if len(lines) > 10 else [])
+        raise ValueError(
+            f"{config_path} does not describe the parameters stored at step {step} ({len(lines)} problems):\n  "
+            + "\n  ".join(shown)
+        )
+
+
+def model_from_config(config: dict[str, Any], where: str = "the training config") -> Any:
+    """The ``VisionTransformer`` a training config describes (``config["model"]``).
+
+    Every field is checked for its type and a sane size (``validate.model_fields``)
+    before the model is built; errors name ``where``.
+    """
+    from jaxvit.convert import validate
+
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{where}: expected a JSON object with a 'model' object (a jaxvit training config)")
+    fields = validate.model_fields({k: v for k, v in dict(config["model"]).items() if v is not None}, where)
+    top = validate.model_fields(
+        {"num_classes": config.get("num_classes"), "num_channels": config.get("num_channels", 3)}, where
+    )
     variant = fields.pop("variant", None)
     for key in ("dtype", "param_dtype"):
         if isinstance(fields.get(key), str):
             fields[key] = jnp.dtype(fields[key])
     if isinstance(fields.get("patch_size"), list):
         fields["patch_size"] = tuple(fields["patch_size"])
-    return create_model(
-        variant, num_classes=config["num_classes"], num_channels=config.get("num_channels", 3), **fields
-    )
+    return create_model(variant, num_classes=top["num_classes"], num_channels=top["num_channels"], **fields)

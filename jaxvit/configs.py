@@ -150,6 +150,55 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def check_values(config: Any) -> None:
+    """Raises ``ValueError`` naming the key for a training config value of the wrong type or range.
+
+    Runs before anything else reads the config, so that a string where an
+    int belongs or a zero divisor is a one-line error, not a traceback.
+    """
+    from jaxvit.convert import validate
+
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    where = "config"
+    for key, lo in (
+        ("seed", None),
+        ("num_channels", 1),
+        ("num_classes", 1),
+        ("batch_size", 1),
+        ("total_steps", 1),
+        ("grad_accum_steps", 1),
+        ("log_every", 0),
+        ("eval_every", 0),
+        ("checkpoint_every", 0),
+        ("max_to_keep", 1),
+    ):
+        if key in values:
+            validate.int_field(values, key, where, lo=-(2**63) if lo is None else lo)
+    if "image_size" in values:
+        validate.size_field(values, "image_size", where)
+    data = values.get("data") or {}
+    for key in ("mean", "std"):
+        if key in data:
+            seq = data[key] if isinstance(data[key], (list, tuple)) else [data[key]]
+            if not seq or len(seq) not in (1, values.get("num_channels", 3)):
+                raise ValueError(
+                    f"config: data.{key} has {len(seq)} values {tuple(seq)} but the images have"
+                    f" {values.get('num_channels', 3)} channel(s): give 1 or {values.get('num_channels', 3)} values"
+                )
+            for v in seq:
+                validate.float_field(
+                    {f"data.{key}": v}, f"data.{key}", where, lo=0.0 if key == "std" else None
+                )
+    if "crop_fraction" in data:
+        validate.float_field(data, "crop_fraction", f"{where}: data", lo=0.0, hi=1.0, lo_open=True)
+    if "label_smoothing" in values:
+        validate.float_field(values, "label_smoothing", where, lo=0.0, hi=1.0)
+    if "ema_decay" in values:
+        validate.float_field(values, "ema_decay", where, lo=0.0, hi=1.0)
+    if isinstance(values.get("model"), dict):
+        validate.model_fields({k: v for k, v in values["model"].items() if v is not None}, f"{where}: model")
+
+
 def check_overrides(argv: list[str], default_config: str) -> None:
     """Raises ``ValueError`` listing the valid keys if a ``--config.<key>`` names no key of the config."""
     path = default_config
@@ -162,6 +211,8 @@ def check_overrides(argv: list[str], default_config: str) -> None:
         elif arg.startswith("--config."):
             overrides.append(arg[len("--config.") :].split("=", 1)[0])
     if not overrides:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
         return
     config = load_config_file(path)
     valid = flat_keys(config)

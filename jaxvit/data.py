@@ -143,7 +143,7 @@ def _is_image(path: str) -> bool:
         with Image.open(path) as img:
             img.verify()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
 
@@ -178,7 +178,7 @@ class ImageFolderSource:
         try:
             with Image.open(path) as img:
                 return augment.from_pil(augment.to_8bit(img), self.channels), self.labels[index]
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise ValueError(f"cannot decode image {path!r}: {err}") from err
 
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit.convert import layouts
-from jaxvit.convert.checkpoint import Checkpoint, depth_of, log
+from jaxvit.convert import layouts, validate
+from jaxvit.convert.checkpoint import Checkpoint, block_indices, depth_of, log
 from jaxvit.model import (
     VisionTransformer,
     param_shapes,
@@ -40,6 +40,7 @@ def target_shapes(model: VisionTransformer, image_size: ImageSize) -> dict[str, 
 def check_architecture(ckpt: Checkpoint, model: VisionTransformer) -> None:
     """Raises ``ValueError`` naming every size of ``ckpt`` (width, depth, heads, patch) that ``model`` lacks."""
     params = ckpt.params
+    check_blocks(ckpt)
     problems = []
     bias = params.get("patch_embed/bias")
     if bias is not None and bias.shape[0] != model.width:
@@ -60,8 +61,98 @@ def check_architecture(ckpt: Checkpoint, model: VisionTransformer) -> None:
             f"patch size {tuple(kernel.shape[:2])} (patch_embed/kernel {kernel.shape}) but the model has"
             f" patch_size={model.patch_size}"
         )
+    if kernel is not None and kernel.ndim == 4 and kernel.shape[2] != model.num_channels:
+        problems.append(
+            f"{kernel.shape[2]} image channels (patch_embed/kernel {kernel.shape}) but the model has"
+            f" num_channels={model.num_channels}"
+        )
     if problems:
         raise ValueError(f"{ckpt.path} does not fit the model: the checkpoint has " + "; ".join(problems))
+
+
+def check_blocks(ckpt: Checkpoint) -> None:
+    """Raises unless the encoder blocks of ``ckpt`` are numbered 0..n-1 with n <= ``MAX_DEPTH``.
+
+    The depth a checkpoint implies is that of its highest block key: one key
+    ``encoderblock_1000000`` must not make a million-block model.
+    """
+    indices = block_indices(ckpt.params)
+    if not indices:
+        return
+    depth = max(indices) + 1
+    if depth > validate.MAX_DEPTH:
+        raise ValueError(
+            f"{ckpt.path} names encoder block {depth - 1}: more than the {validate.MAX_DEPTH} blocks jaxvit reads"
+        )
+    missing = sorted(set(range(depth)) - indices)
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"{ckpt.path} names encoder block {depth - 1} but lacks {len(missing)} of blocks 0..{depth - 1}"
+            f" ({shown})"
+        )
+
+
+def check_weights(ckpt: Checkpoint) -> None:
+    """Raises unless every array that would become a parameter is a finite float (see ``validate.check_weight``)."""
+    for key, array in ckpt.params.items():
+        validate.check_weight(key, array, ckpt.path)
+
+
+def check_declared(
+    ckpt: Checkpoint, model: VisionTransformer, size: tuple[int, int], given: Any = ()
+) -> None:
+    """Raises unless what a checkpoint's own config declares agrees with its own weights.
+
+    Run on the model built from a checkpoint (``model_from_checkpoint``),
+    before anything is traced: width, depth, heads, patch and channels
+    (``check_architecture``), the class count against the classifier, the MLP
+    and pre-logits widths, the image size against the position embedding,
+    and sizes no ViT has. Fields in ``given`` (the caller's overrides) are
+    the caller's choice and not compared.
+    """
+    validate.check_model_size(model, ckpt.path)
+    check_architecture(ckpt, model)
+    params = ckpt.params
+    problems = []
+    classifier = params.get("head/classifier/bias")
+    if "num_classes" not in given:
+        if classifier is not None and classifier.shape[0] != model.num_classes:
+            problems.append(
+                f"the config declares {model.num_classes} classes but the classifier has {classifier.shape[0]}"
+                f" (head/classifier/bias {classifier.shape})"
+            )
+        elif classifier is None and model.num_classes:
+            problems.append(
+                f"the config declares {model.num_classes} classes but the weights have no classifier"
+            )
+    fc1 = params.get("encoder/block_0/mlp/fc1/bias")
+    mlp_dim = model.mlp_dim or 4 * model.width
+    if "mlp_dim" not in given and fc1 is not None and fc1.shape[0] != mlp_dim:
+        problems.append(
+            f"the config declares mlp_dim={mlp_dim} but encoder/block_0/mlp/fc1/bias is {fc1.shape}"
+        )
+    pre = params.get("head/pre_logits/bias")
+    if (
+        "representation_size" not in given
+        and pre is not None
+        and model.representation_size not in (None, pre.shape[0])
+    ):
+        problems.append(
+            f"the config declares representation_size={model.representation_size} but head/pre_logits/bias"
+            f" is {pre.shape}"
+        )
+    posemb = params.get("pos_embed/embedding")
+    if posemb is not None and posemb.ndim == 3 and model.posemb == "learn":
+        p, q = to_pair(model.patch_size)
+        tokens = (size[0] // p) * (size[1] // q)
+        if posemb.shape[1] - ckpt.num_prefix_tokens != tokens:
+            problems.append(
+                f"the config's image size {size[0]}x{size[1]} gives {tokens} patches but the position embedding"
+                f" {posemb.shape} has {posemb.shape[1] - ckpt.num_prefix_tokens}"
+            )
+    if problems:
+        raise ValueError(f"{ckpt.path}: its config does not match its own weights: " + "; ".join(problems))
 
 
 def sincos_table(model: VisionTransformer, grid: tuple[int, int]) -> np.ndarray:
@@ -197,9 +288,11 @@ def fit_to_model(
 ) -> dict[str, Any]:
     """A read ``Checkpoint`` -> params for ``model`` at ``image_size`` (scanned if ``model.scan``)."""
     h, w = to_pair(image_size)
+    # Everything the file says is checked before the model is traced.
+    check_weights(ckpt)
+    check_architecture(ckpt, model)
     target = target_shapes(model, (h, w))
     p, q = to_pair(model.patch_size)
-    check_architecture(ckpt, model)
     flat = layouts.fuse_attention(ckpt.params, model.num_heads)
     flat = _fit_posemb(flat, ckpt, model, target, (h // p, w // q), checkpoint_grid)
     flat = _fit_head(flat, ckpt, model, target)

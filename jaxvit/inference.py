@@ -15,7 +15,7 @@ from typing import Any
 import flax
 
 from jaxvit.architecture import model_from_checkpoint
-from jaxvit.convert import registry
+from jaxvit.convert import registry, validate
 from jaxvit.convert.checkpoint import INCEPTION, Preprocessing, log
 from jaxvit.fitting import fit_to_model
 from jaxvit.model import (
@@ -62,8 +62,8 @@ class InferenceBundle:
 
 def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
     """Class names from a text file, one per line in class-index order (blank lines skipped)."""
-    with open(path) as f:
-        return tuple(line.rstrip("\n") for line in f if line.strip())
+    text = validate.read_text(path, "labels file")
+    return tuple(line.rstrip("\r") for line in text.split("\n") if line.strip())
 
 
 def _resize_posemb_tree(
@@ -99,22 +99,39 @@ def _workdir_bundle(
 
     model, params, config = restore_params(str(workdir))
     model, params = _with_overrides(model, params, overrides)
-    size = to_pair(config.get("image_size", 224))
+    where = f"{workdir / 'config.json'}"
+    size = to_pair(validate.size_field(config, "image_size", where, default=224))
     if image_size is not None and to_pair(image_size) != size:
         params = _resize_posemb_tree(params, model, size, to_pair(image_size))
         size = to_pair(image_size)
     labels_path = workdir / "labels.txt"
     # as the run's own evaluation prepared its inputs
     data = config.get("data", {})
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: data must be a JSON object, got {type(data).__name__}")
+    mean, std = validate.channel_stats(
+        data.get("mean", (0.5,)), data.get("std", (0.5,)), model.num_channels, f"{where}: data"
+    )
+    labels = None
+    if labels_path.exists():
+        labels = read_labels(validate.member_path(workdir, labels_path.name, "labels file"))
     return InferenceBundle(
         model=model,
         params=params,
         image_size=size,
-        mean=tuple(data.get("mean", (0.5,))),
-        std=tuple(data.get("std", (0.5,))),
-        labels=read_labels(labels_path) if labels_path.exists() else None,
+        mean=mean,
+        std=std,
+        labels=labels,
         origin="workdir",
-        crop_pct=data.get("crop_fraction", PREPROCESSING["workdir"].crop_pct),
+        crop_pct=validate.float_field(
+            data,
+            "crop_fraction",
+            f"{where}: data",
+            default=PREPROCESSING["workdir"].crop_pct,
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+        ),
         interpolation=PREPROCESSING["workdir"].interpolation,
     )
 
@@ -134,6 +151,8 @@ def load_for_inference(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / "checkpoints").is_dir():
         return _workdir_bundle(path, image_size, model_overrides)
+    if image_size is not None:
+        image_size = validate.size_field({"image_size": image_size}, "image_size", "load_for_inference")
     ckpt = read_checkpoint(path)
     model, native = model_from_checkpoint(ckpt, **model_overrides)
     size = to_pair(image_size) if image_size is not None else native
@@ -141,14 +160,18 @@ def load_for_inference(
     fmt = registry.by_origin(ckpt.origin)
     labels = fmt.labels(ckpt) if hasattr(fmt, "labels") else None
     if labels is None and ckpt.config.get("labels"):
-        labels = tuple(ckpt.config["labels"])
+        labels = validate.str_list(ckpt.config["labels"], "labels", ckpt.path)
+    if labels is not None and model.num_classes and len(labels) != model.num_classes:
+        raise ValueError(f"{ckpt.path}: {len(labels)} labels for a classifier of {model.num_classes} classes")
     pre = PREPROCESSING[ckpt.origin]
+    # RGB statistics serve a 1-channel model through their average (a grayscale image).
+    mean, std = validate.channel_stats(pre.mean, pre.std, model.num_channels, f"{ckpt.origin} preprocessing")
     return InferenceBundle(
         model=model,
         params=params,
         image_size=size,
-        mean=pre.mean,
-        std=pre.std,
+        mean=mean,
+        std=std,
         labels=labels,
         origin=ckpt.origin,
         crop_pct=pre.crop_pct,

@@ -51,6 +51,9 @@ def predict(
         # Pad the last batch to the same shape, so it reuses the compiled function.
         padded = np.concatenate([images, np.zeros((batch - len(chunk), *images.shape[1:]), images.dtype)])
         probs = np.asarray(apply(bundle.params, jnp.asarray(padded)))[: len(chunk)]
+        if not np.isfinite(probs).all():
+            bad = [str(p) for p, row in zip(chunk, probs, strict=True) if not np.isfinite(row).all()]
+            raise ValueError(f"the model's outputs are not finite (NaN or inf) for {', '.join(bad[:5])}")
         indices, values = top_k(probs, k)
         for path, idx, val in zip(chunk, indices, values, strict=True):
             top = [

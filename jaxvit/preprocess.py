@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jaxvit.augment import normalize, to_8bit
+from jaxvit.convert import validate
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -35,10 +36,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
+        with validate.open_regular(path, "image") as f, Image.open(f) as image:
+            # The header's size is checked before a pixel is decoded.
+            validate.check_image_pixels(*image.size, f"image {path}")
             image.load()  # decode now, so a truncated file fails here
             return to_8bit(image).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if str(path) in str(e):
+            raise ValueError(str(e)) from None
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
@@ -57,6 +62,10 @@ def resize_and_crop(
     # The smallest scale at which the image covers (h, w) / crop_pct.
     scale = max(h / crop_pct / image.height, w / crop_pct / image.width)
     new_w, new_h = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+    # A very thin image would grow its long side to millions of pixels here.
+    validate.check_image_pixels(
+        new_w, new_h, f"resizing a {image.width}x{image.height} image to cover {w}x{h}"
+    )
     image = image.resize((new_w, new_h), resample)
     left, top = (new_w - w) // 2, (new_h - h) // 2
     return image.crop((left, top, left + w, top + h))

@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxvit import checkpointing, data, optim, train_lib
+from jaxvit import checkpointing, configs, data, optim, train_lib
 from jaxvit.checkpointing import model_from_config
 from jaxvit.model import to_pair
 
@@ -131,6 +131,7 @@ def check_workdir(workdir: str) -> None:
 
 def validate_config(config: Any, num_devices: int) -> None:
     """Raises ``ValueError`` naming the key for config values that cannot train."""
+    configs.check_values(config)
     if config.batch_size < 1 or config.batch_size % num_devices:
         raise ValueError(
             f"batch_size={config.batch_size} (the global batch) must be a positive multiple of the"

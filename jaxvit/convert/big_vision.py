@@ -44,5 +44,8 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     """A big_vision ``.npz``'s arrays -> a ``Checkpoint`` in jaxvit's names."""
     _, arrays = strip_prefix(arrays, PREFIXES)
     if any(k.startswith(_SCANNED + "/") for k in arrays):
-        arrays = layouts.unstack_scanned(arrays, _SCANNED, _SCANNED + "_{i}")
+        try:
+            arrays = layouts.unstack_scanned(arrays, _SCANNED, _SCANNED + "_{i}")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return layouts.flax_checkpoint(path, NAME, arrays, RULES, num_prefix_tokens=0)

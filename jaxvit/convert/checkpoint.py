@@ -96,6 +96,11 @@ def depth_of(params: Mapping[str, Any]) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def block_indices(params: Mapping[str, Any]) -> set[int]:
+    """The encoder block indices named in jaxvit keys."""
+    return {int(m.group(1)) for k in params if (m := _BLOCK_INDEX.match(k))}
+
+
 def grid_from_config(config: Mapping[str, Any]) -> tuple[int, int] | None:
     """The patch grid a config's ``image_size`` and ``patch_size`` give, if it has both."""
     if "image_size" not in config or "patch_size" not in config:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.convert import files, layouts
+from jaxvit.convert import files, layouts, validate
 from jaxvit.convert.checkpoint import INCEPTION, Checkpoint, Flat, grid_from_config
 from jaxvit.model import VisionTransformer, create_model, to_pair
 
@@ -80,31 +80,107 @@ def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
 
 
 def read_folder(folder: Path) -> tuple[Flat, dict[str, Any]]:
-    """``(arrays, config)`` of a ``save_pretrained`` folder."""
+    """``(arrays, config)`` of a ``save_pretrained`` folder.
+
+    Every file is opened through ``validate.member_path``: a shard that the
+    index names outside the folder (``..``, an absolute path, a link out of
+    it) is refused before it is opened.
+    """
     config_path = folder / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(
             f"{folder} is a folder without config.json: expected a Hugging Face ViT folder"
             " (config.json + model.safetensors, as save_pretrained writes them)"
         )
-    config = files.read_json(config_path)
+    config = files.read_json(validate.member_path(folder, "config.json", "config file"))
     arrays: Flat = {}
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(files.read_json(index).get("weight_map", {}).values()))
+        index_path = validate.member_path(folder, index.name, "index file")
+        weight_map = files.read_json(index_path).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(
+                f"{index_path}: weight_map must be a non-empty JSON object of tensor names to shards"
+            )
+        shards = sorted({validate.member_path(folder, s, "shard") for s in weight_map.values()})
         for shard in shards:
-            arrays.update(files.read_safetensors(folder / shard)[0])
+            for key, value in files.read_safetensors(shard)[0].items():
+                if key in arrays:
+                    raise ValueError(f"{shard}: tensor {key!r} is also in another shard")
+                arrays[key] = value
     elif (folder / "model.safetensors").exists():
-        arrays = files.read_safetensors(folder / "model.safetensors")[0]
+        arrays = files.read_safetensors(validate.member_path(folder, "model.safetensors", "weights file"))[0]
     elif (folder / "pytorch_model.bin").exists():
-        arrays = files.read_torch(folder / "pytorch_model.bin")
+        arrays = files.read_torch(validate.member_path(folder, "pytorch_model.bin", "weights file"))
     else:
         raise FileNotFoundError(f"{folder} has config.json but no model.safetensors (nor pytorch_model.bin)")
-    return arrays, config
+    return arrays, checked_config(config, str(config_path))
+
+
+def checked_config(config: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """A Hugging Face ViT ``config.json`` with every value jaxvit uses checked for type and range.
+
+    ``id2label`` must map the class indices ``0..n-1`` (as strings) to strings;
+    ``num_labels``, when given too, must agree with it.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where} must hold a JSON object, got {type(config).__name__}")
+    out = dict(config)
+    ints = {
+        "hidden_size": (768, 1, validate.MAX_WIDTH),
+        "num_hidden_layers": (12, 0, validate.MAX_DEPTH),
+        "num_attention_heads": (12, 1, validate.MAX_WIDTH),
+        "intermediate_size": (3072, 1, validate.MAX_MLP_DIM),
+        "num_channels": (3, 1, validate.MAX_CHANNELS),
+        "num_labels": (2, 0, validate.MAX_CLASSES),
+    }
+    for key, (default, lo, hi) in ints.items():
+        if key in config:
+            out[key] = validate.int_field(config, key, where, default=default, lo=lo, hi=hi)
+    if "patch_size" in config:
+        out["patch_size"] = validate.size_field(config, "patch_size", where, hi=validate.MAX_PATCH)
+    if "image_size" in config:
+        out["image_size"] = validate.size_field(config, "image_size", where)
+    if "layer_norm_eps" in config:
+        out["layer_norm_eps"] = validate.float_field(
+            config, "layer_norm_eps", where, lo=0.0, hi=1.0, lo_open=True
+        )
+    for key in ("hidden_act", "model_type"):
+        if key in config:
+            out[key] = validate.str_field(config, key, where)
+    if "qkv_bias" in config:
+        out["qkv_bias"] = validate.bool_field(config, "qkv_bias", where)
+    if config.get("architectures") is not None:
+        out["architectures"] = list(validate.str_list(config["architectures"], "architectures", where))
+    id2label = config.get("id2label")
+    if id2label:
+        if not isinstance(id2label, Mapping):
+            raise ValueError(f"{where}: id2label must be a JSON object of class indices to names")
+        indices = []
+        for k, v in id2label.items():
+            if not isinstance(k, str) or not k.isdigit() or not isinstance(v, str):
+                raise ValueError(
+                    f"{where}: id2label must map class indices ('0', '1', ...) to names; got {k!r}: {v!r}"
+                )
+            indices.append(int(k))
+        if sorted(indices) != list(range(len(indices))):
+            raise ValueError(
+                f"{where}: id2label keys must be 0..{len(indices) - 1}, got {sorted(indices)[:10]}"
+            )
+        if len(indices) > validate.MAX_CLASSES:
+            raise ValueError(
+                f"{where}: id2label has {len(indices)} classes, more than {validate.MAX_CLASSES}"
+            )
+        if "num_labels" in config and out["num_labels"] != len(indices):
+            raise ValueError(
+                f"{where}: num_labels={out['num_labels']} but id2label names {len(indices)} classes"
+            )
+    return out
 
 
 def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     """A Hugging Face ViT state dict (and its ``config.json``, if any) -> a ``Checkpoint``."""
+    config = checked_config(config, f"{path}/config.json") if config else {}
     if config and config.get("model_type", "vit") != "vit":
         raise ValueError(f"{path}: config.json has model_type={config.get('model_type')!r}, expected 'vit'")
     stripped = {(k[4:] if k.startswith("vit.") else k): v for k, v in arrays.items()}
@@ -121,12 +197,15 @@ def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     )
 
 
-def model_from_config(config: Mapping[str, Any], **overrides: Any) -> VisionTransformer:
+def model_from_config(
+    config: Mapping[str, Any], *, source: str = "config.json", **overrides: Any
+) -> VisionTransformer:
     """A Hugging Face ViT ``config.json`` dict -> the matching ``VisionTransformer``.
 
     ``ViTForImageClassification`` gets ``num_classes=len(id2label)``; other
     architectures (``ViTModel``) give features (``num_classes=0``).
     """
+    config = checked_config(config, source)
     act = config.get("hidden_act", "gelu")
     if act not in _GELU:
         raise ValueError(f"hidden_act={act!r} is not supported: expected one of {sorted(_GELU)}")
@@ -157,7 +236,8 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, 
     """``(model, image_size)`` from the folder's config; None for a bare state dict."""
     if not ckpt.config:
         return None
-    return model_from_config(ckpt.config, **overrides), to_pair(ckpt.config.get("image_size", 224))
+    model = model_from_config(ckpt.config, source=f"{ckpt.path}/config.json", **overrides)
+    return model, to_pair(ckpt.config.get("image_size", 224))
 
 
 def labels(ckpt: Checkpoint) -> tuple[str, ...] | None:

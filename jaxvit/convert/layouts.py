@@ -299,6 +299,22 @@ def unstack_scanned(flat: Mapping[str, np.ndarray], scanned: str, unrolled: str)
     E.g. ``Transformer/encoderblock/LayerNorm_0/scale (12, D)`` ->
     ``Transformer/encoderblock_{i}/LayerNorm_0/scale (D,)`` for ``i < 12``.
     """
+    from jaxvit.convert.validate import MAX_DEPTH
+
+    depths = {
+        key: np.shape(value)[0] if np.ndim(value) else None
+        for key, value in flat.items()
+        if key.startswith(scanned + "/")
+    }
+    if len(set(depths.values())) > 1 or None in depths.values():
+        shown = ", ".join(f"{k} {np.shape(flat[k])}" for k in sorted(depths)[:6])
+        raise ValueError(f"the scanned arrays under {scanned!r} do not share one leading depth axis: {shown}")
+    depth = next(iter(depths.values()), 0)
+    if depth > MAX_DEPTH:
+        key = next(iter(depths))
+        raise ValueError(
+            f"{key} {np.shape(flat[key])} stacks {depth} encoder blocks, more than the {MAX_DEPTH} jaxvit reads"
+        )
     out: Flat = {}
     for key, value in flat.items():
         if key.startswith(scanned + "/"):

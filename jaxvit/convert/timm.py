@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.convert import files, layouts
+from jaxvit.convert import files, layouts, validate
 from jaxvit.convert.checkpoint import (
     IMAGENET_TIMM,
     Checkpoint,
@@ -71,7 +71,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
             f"{path} holds neither a timm ViT state dict (no 'patch_embed.proj.weight') nor a Hugging Face"
             f" ViT one. Its first keys: {sorted(arrays)[:5]}"
         )
-    config = json.loads(metadata["jaxvit_model"]) if "jaxvit_model" in metadata else {}
+    config = saved_config(path, metadata)
     saved = config.get("model", {})
     has_cls = "cls_token/token" in params
     num_prefix = int(has_cls)
@@ -93,6 +93,25 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         grid=grid_from_config({**saved, **config}),
         config=config,
     )
+
+
+def saved_config(path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``jaxvit_model`` metadata that ``export`` writes, every value checked; ``{}`` without it."""
+    if "jaxvit_model" not in metadata:
+        return {}
+    where = f"{path}: metadata jaxvit_model"
+    try:
+        config = json.loads(metadata["jaxvit_model"])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(config).__name__}")
+    config["model"] = validate.model_fields(config.get("model", {}), where)
+    if "image_size" in config:
+        config["image_size"] = validate.size_field(config, "image_size", where)
+    if config.get("labels"):
+        config["labels"] = list(validate.str_list(config["labels"], "labels", where))
+    return config
 
 
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
