@@ -89,20 +89,24 @@ def preprocess(
 
 def preprocess_files(paths: Sequence[str | os.PathLike], bundle) -> np.ndarray:
     """Image files -> ``(N, h, w, C)`` float32, prepared as ``bundle`` (an ``InferenceBundle``) asks."""
-    return np.stack(
-        [
-            preprocess(
-                load_image(p),
-                bundle.image_size,
-                bundle.mean,
-                bundle.std,
-                bundle.crop_pct,
-                bundle.interpolation,
-                bundle.model.num_channels,
+    images = []
+    for p in paths:
+        image = load_image(p)
+        try:
+            images.append(
+                preprocess(
+                    image,
+                    bundle.image_size,
+                    bundle.mean,
+                    bundle.std,
+                    bundle.crop_pct,
+                    bundle.interpolation,
+                    bundle.model.num_channels,
+                )
             )
-            for p in paths
-        ]
-    )
+        except ValueError as e:
+            raise ValueError(f"image {p}: {e}") from None
+    return np.stack(images)
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:

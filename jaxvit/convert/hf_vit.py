@@ -208,9 +208,11 @@ def model_from_config(
     config = checked_config(config, source)
     act = config.get("hidden_act", "gelu")
     if act not in _GELU:
-        raise ValueError(f"hidden_act={act!r} is not supported: expected one of {sorted(_GELU)}")
+        raise ValueError(f"{source}: hidden_act={act!r} is not supported: expected one of {sorted(_GELU)}")
     if not config.get("qkv_bias", True):
-        raise ValueError("qkv_bias=False is not supported: jaxvit's attention projections have biases")
+        raise ValueError(
+            f"{source}: qkv_bias=False is not supported: jaxvit's attention projections have biases"
+        )
     architectures = config.get("architectures") or ["ViTForImageClassification"]
     classify = any(a.endswith("ForImageClassification") for a in architectures)
     num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
