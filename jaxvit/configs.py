@@ -160,17 +160,18 @@ def check_values(config: Any) -> None:
 
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     where = "config"
+    # Ranges of the keys not listed here are checked by trainer.validate_config, with its messages.
     for key, lo in (
         ("seed", None),
         ("num_channels", 1),
-        ("num_classes", 1),
-        ("batch_size", 1),
-        ("total_steps", 1),
+        ("num_classes", None),
+        ("batch_size", None),
+        ("total_steps", None),
         ("grad_accum_steps", 1),
-        ("log_every", 0),
-        ("eval_every", 0),
-        ("checkpoint_every", 0),
-        ("max_to_keep", 1),
+        ("log_every", None),
+        ("eval_every", None),
+        ("checkpoint_every", None),
+        ("max_to_keep", None),
     ):
         if key in values:
             validate.int_field(values, key, where, lo=-(2**63) if lo is None else lo)

@@ -33,7 +33,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Raises ``ValueError`` naming the file when it is not a readable image.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
         with validate.open_regular(path, "image") as f, Image.open(f) as image:

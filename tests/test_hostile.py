@@ -322,6 +322,7 @@ def test_memory_and_time_stay_bounded_under_an_address_space_limit(good, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     for result in results:
+        print(f"{Path(result['path']).name}: +{result['growth'] >> 20} MiB, {result['seconds']:.2f} s")
         assert result["error"] and result["error"].startswith("ValueError"), result
         assert Path(result["path"]).name in result["error"], result
         assert result["growth"] < GROWTH, result
