@@ -188,24 +188,41 @@ def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) ->
     errors = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            tree = _restore_as_numpy(manager, step, item, use_ema and which == "latest")
+            # The stored shapes are checked against config.json before any array is read.
+            check = lambda stored, step=step: _check_stored_shapes(model, stored, size, config_path, step)  # noqa: E731
+            tree = _restore_as_numpy(manager, step, item, use_ema and which == "latest", check)
+        except ConfigMismatchError:
+            raise
         except Exception as err:  # fall back to an older checkpoint, as resuming does
             log.warning("checkpoint at step %d in %s cannot be restored (%s)", step, directory, err)
             errors.append(err)
             continue
-        params = tree if which == "best" else tree.get("ema_params") or tree["params"]
-        _check_stored_shapes(model, params, size, config_path, step)
-        return model, params, config
+        if which == "best":
+            return model, tree, config
+        ema = tree.get("ema_params")
+        return model, ema if ema is not None else tree["params"], config
     raise FileNotFoundError(f"no readable checkpoint in {directory!r}" + (f": {errors[0]}" if errors else ""))
 
 
-def _restore_as_numpy(manager: ocp.CheckpointManager, step: int, item: str, with_ema: bool) -> Any:
-    """Restores ``item`` (for a train state only its params and EMA) as host numpy arrays."""
+class ConfigMismatchError(ValueError):
+    """A workdir's ``config.json`` does not describe the parameters it stores."""
+
+
+def _restore_as_numpy(
+    manager: ocp.CheckpointManager, step: int, item: str, with_ema: bool, check: Any = None
+) -> Any:
+    """Restores ``item`` (for a train state only its params and EMA) as host numpy arrays.
+
+    ``check(params_metadata)`` runs on the stored shapes before anything is read.
+    """
     metadata = manager.item_metadata(step)[item]
     tree = dict(getattr(metadata, "tree", metadata))
     if item == "state":
         keys = ["params"] + (["ema_params"] if with_ema and tree.get("ema_params") else [])
         tree = {k: tree[k] for k in keys}
+    if check is not None:
+        for params in tree.values() if item == "state" else [tree]:
+            check(params)
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = manager.restore(
         step,
@@ -216,6 +233,12 @@ def _restore_as_numpy(manager: ocp.CheckpointManager, step: int, item: str, with
     return restored[item]
 
 
+def _plain(tree: Any) -> Any:
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
 def _check_stored_shapes(model: Any, params: Any, size: Any, config_path: str, step: int) -> None:
     """Raises unless the restored ``params`` have the shapes ``model`` (from config.json) needs."""
     import flax
@@ -223,17 +246,17 @@ def _check_stored_shapes(model: Any, params: Any, size: Any, config_path: str, s
     from jaxvit.model import param_shapes
 
     want = flax.traverse_util.flatten_dict(flax.core.unfreeze(param_shapes(model, size)), sep="/")
-    have = flax.traverse_util.flatten_dict(dict(params), sep="/")
+    have = flax.traverse_util.flatten_dict(_plain(params), sep="/")
     lines = [
-        f"{k}: stored {tuple(np.shape(have[k]))} vs config {tuple(want[k].shape)}"
+        f"{k}: stored {tuple(getattr(have[k], 'shape', np.shape(have[k])))} vs config {tuple(want[k].shape)}"
         for k in sorted(set(want) & set(have))
-        if tuple(np.shape(have[k])) != tuple(want[k].shape)
+        if tuple(getattr(have[k], "shape", np.shape(have[k]))) != tuple(want[k].shape)
     ]
     lines += [f"missing from the checkpoint: {k}" for k in sorted(set(want) - set(have))]
     lines += [f"not in the config's model: {k}" for k in sorted(set(have) - set(want))]
     if lines:
         shown = lines[:10] + ([f"... and {len(lines) - 10} more"] if len(lines) > 10 else [])
-        raise ValueError(
+        raise ConfigMismatchError(
             f"{config_path} does not describe the parameters stored at step {step} ({len(lines)} problems):\n  "
             + "\n  ".join(shown)
         )
