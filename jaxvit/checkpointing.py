@@ -247,10 +247,14 @@ def _check_stored_shapes(model: Any, params: Any, size: Any, config_path: str, s
 
     want = flax.traverse_util.flatten_dict(flax.core.unfreeze(param_shapes(model, size)), sep="/")
     have = flax.traverse_util.flatten_dict(_plain(params), sep="/")
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(getattr(have[key], "shape", np.shape(have[key])))
+
     lines = [
-        f"{k}: stored {tuple(getattr(have[k], 'shape', np.shape(have[k])))} vs config {tuple(want[k].shape)}"
+        f"{k}: stored {shape(k)} vs config {tuple(want[k].shape)}"
         for k in sorted(set(want) & set(have))
-        if tuple(getattr(have[k], "shape", np.shape(have[k]))) != tuple(want[k].shape)
+        if shape(k) != tuple(want[k].shape)
     ]
     lines += [f"missing from the checkpoint: {k}" for k in sorted(set(want) - set(have))]
     lines += [f"not in the config's model: {k}" for k in sorted(set(have) - set(want))]
