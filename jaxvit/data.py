@@ -31,8 +31,6 @@ from jaxvit.model import to_pair
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
 
 class Source(Protocol):
     class_names: Sequence[str]

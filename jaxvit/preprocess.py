@@ -22,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from jaxvit.augment import normalize, to_8bit
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What predict and visualize pick from a folder; an ImageFolder tells images by content instead.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
