@@ -1,6 +1,6 @@
 """Input pipeline throughput: jaxvit's imagefolder vs packed ArrayRecord shards vs timm's loader.
 
-    python benchmarks/input_pipeline.py --images 3000 --workers 1 --repeats 5
+    python benchmarks/input_pipeline.py --images 3000 --repeats 5
 
 Generates ``--images`` JPEGs (500x375, quality 90, 10 classes) in a temporary
 folder (or uses ``--data DIR`` with ``DIR/train/<class>/*``), packs them with
@@ -8,21 +8,19 @@ folder (or uses ``--data DIR`` with ``DIR/train/<class>/*``), packs them with
 (``--batch`` images at 224 px: random resized crop, horizontal flip,
 RandAugment 2 ops at magnitude 10, normalised float32):
 
-* ``imagefolder``: ``jaxvit.data.train_batches`` over ``ImageFolderSource``,
+* ``imagefolder``: the per-example map and batching of ``jaxvit.data.train_batches`` over ``ImageFolderSource``,
 * ``arrayrecord``: the same over ``PackedSource`` (the packed shards),
 * ``timm``: ``timm.data.create_loader`` (``auto_augment="rand-m10-n2"``) over
   ``timm.data.ImageDataset`` on the same folder.
 
-With ``--workers 0`` (the default) this process does exactly one worker's
-job for each loader (read, decode, augment, collate: grain's per-example map
-and batching; timm's dataset ``__getitem__`` and ``default_collate``), and
-the loaders are timed alternately in rounds of ``--batches-per-round`` batches
-after a warm-up batch. With ``--workers N`` they use N worker processes
-(grain's ``mp_prefetch``; PyTorch's DataLoader workers) and each loader is
-timed alone after a warm-up that fills its queues (workers run ahead in the
-background, so interleaving would credit one loader with work done while
-another was timed). The table reports
-images/s and images/s per worker (median over rounds), and the bytes read per
+This process does exactly one worker's job for each loader (read, decode,
+augment, collate: grain's per-example map and batching; timm's dataset
+``__getitem__`` and ``default_collate``), and the loaders are timed
+alternately in rounds of ``--batches-per-round`` batches after a warm-up
+round. Worker processes are not timed: they prefetch far ahead in the
+background, so a short interleaved timing would credit one loader with work
+done while another was timed. The table reports
+images/s per worker (median over rounds), and the bytes read per
 image: ``rchar`` of ``/proc/self/io`` (bytes through read system calls) while
 one process loads ``--io-images`` examples through each loader's read path.
 """
@@ -35,7 +33,6 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +89,6 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--data", default="", help="an existing ROOT with train/<class>/* (else generated)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="0: in this process, loaders interleaved")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches-per-round", type=int, default=4)
     parser.add_argument("--io-images", type=int, default=200)
@@ -131,7 +127,6 @@ def main() -> None:
         randaugment_magnitude=10.0,
     )
     layout = data.BatchLayout(args.batch)
-    steps = (args.repeats * args.batches_per_round + 4) * 2
     timm_dataset = timm.data.ImageDataset(os.path.join(root, "train"))
     timm_loader = timm.data.create_loader(
         timm_dataset,
@@ -142,69 +137,36 @@ def main() -> None:
         scale=(0.08, 1.0),
         hflip=0.5,
         auto_augment="rand-m10-n2",
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
+        num_workers=0,
     )
 
-    def endless_timm():
-        while True:
-            yield from timm_loader
-
-    iterators: dict[str, Any] = {
-        "imagefolder": data.train_batches(
-            folder_source, layout, pre, seed=0, num_steps=steps, workers=args.workers
-        ),
-        "arrayrecord": data.train_batches(
-            packed_source, layout, pre, seed=0, num_steps=steps, workers=args.workers
-        ),
-        "timm": endless_timm(),
+    # This process does one worker's whole job (read, decode, augment, collate), with nothing
+    # running in the background: grain's iterators prefetch in threads and worker processes far
+    # ahead, which would credit one loader with work done while another is timed.
+    examples = {
+        name: data._TrainExample(source, layout, pre, seed=0)
+        for name, source in (("imagefolder", folder_source), ("arrayrecord", packed_source))
     }
+    names = ("imagefolder", "arrayrecord", "timm")
+    position = {name: 0 for name in names}
 
-    def take(name: str):
+    def worker_job(name: str):
         def run():
             for _ in range(args.batches_per_round):
-                batch = next(iterators[name])
-                images = batch[0] if name == "timm" else batch["image"]
-                assert tuple(images.shape) in ((args.batch, 224, 224, 3), (args.batch, 3, 224, 224))
+                start = position[name]
+                position[name] += args.batch
+                indices = [i % num_images for i in range(start, start + args.batch)]
+                if name == "timm":
+                    batch = torch.utils.data.default_collate([timm_loader.dataset[i] for i in indices])
+                    assert tuple(batch[0].shape) == (args.batch, 3, 224, 224)
+                else:
+                    items = [examples[name].map(i) for i in indices]
+                    images = np.stack([item["image"] for item in items])
+                    assert images.shape == (args.batch, 224, 224, 3)
 
         return run
 
-    if args.workers == 0:
-        # One process does a worker's whole job (read, decode, augment, collate), with nothing
-        # running in the background (grain's in-process iterator prefetches with threads, and
-        # timm's DataLoader with workers, so their iterators are not used here): the loaders can
-        # be interleaved fairly.
-        examples = {
-            name: data._TrainExample(source, layout, pre, seed=0)
-            for name, source in (("imagefolder", folder_source), ("arrayrecord", packed_source))
-        }
-        position = {name: 0 for name in iterators}
-
-        def worker_job(name: str):
-            def run():
-                for _ in range(args.batches_per_round):
-                    start = position[name]
-                    position[name] += args.batch
-                    indices = [i % num_images for i in range(start, start + args.batch)]
-                    if name == "timm":
-                        batch = torch.utils.data.default_collate([timm_loader.dataset[i] for i in indices])
-                        assert tuple(batch[0].shape) == (args.batch, 3, 224, 224)
-                    else:
-                        items = [examples[name].map(i) for i in indices]
-                        images = np.stack([item["image"] for item in items])
-                        assert images.shape == (args.batch, 224, 224, 3)
-
-            return run
-
-        times = common.interleaved({n: worker_job(n) for n in iterators}, repeats=args.repeats, warmup=1)
-    else:
-        # worker processes run ahead in the background, so each loader is timed alone, after a
-        # warm-up that fills its queues, over all its rounds back to back
-        times = {}
-        for name in iterators:
-            for _ in range(2 * args.workers + 2):
-                next(iterators[name])
-            times[name] = [common.time_call(take(name)) for _ in range(args.repeats)]
+    times = common.interleaved({n: worker_job(n) for n in names}, repeats=args.repeats, warmup=1)
 
     # bytes through read() per image, in this process, along each loader's read path
     timm_plain = timm.data.ImageDataset(os.path.join(root, "train"), transform=timm_loader.dataset.transform)
@@ -223,8 +185,7 @@ def main() -> None:
         rows.append(
             {
                 "loader": name,
-                "img/s": rate,
-                "img/s per worker": rate / max(1, args.workers),  # workers=0: this one process
+                "img/s per worker": rate,
                 "min..max img/s": f"{args.batch * args.batches_per_round / max(per_round):.3g}.."
                 f"{args.batch * args.batches_per_round / min(per_round):.3g}",
                 "bytes read per image": round(io_bytes[name]),
@@ -235,7 +196,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     caption = (
         f"{num_images} JPEGs 500x375 q90, batch {args.batch}, 224 px, RRC + flip + RandAugment(2, 10),"
-        f" {args.workers} worker(s), {cpu}, {cores} cores, load {machine_load:.2f} at start,"
+        f" in-process (one worker's job), {cpu}, {cores} cores, load {machine_load:.2f} at start,"
         f" {time.strftime('%Y-%m-%d')}"
     )
     print(caption)
