@@ -57,14 +57,14 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults for every key; a config file changes what it needs and locks the result."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.dataset = "digits"  # digits | imagefolder | synthetic | tfds:<name>
+    c.dataset = "digits"  # digits | imagefolder | arrayrecord | synthetic | tfds:<name>
     c.image_size = 8  # int or (height, width)
     c.num_channels = 3
     c.num_classes = 10
     c.model = model_config("mu/2")
 
     c.data = ml_collections.ConfigDict()
-    c.data.root = ""  # imagefolder: root with <train_split>/ and <val_split>/
+    c.data.root = ""  # imagefolder: root with <train_split>/ and <val_split>/; arrayrecord: a packed folder
     c.data.train_split = "train"
     c.data.val_split = "val"
     c.data.on_corrupt = "skip"  # skip (warn with a count) | error
@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0  # digits: fixes the split, independent of c.seed
     c.data.synthetic_examples = 4096
     c.data.tfds_data_dir = ""
+    c.data.verify_checksums = True  # arrayrecord: hash every shard before training
     c.data.mean = (0.5,)  # normalisation: (x / 255 - mean) / std -> [-1, 1]
     c.data.std = (0.5,)
     c.data.crop_fraction = 1.0  # eval: keep the central fraction of the shorter side
