@@ -15,14 +15,14 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxvit.model import create_model
+from jaxvit import configs
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) ->
         raise FileNotFoundError(f"{workdir!r} is not a training workdir: {config_path!r} is missing")
     with open(config_path) as f:
         config = json.load(f)
-    model = model_from_config(config)
+    model = configs.model_from_config(config)
     directory = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LATEST_DIR)
     item = "params" if which == "best" else "state"
     manager = ocp.CheckpointManager(
@@ -216,16 +216,14 @@ def _restore_as_numpy(manager: ocp.CheckpointManager, step: int, item: str, with
     return restored[item]
 
 
-def model_from_config(config: dict[str, Any]) -> Any:
-    """The ``VisionTransformer`` a training config describes (``config["model"]``)."""
-
-    fields = {k: v for k, v in dict(config["model"]).items() if v is not None}
-    variant = fields.pop("variant", None)
-    for key in ("dtype", "param_dtype"):
-        if isinstance(fields.get(key), str):
-            fields[key] = jnp.dtype(fields[key])
-    if isinstance(fields.get("patch_size"), list):
-        fields["patch_size"] = tuple(fields["patch_size"])
-    return create_model(
-        variant, num_classes=config["num_classes"], num_channels=config.get("num_channels", 3), **fields
-    )
+def __getattr__(name: str) -> Any:
+    # Deprecated: ``model_from_config`` moved to ``jaxvit.configs``; the old name goes
+    # in the next release.
+    if name == "model_from_config":
+        warnings.warn(
+            "jaxvit.checkpointing.model_from_config is deprecated; use jaxvit.configs.model_from_config",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return configs.model_from_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

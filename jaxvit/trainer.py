@@ -21,8 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxvit import checkpointing, data, optim, train_lib
-from jaxvit.checkpointing import model_from_config
+from jaxvit import checkpointing, configs, data, optim, train_lib
+from jaxvit.configs import model_from_config
 from jaxvit.model import to_pair
 
 log = logging.getLogger(__name__)
@@ -228,18 +228,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     preprocess = data.preprocess_from_config(config)
 
     tx, schedule = optim.make_optimizer(config, config.total_steps)
-    step_cfg = train_lib.StepConfig(
-        num_classes=config.num_classes,
-        label_smoothing=config.label_smoothing,
-        mix=train_lib.MixConfig(
-            config.augment.mixup_alpha,
-            config.augment.cutmix_alpha,
-            config.augment.switch_prob,
-            config.augment.mix_prob,
-        ),
-        ema_decay=config.ema_decay,
-        grad_accum_steps=config.grad_accum_steps,
-    )
+    step_cfg = configs.step_config_from_config(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     use_ema = config.ema_decay > 0
 

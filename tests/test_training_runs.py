@@ -13,7 +13,7 @@ import pytest
 from helpers import make_folder
 
 import jaxvit
-from jaxvit import checkpointing, trainer
+from jaxvit import checkpointing, configs, trainer
 from jaxvit.configs import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,8 +148,15 @@ def short(config, steps=2, **overrides):
 @pytest.mark.parametrize("name", ["default", "imagefolder", "cifar_like", "vit_s16_i1k", "finetune"])
 def test_every_config_file_builds_its_model(name):
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
-    model = checkpointing.model_from_config(config.to_dict())
+    model = configs.model_from_config(config.to_dict())
     assert jaxvit.count_params(model, config.image_size) > 0
+
+
+def test_model_from_config_under_its_old_name_warns_and_still_works():
+    config = load_config_file(TINY).to_dict()
+    with pytest.warns(DeprecationWarning, match="use jaxvit.configs.model_from_config"):
+        old = checkpointing.model_from_config
+    assert old(config) == configs.model_from_config(config)
 
 
 def test_vit_s16_i1k_runs_on_synthetic_data_of_its_shape(tmp_path):
