@@ -7,6 +7,7 @@ only wires them to I/O.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -143,10 +144,20 @@ class TrainMetricsAccumulator:
     def _start(self, step: int, now: float) -> None:
         self._since_step = step
         self._since_time = now
+        self._data_wait = 0.0
 
     def add(self, step: int, metrics: dict[str, Any]) -> None:
         """Keeps the metrics ``train_step`` returned for ``step`` (device arrays, not fetched)."""
         self._pending.append((step, metrics))
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Counts the time spent inside the ``with`` block as waiting for the next batch."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._data_wait += self._clock() - start
 
     def summarize(self, step: int) -> dict[str, float] | None:
         """The means of the steps added since the last summary, up to ``step``; ``None`` if there are none.
@@ -168,6 +179,7 @@ class TrainMetricsAccumulator:
             "train/grad_norm": means["grad_norm"],
             "learning_rate": float(fetched[-1][1]["learning_rate"]),
             "images_per_sec": (step - self._since_step) * self._batch_size / elapsed,
+            "train/data_wait": self._data_wait / elapsed,
         }
         self._start(step, now)
         return summary
@@ -433,7 +445,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             log_train = functools.partial(_log_train_metrics, meter, writer, bar)
             step = start_step
             while step < config.total_steps:
-                batch = next(batches)
+                with meter.waiting_for_data():
+                    batch = next(batches)
                 state, metrics = compiled.train_step(
                     state, train_lib.to_global(batch, compiled.batch_sharding), train_rng
                 )

@@ -1,4 +1,5 @@
-"""The training loop's small pieces, without training."""
+"""The training loop's small pieces, without training: the train metrics accumulator
+and saving a step only once."""
 
 import jax
 import jax.numpy as jnp
@@ -40,22 +41,27 @@ def test_summary_averages_the_steps_and_takes_the_last_learning_rate():
     assert summary["images_per_sec"] == pytest.approx(3 * 8 / 2.0)
 
 
-def test_images_per_sec_covers_only_the_time_since_the_last_summary():
+def test_images_per_sec_and_data_wait_cover_only_the_time_since_the_last_summary():
     clock = FakeClock()
     meter = TrainMetricsAccumulator(batch_size=4, start_step=10, clock=clock)  # resumed at step 10
     for step in (11, 12):
-        clock.now += 2.0
+        with meter.waiting_for_data():
+            clock.now += 0.5
+        clock.now += 1.5  # the step itself
         meter.add(step, step_metrics(1.0))
     first = meter.summarize(12)
     assert first["images_per_sec"] == pytest.approx(2 * 4 / 4.0)
+    assert first["train/data_wait"] == pytest.approx(1.0 / 4.0)
 
     clock.now += 6.0  # e.g. an evaluation: counts towards the next window
     assert meter.summarize(12) is None  # nothing new: the window goes on
     for step in (13, 14, 15):
-        clock.now += 1.0
+        with meter.waiting_for_data():
+            clock.now += 1.0
         meter.add(step, step_metrics(1.0))
     second = meter.summarize(15)
     assert second["images_per_sec"] == pytest.approx(3 * 4 / 9.0)
+    assert second["train/data_wait"] == pytest.approx(3.0 / 9.0)
 
 
 def test_a_non_finite_step_raises_naming_the_first_such_step():

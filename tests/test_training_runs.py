@@ -70,6 +70,12 @@ def test_workdir_holds_config_labels_metrics_tensorboard_and_checkpoints(one_dev
     assert final in result.stdout
 
 
+def test_train_lines_log_the_share_of_time_spent_waiting_for_data(one_device):
+    workdir, _ = one_device
+    train = [m for m in map(json.loads, open(workdir / "metrics.jsonl")) if "train/loss" in m]
+    assert train and all(0.0 <= m["train/data_wait"] <= 1.0 for m in train)
+
+
 def test_eight_devices_with_fsdp_give_the_same_parameters(one_device, tmp_path):
     result = run_train(
         tmp_path, *SGD, "--config.mesh.fsdp=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
