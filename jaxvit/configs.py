@@ -1,4 +1,5 @@
-"""The shared skeleton of every training config (``configs/*.py`` start from ``base_config``).
+"""The shared skeleton of every training config (``configs/*.py`` start from ``base_config``),
+and the functions that read a config into the objects it describes.
 
 Every config therefore has the same keys, so any ``--config.<key>=<value>``
 override works with every file, and an unknown key fails at once.
@@ -17,9 +18,11 @@ import math
 import os
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
-from jaxvit.model import VisionTransformer
+from jaxvit import train_lib
+from jaxvit.model import VisionTransformer, create_model
 
 # Model fields set by the variant name unless overridden; None means "from the variant".
 _FROM_VARIANT = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
@@ -46,6 +49,40 @@ def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
         if config[name] is None:
             config[name] = ml_collections.FieldReference(None, field_type=object)
     return config
+
+
+def model_from_config(config: dict[str, Any]) -> VisionTransformer:
+    """The ``VisionTransformer`` a training config describes (``config["model"]``).
+
+    ``config`` is a plain dict (``ConfigDict.to_dict()`` or a workdir's ``config.json``).
+    """
+    fields = {k: v for k, v in dict(config["model"]).items() if v is not None}
+    variant = fields.pop("variant", None)
+    for key in ("dtype", "param_dtype"):
+        if isinstance(fields.get(key), str):
+            fields[key] = jnp.dtype(fields[key])
+    if isinstance(fields.get("patch_size"), list):  # JSON has no tuples
+        fields["patch_size"] = tuple(fields["patch_size"])
+    return create_model(
+        variant, num_classes=config["num_classes"], num_channels=config.get("num_channels", 3), **fields
+    )
+
+
+def step_config_from_config(config: ml_collections.ConfigDict) -> train_lib.StepConfig:
+    """The static settings of ``train_lib.train_step`` (loss, batch mixing, EMA, accumulation)."""
+    aug = config.augment
+    return train_lib.StepConfig(
+        num_classes=config.num_classes,
+        label_smoothing=config.label_smoothing,
+        mix=train_lib.MixConfig(
+            mixup_alpha=aug.mixup_alpha,
+            cutmix_alpha=aug.cutmix_alpha,
+            switch_prob=aug.switch_prob,
+            prob=aug.mix_prob,
+        ),
+        ema_decay=config.ema_decay,
+        grad_accum_steps=config.grad_accum_steps,
+    )
 
 
 def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:

@@ -14,7 +14,7 @@ import pytest
 from helpers import make_folder
 
 import jaxvit
-from jaxvit import checkpointing, pack, trainer
+from jaxvit import checkpointing, configs, pack, trainer
 from jaxvit.configs import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +69,12 @@ def test_workdir_holds_config_labels_metrics_tensorboard_and_checkpoints(one_dev
     assert os.listdir(workdir / "checkpoints_best") == [str(best_step)]
     final = f"final test accuracy: {evals[-1]['eval/top1']:.4f}"
     assert final in result.stdout
+
+
+def test_train_lines_log_the_share_of_time_spent_waiting_for_data(one_device):
+    workdir, _ = one_device
+    train = [m for m in map(json.loads, open(workdir / "metrics.jsonl")) if "train/loss" in m]
+    assert train and all(0.0 <= m["train/data_wait"] <= 1.0 for m in train)
 
 
 def test_eight_devices_with_fsdp_give_the_same_parameters(one_device, tmp_path):
@@ -225,8 +231,15 @@ def short(config, steps=2, **overrides):
 @pytest.mark.parametrize("name", ["default", "imagefolder", "cifar_like", "vit_s16_i1k", "finetune"])
 def test_every_config_file_builds_its_model(name):
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
-    model = checkpointing.model_from_config(config.to_dict())
+    model = configs.model_from_config(config.to_dict())
     assert jaxvit.count_params(model, config.image_size) > 0
+
+
+def test_model_from_config_under_its_old_name_warns_and_still_works():
+    config = load_config_file(TINY).to_dict()
+    with pytest.warns(DeprecationWarning, match="use jaxvit.configs.model_from_config"):
+        old = checkpointing.model_from_config
+    assert old(config) == configs.model_from_config(config)
 
 
 def test_vit_s16_i1k_runs_on_synthetic_data_of_its_shape(tmp_path):
