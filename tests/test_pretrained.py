@@ -84,7 +84,7 @@ TIMM_CASES = {
     "tok": (dict(), dict(class_token=True, pool="tok")),
     "gap": (dict(class_token=False, global_pool="avg", fc_norm=False), dict(class_token=False, pool="gap")),
     "map": (dict(class_token=False, global_pool="map"), dict(class_token=False, pool="map")),
-    "gelu_tanh": (dict(act_layer="gelu_tanh"), dict(gelu_approximate=True)),
+    "gelu_tanh": (dict(act_layer="gelu_tanh"), dict(activation="gelu_tanh")),
 }
 
 
@@ -165,7 +165,7 @@ def test_hf_vit_round_trips(tmp_path, act):
     model = pretrained.model_from_hf_config(tmp_path / "hf")
     assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (32, 2, 4, 64, 5)
     assert model.layer_norm_eps == 1e-12
-    assert model.gelu_approximate == (act != "gelu")
+    assert model.activation == ("gelu" if act == "gelu" else "gelu_tanh")
     params = jaxvit.load_pretrained(tmp_path / "hf", model, 16)
     assert_close(jax_logits(model, params, images), expected)
 

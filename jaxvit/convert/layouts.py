@@ -193,7 +193,6 @@ def flax_checkpoint(
 UNSUPPORTED_HINTS = {
     "fc_norm": "timm's fc_norm (a LayerNorm after pooling) has no jaxvit counterpart: jaxvit's 'gap'"
     " pools after the final norm, like timm with global_pool='avg', fc_norm=False",
-    "norm_pre": "timm's norm_pre (a LayerNorm before the blocks, CLIP style) is not part of jaxvit's model",
     "reg_token": "register tokens are not part of jaxvit's model",
     ".ls1.": "LayerScale is not part of jaxvit's model",
     ".ls2.": "LayerScale is not part of jaxvit's model",
@@ -223,13 +222,16 @@ def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
         if not match:
             continue
         attn = match.group(1)
-        names = [f"{attn}/{n}/{p}" for n in ("query", "key", "value") for p in ("kernel", "bias")]
-        if not all(n in out for n in names):
-            continue
-        q, qb, k, kb, v, vb = (out.pop(n) for n in names)
+        kernels = [f"{attn}/{n}/kernel" for n in ("query", "key", "value")]
+        biases = [f"{attn}/{n}/bias" for n in ("query", "key", "value")]
+        has_bias = [n in out for n in biases]
+        if not all(n in out for n in kernels) or any(has_bias) != all(has_bias):
+            continue  # attention without biases has none of the three
+        q, k, v = (out.pop(n) for n in kernels)
         d = q.shape[0]
         out[f"{attn}/qkv/kernel"] = np.concatenate([a.reshape(d, -1) for a in (q, k, v)], axis=1)
-        out[f"{attn}/qkv/bias"] = np.concatenate([a.reshape(-1) for a in (qb, kb, vb)])
+        if all(has_bias):
+            out[f"{attn}/qkv/bias"] = np.concatenate([out.pop(n).reshape(-1) for n in biases])
         if f"{attn}/out/kernel" in out:
             o = out[f"{attn}/out/kernel"]
             out[f"{attn}/out/kernel"] = o.reshape(-1, o.shape[-1])
@@ -269,13 +271,13 @@ def split_attention(flat: Mapping[str, np.ndarray], num_heads: int, blocks: str,
             if not match:
                 continue
             attn = match.group(1)
-            kernel, bias = out.pop(f"{attn}/qkv/kernel"), out.pop(f"{attn}/qkv/bias")
+            kernel, bias = out.pop(f"{attn}/qkv/kernel"), out.pop(f"{attn}/qkv/bias", None)
             d = kernel.shape[0]
-            for n, k, b in zip(
-                ("query", "key", "value"), np.split(kernel, 3, axis=1), np.split(bias, 3), strict=True
-            ):
+            for i, (n, k) in enumerate(zip(("query", "key", "value"), np.split(kernel, 3, axis=1), strict=True)):
                 out[f"{attn}/{n}/kernel"] = k if blocks == "flat" else k.reshape(d, num_heads, -1)
-                out[f"{attn}/{n}/bias"] = b if blocks == "flat" else b.reshape(num_heads, -1)
+                if bias is not None:
+                    b = np.split(bias, 3)[i]
+                    out[f"{attn}/{n}/bias"] = b if blocks == "flat" else b.reshape(num_heads, -1)
             if blocks == "heads":
                 o = out[f"{attn}/out/kernel"]
                 out[f"{attn}/out/kernel"] = o.reshape(num_heads, -1, o.shape[-1])

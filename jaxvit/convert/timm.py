@@ -24,7 +24,7 @@ from jaxvit.convert.checkpoint import (
     model_fields,
     strip_prefix,
 )
-from jaxvit.model import square_grid
+from jaxvit.model import resolve_activation, square_grid
 
 NAME = "timm"
 HAS_PRE_LOGITS = False
@@ -110,8 +110,9 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
         global_pool={"tok": "token", "gap": "avg", "map": "map"}[model.pool],
         fc_norm=False,
     )
-    if model.gelu_approximate:
-        kwargs["act_layer"] = "gelu_tanh"
+    activation = resolve_activation(model.activation, model.gelu_approximate)
+    if activation != "gelu":
+        kwargs["act_layer"] = activation  # timm's names are the same
     return kwargs
 
 
