@@ -282,18 +282,74 @@ def square_grid(num_tokens: int) -> tuple[int, int] | None:
     return (side, side) if side and side * side == num_tokens else None
 
 
+RESAMPLE_METHODS = ("bilinear", "bicubic")
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """The cubic convolution kernel with parameter ``a`` (-0.75 in torch's plain bicubic, -0.5 with antialias)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((x - 5) * x + 8) * x * a - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
+    """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
+
+    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
+    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
+    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
+    widened by the scale when shrinking, cut at the border and renormalised.
+    """
+    scale = in_size / out_size
+    weights = np.zeros((out_size, in_size))
+    if not antialias:
+        if method != "bicubic":
+            raise ValueError("resize_matrix without antialias is for method='bicubic'")
+        source = scale * (np.arange(out_size) + 0.5) - 0.5
+        base = np.floor(source)
+        t = source - base
+        for tap in range(-1, 3):
+            index = np.clip(base + tap, 0, in_size - 1).astype(int)
+            np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
+        return weights
+    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
+        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
+        total = row.sum()
+        weights[i, lo:hi] = row / total if total != 0 else row
+    return weights
+
+
 def resample_posemb(
     posemb: Array,
     new_grid: tuple[int, int],
     old_grid: tuple[int, int] | None = None,
     num_prefix_tokens: int = 1,
+    method: str = "bilinear",
+    antialias: bool = False,
 ) -> Array:
-    """``(1, P + h*w, D) -> (1, P + H*W, D)``: bilinear resize of the grid part.
+    """``(1, P + h*w, D) -> (1, P + H*W, D)``: resize of the grid part.
 
     The first ``num_prefix_tokens`` rows (the class slot) are kept as they
     are. ``old_grid`` defaults to the square root of the grid length; pass it
-    for a non-square checkpoint grid.
+    for a non-square checkpoint grid. ``method="bilinear"`` without antialias
+    is ``jax.image.resize``; ``"bicubic"`` (and any antialiased resize) gives
+    what ``torch.nn.functional.interpolate(mode=method,
+    align_corners=False, antialias=antialias)`` gives, which is how
+    transformers (bicubic) and timm (bicubic, antialias) resample theirs:
+    ``jax.image.resize``'s cubic kernel differs from torch's.
     """
+    check_choice("method", method, RESAMPLE_METHODS)
     posemb = jnp.asarray(posemb)
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise ValueError(f"posemb must have shape (1, tokens, width), got {posemb.shape}")
@@ -313,8 +369,13 @@ def resample_posemb(
         return posemb
     d = posemb.shape[-1]
     image = grid_part.reshape(old_grid[0], old_grid[1], d).astype(jnp.float32)
-    resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
-    resized = resized.reshape(1, h * w, d).astype(posemb.dtype)
+    if method == "bilinear" and not antialias:
+        resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
+    else:
+        rows = resize_matrix(old_grid[0], h, method, antialias)
+        cols = resize_matrix(old_grid[1], w, method, antialias)
+        resized = np.einsum("Hh,hwd,Ww->HWd", rows, np.asarray(image, np.float64), cols)
+    resized = jnp.asarray(resized).reshape(1, h * w, d).astype(posemb.dtype)
     return jnp.concatenate([prefix, resized], axis=1)
 
 
@@ -920,6 +981,7 @@ __all__: Sequence[str] = (
     "unpatchify",
     "posemb_sincos_2d",
     "resample_posemb",
+    "resize_matrix",
     "drop_path",
     "scan_to_unrolled",
     "unrolled_to_scan",

@@ -212,6 +212,21 @@ def test_resample_posemb_matches_torch_bilinear(old, new):
     np.testing.assert_allclose(out[0, 1:], ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method, antialias", [("bicubic", False), ("bicubic", True), ("bilinear", True)])
+@pytest.mark.parametrize("old, new", [((4, 4), (6, 6)), ((7, 7), (3, 5)), ((3, 5), (8, 4)), ((5, 5), (5, 9))])
+def test_resample_posemb_matches_torch_interpolate(method, antialias, old, new):
+    import torch
+
+    posemb = jax.random.normal(jax.random.key(3), (1, 1 + old[0] * old[1], 6))
+    out = jaxvit.resample_posemb(posemb, new, old_grid=old, method=method, antialias=antialias)
+    grid = torch.from_numpy(np.array(posemb[0, 1:]).reshape(1, *old, 6)).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(grid, size=new, mode=method, align_corners=False, antialias=antialias)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, -1, 6).numpy()
+    np.testing.assert_array_equal(out[:, :1], posemb[:, :1])
+    # torch computes in float32, these in float64: a few ulp of values near 1 apart
+    np.testing.assert_allclose(out[:, 1:], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_resample_posemb_without_class_slot_and_errors():
     posemb = jnp.ones((1, 16, 4))
     assert jaxvit.resample_posemb(posemb, (2, 2), num_prefix_tokens=0).shape == (1, 4, 4)
