@@ -471,9 +471,7 @@ class SelfAttention(nn.Module):
         qkv_init = _per_projection_init(self.kernel_init, 3)
         qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv", **{**dense, "kernel_init": qkv_init})(
             x
-        ).reshape(
-            n, t, 3, self.num_heads, head_dim
-        )
+        ).reshape(n, t, 3, self.num_heads, head_dim)
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights or ops.use_explicit_attention():
@@ -857,7 +855,11 @@ class VisionTransformer(nn.Module):
         activation = resolve_activation(self.activation, self.gelu_approximate)
 
         x = PatchEmbed(
-            width=self.width, patch_size=self.patch_size, use_bias=self.patch_bias, name="patch_embed", **common
+            width=self.width,
+            patch_size=self.patch_size,
+            use_bias=self.patch_bias,
+            name="patch_embed",
+            **common,
         )(images)
         _sow(self, "intermediates", "patch_tokens", x)
 

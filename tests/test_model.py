@@ -63,10 +63,14 @@ def test_siglip_so400m_parameter_count():
     assert jaxvit.count_params(model, 224) == 427_680_704
 
 
-@pytest.mark.parametrize("variant, projection, expected", [("B/32", 512, 87_849_216), ("L/14", 768, 303_966_208)])
+@pytest.mark.parametrize(
+    "variant, projection, expected", [("B/32", 512, 87_849_216), ("L/14", 768, 303_966_208)]
+)
 def test_clip_tower_parameter_counts(variant, projection, expected):
     # transformers' CLIPVisionModelWithProjection of the same size has as many parameters.
-    model = jaxvit.create_model(variant, num_classes=projection, pre_norm=True, patch_bias=False, head_bias=False)
+    model = jaxvit.create_model(
+        variant, num_classes=projection, pre_norm=True, patch_bias=False, head_bias=False
+    )
     assert jaxvit.count_params(model, 224) == expected
 
 
@@ -220,7 +224,9 @@ def test_resample_posemb_matches_torch_interpolate(method, antialias, old, new):
     posemb = jax.random.normal(jax.random.key(3), (1, 1 + old[0] * old[1], 6))
     out = jaxvit.resample_posemb(posemb, new, old_grid=old, method=method, antialias=antialias)
     grid = torch.from_numpy(np.array(posemb[0, 1:]).reshape(1, *old, 6)).permute(0, 3, 1, 2)
-    ref = torch.nn.functional.interpolate(grid, size=new, mode=method, align_corners=False, antialias=antialias)
+    ref = torch.nn.functional.interpolate(
+        grid, size=new, mode=method, align_corners=False, antialias=antialias
+    )
     ref = ref.permute(0, 2, 3, 1).reshape(1, -1, 6).numpy()
     np.testing.assert_array_equal(out[:, :1], posemb[:, :1])
     # torch computes in float32, these in float64: a few ulp of values near 1 apart
@@ -394,7 +400,9 @@ def test_bias_switches_remove_exactly_their_parameters():
     np.testing.assert_allclose(state["intermediates"]["patch_tokens"][0], patches, rtol=1e-5, atol=1e-6)
     features = state["intermediates"]["head"]["features"][0]
     logits = model.apply({"params": params}, x)
-    np.testing.assert_allclose(logits, features @ params["head"]["classifier"]["kernel"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits, features @ params["head"]["classifier"]["kernel"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_pre_norm_normalises_the_tokens_before_the_first_block():
@@ -404,13 +412,17 @@ def test_pre_norm_normalises_the_tokens_before_the_first_block():
     assert set(variables["params"]["encoder"]["norm_pre"]) == {"scale", "bias"}
     _, state = model.apply(variables, x, mutable=["intermediates"])
     p = variables["params"]
-    embedded = jnp.concatenate(
-        [
-            jnp.broadcast_to(p["cls_token"]["token"], (2, 1, TINY["width"])),
-            vit.patchify(x, 4) @ p["patch_embed"]["kernel"].reshape(-1, TINY["width"]) + p["patch_embed"]["bias"],
-        ],
-        axis=1,
-    ) + p["pos_embed"]["embedding"]
+    embedded = (
+        jnp.concatenate(
+            [
+                jnp.broadcast_to(p["cls_token"]["token"], (2, 1, TINY["width"])),
+                vit.patchify(x, 4) @ p["patch_embed"]["kernel"].reshape(-1, TINY["width"])
+                + p["patch_embed"]["bias"],
+            ],
+            axis=1,
+        )
+        + p["pos_embed"]["embedding"]
+    )
     normed = nn.LayerNorm(epsilon=1e-5).apply({"params": p["encoder"]["norm_pre"]}, embedded)
     block = vit.EncoderBlock(mlp_dim=TINY["mlp_dim"], num_heads=TINY["num_heads"], layer_norm_eps=1e-5)
     want, _ = block.apply({"params": p["encoder"]["block_0"]}, normed, jnp.zeros(()))

@@ -525,12 +525,18 @@ def test_every_registered_format_has_what_the_registry_promises():
     for fmt in registry.FORMATS:
         assert isinstance(fmt.NAME, str) and callable(fmt.claims) and callable(fmt.read), fmt
         assert fmt.PREPROCESSING.crop_pct <= 1.0
-    for fmt in registry.EXPORTS.values():
-        assert (
-            callable(fmt.write) and isinstance(fmt.HAS_PRE_LOGITS, bool) and isinstance(fmt.HAS_SINCOS, bool)
-        )
+    for writers in registry.EXPORTERS.values():
+        for fmt in writers:
+            assert (
+                callable(fmt.write)
+                and isinstance(fmt.HAS_PRE_LOGITS, bool)
+                and isinstance(fmt.HAS_SINCOS, bool)
+            )
+        assert all(callable(fmt.exports) for fmt in writers[:-1])
     assert sorted(registry.EXPORTS) == ["hf", "npz", "timm"]
-    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf", "timm", "workdir")
+    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf_clip", "hf_siglip", "hf", "timm", "workdir")
+    with pytest.raises(ValueError, match="model_type='bert'.*supported model types.*'clip'.*'siglip'.*'vit'"):
+        registry.hf_format({"model_type": "bert"})
     assert registry.format_for("state_dict", {"blocks.0.norm1.weight": np.zeros(2)}).NAME == "timm"
     with pytest.raises(ValueError, match="unknown origin 'nope'"):
         registry.by_origin("nope")

@@ -19,6 +19,7 @@ from jaxvit.convert.checkpoint import INCEPTION, Checkpoint, Flat, grid_from_con
 from jaxvit.model import VisionTransformer, create_model, resolve_activation, to_pair
 
 NAME = "hf"
+MODEL_TYPES = ("vit",)
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
@@ -83,38 +84,17 @@ def _is_state_dict(keys: Sequence[str]) -> bool:
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """A Hugging Face folder, or a state dict with Hugging Face ViT names."""
-    return kind == "hf_folder" or (kind == "state_dict" and _is_state_dict(list(arrays)))
+    """A state dict with Hugging Face ViT names (folders go by their ``model_type``)."""
+    return kind == "state_dict" and _is_state_dict(list(arrays))
 
 
 def read_folder(folder: Path) -> tuple[Flat, dict[str, Any]]:
-    """``(arrays, config)`` of a ``save_pretrained`` folder."""
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{folder} is a folder without config.json: expected a Hugging Face ViT folder"
-            " (config.json + model.safetensors, as save_pretrained writes them)"
-        )
-    config = files.read_json(config_path)
-    arrays: Flat = {}
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(files.read_json(index).get("weight_map", {}).values()))
-        for shard in shards:
-            arrays.update(files.read_safetensors(folder / shard)[0])
-    elif (folder / "model.safetensors").exists():
-        arrays = files.read_safetensors(folder / "model.safetensors")[0]
-    elif (folder / "pytorch_model.bin").exists():
-        arrays = files.read_torch(folder / "pytorch_model.bin")
-    else:
-        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors (nor pytorch_model.bin)")
-    return arrays, config
+    """Deprecated place of ``files.read_hf_folder`` (until jaxvit 0.3)."""
+    return files.read_hf_folder(folder)
 
 
 def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     """A Hugging Face ViT state dict (and its ``config.json``, if any) -> a ``Checkpoint``."""
-    if config and config.get("model_type", "vit") != "vit":
-        raise ValueError(f"{path}: config.json has model_type={config.get('model_type')!r}, expected 'vit'")
     stripped = {(k[4:] if k.startswith("vit.") else k): v for k, v in arrays.items()}
     params, unmatched = layouts.rename(stripped, RULES)
     return Checkpoint(
