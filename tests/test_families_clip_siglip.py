@@ -305,7 +305,7 @@ def big_vision_two_tower(peer: SiglipVisionModel) -> dict[str, np.ndarray]:
         p = f"{src}.self_attn"
         attention(
             f"{dst}/MultiHeadDotProductAttention_0",
-            *(sd[f"{p}.{n}_proj.weight"] for n in "qkvo".replace("o", "out")[:3]),
+            *(sd[f"{p}.{n}_proj.weight"] for n in "qkv"),
             sd[f"{p}.out_proj.weight"],
             *(sd[f"{p}.{n}_proj.bias"] for n in "qkv"),
             sd[f"{p}.out_proj.bias"],
