@@ -153,7 +153,9 @@ def _fit_head(
                 ckpt.path,
             )
             flat[kernel_key] = np.zeros(want, np.float32)
-            flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
+            flat.pop(bias_key, None)
+            if bias_key in target:
+                flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
     elif kernel_key in flat:
         shape = flat.pop(kernel_key).shape
         flat.pop(bias_key, None)

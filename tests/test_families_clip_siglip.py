@@ -430,3 +430,29 @@ def test_timm_tower_preprocessing(timm_tower):
     bundle = ours[NATIVE]
     assert (bundle.crop_pct, bundle.interpolation) == (0.9, "bicubic")
     assert bundle.mean[0] == (0.48145466 if family == "clip" else 0.5)
+
+
+def test_two_tower_folders_load_their_image_tower(tmp_path):
+    """CLIPModel and SiglipModel folders: the image tower loads, the text tower's keys are left out."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    text = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+    )
+    vision = dict(**SIZES, image_size=NATIVE, patch_size=4)
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12))
+    siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    for peer, name in ((clip, "clip"), (siglip, "siglip")):
+        peer.save_pretrained(tmp_path / name)
+        ckpt = jaxvit.pretrained.read_checkpoint(tmp_path / name)
+        model, size = jaxvit.architecture.model_from_checkpoint(ckpt)
+        params = jaxvit.fitting.fit_to_model(ckpt, model, size)  # every key checked, no text key left
+        assert size == (NATIVE, NATIVE) and model.width == SIZES["hidden_size"]
+        want = peer.vision_model.post_layernorm.weight.detach().numpy()
+        np.testing.assert_array_equal(params["encoder"]["norm"]["scale"], want)
+    assert model.pool == "map"
+    clip_model = jaxvit.architecture.model_from_checkpoint(
+        jaxvit.pretrained.read_checkpoint(tmp_path / "clip")
+    )[0]
+    assert clip_model.num_classes == 12 and not clip_model.head_bias

@@ -83,7 +83,8 @@ def vision_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if "vision_config" not in config:
         return dict(config)
     tower = dict(config["vision_config"] or {})
-    tower.setdefault("projection_dim", config.get("projection_dim", 512))
+    # the projection belongs to the pair: its size is the outer config's
+    tower["projection_dim"] = config.get("projection_dim", 512)
     tower["architectures"] = config.get("architectures")
     return tower
 
