@@ -29,10 +29,12 @@ def guess_num_heads(width: int, path: str) -> int:
 def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, tuple[int, int]]:
     """``(model, image_size)`` that a read checkpoint was made for, from its shapes and config.
 
-    Fields the weights cannot tell take the origin's defaults (exact GELU,
-    LayerNorm epsilon 1e-6); ``overrides`` set any model field.
+    Fields the weights cannot tell take the origin's defaults (its
+    ``guess_fields``, else exact GELU and LayerNorm epsilon 1e-6);
+    ``overrides`` set any model field.
     """
-    build = getattr(registry.by_origin(ckpt.origin), "build_model", None)
+    fmt = registry.by_origin(ckpt.origin)
+    build = getattr(fmt, "build_model", None)
     built = build(ckpt, **overrides) if build else None
     if built is not None:
         return built
@@ -48,8 +50,9 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     kp, kq, channels, width = params["patch_embed/kernel"].shape
     class_token = "cls_token/token" in params
     pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
+    first_attn = "encoder/block_0/attn/"
     fields: dict[str, Any] = dict(
-        num_classes=params["head/classifier/bias"].shape[0] if "head/classifier/bias" in params else 0,
+        num_classes=params["head/classifier/kernel"].shape[-1] if "head/classifier/kernel" in params else 0,
         patch_size=kp if kp == kq else (kp, kq),
         width=width,
         depth=depth_of(params),
@@ -63,7 +66,15 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
         representation_size=(
             params["head/pre_logits/kernel"].shape[-1] if "head/pre_logits/kernel" in params else None
         ),
+        pre_norm="encoder/norm_pre/scale" in params,
+        patch_bias="patch_embed/bias" in params,
+        qkv_bias=not any(k.startswith(first_attn) for k in params)
+        or any(k in params for k in (first_attn + "qkv/bias", first_attn + "query/bias")),
     )
+    if hasattr(fmt, "guess_fields"):
+        fields.update(fmt.guess_fields(ckpt))
+    if "head/classifier/kernel" in params:
+        fields["head_bias"] = "head/classifier/bias" in params
     fields.update(overrides)
     if "num_heads" not in fields:
         fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)

@@ -41,10 +41,10 @@ def check_architecture(ckpt: Checkpoint, model: VisionTransformer) -> None:
     """Raises ``ValueError`` naming every size of ``ckpt`` (width, depth, heads, patch) that ``model`` lacks."""
     params = ckpt.params
     problems = []
-    bias = params.get("patch_embed/bias")
-    if bias is not None and bias.shape[0] != model.width:
+    kernel = params.get("patch_embed/kernel")
+    if kernel is not None and kernel.ndim == 4 and kernel.shape[-1] != model.width:
         problems.append(
-            f"width {bias.shape[0]} (patch_embed/bias {bias.shape}) but the model has width={model.width}"
+            f"width {kernel.shape[-1]} (patch_embed/kernel {kernel.shape}) but the model has width={model.width}"
         )
     depth = depth_of(params)
     if depth != model.depth:
@@ -113,13 +113,19 @@ def _fit_posemb(
                 f"{ckpt.path}: checkpoint grid {old_grid} does not match the position embedding"
                 f" {posemb.shape} ({old_len} grid tokens)"
             )
+        method, antialias = ckpt.posemb_resample
         log.info(
-            "resampling the position embedding of %s from a %dx%d grid to %dx%d (bilinear, class slot kept)",
+            "resampling the position embedding of %s from a %dx%d grid to %dx%d (%s%s, as its origin does;"
+            " class slot kept)",
             ckpt.path,
             *old_grid,
             *grid,
+            method,
+            ", antialiased" if antialias else "",
         )
-        posemb = np.asarray(resample_posemb(posemb, grid, tuple(old_grid), prefix))
+        posemb = np.asarray(
+            resample_posemb(posemb, grid, tuple(old_grid), prefix, method=method, antialias=antialias)
+        )
     return {**flat, key: posemb}
 
 
@@ -147,7 +153,9 @@ def _fit_head(
                 ckpt.path,
             )
             flat[kernel_key] = np.zeros(want, np.float32)
-            flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
+            flat.pop(bias_key, None)
+            if bias_key in target:
+                flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
     elif kernel_key in flat:
         shape = flat.pop(kernel_key).shape
         flat.pop(bias_key, None)

@@ -45,7 +45,8 @@ class InferenceBundle:
     ``image_size`` is ``(h, w)``; images are scaled to [0, 1] then
     normalised with ``mean``/``std`` (per RGB channel). ``crop_pct`` < 1 means
     resize the shorter side to ``size / crop_pct`` and center-crop (timm);
-    1.0 means resize the whole image to ``image_size``. ``origin`` is one of
+    1.0 means resize the whole image to ``image_size``, unless
+    ``center_crop`` (CLIP: the shorter side to the size, then center-crop). ``origin`` is one of
     ``ORIGINS``; ``labels`` the class names, when the checkpoint has them.
     """
 
@@ -58,6 +59,7 @@ class InferenceBundle:
     origin: str
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+    center_crop: bool = False
 
 
 def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
@@ -142,7 +144,8 @@ def load_for_inference(
     labels = fmt.labels(ckpt) if hasattr(fmt, "labels") else None
     if labels is None and ckpt.config.get("labels"):
         labels = tuple(ckpt.config["labels"])
-    pre = PREPROCESSING[ckpt.origin]
+    # A format that tells its families apart (timm's CLIP and SigLIP towers) says per checkpoint.
+    pre = fmt.preprocessing(ckpt) if hasattr(fmt, "preprocessing") else PREPROCESSING[ckpt.origin]
     return InferenceBundle(
         model=model,
         params=params,
@@ -153,4 +156,5 @@ def load_for_inference(
         origin=ckpt.origin,
         crop_pct=pre.crop_pct,
         interpolation=pre.interpolation,
+        center_crop=pre.center_crop,
     )

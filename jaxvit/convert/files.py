@@ -195,3 +195,32 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[Flat, dict]:
+    """``(arrays, config)`` of a Hugging Face ``save_pretrained`` folder.
+
+    The weights are ``model.safetensors``, its shards (named in
+    ``model.safetensors.index.json``) or ``pytorch_model.bin``.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(
+            f"{folder} is a folder without config.json: expected a Hugging Face folder"
+            " (config.json + model.safetensors, as save_pretrained writes them)"
+        )
+    config = read_json(config_path)
+    arrays: Flat = {}
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        for shard in shards:
+            arrays.update(read_safetensors(folder / shard)[0])
+    elif (folder / "model.safetensors").exists():
+        arrays = read_safetensors(folder / "model.safetensors")[0]
+    elif (folder / "pytorch_model.bin").exists():
+        arrays = read_torch(folder / "pytorch_model.bin")
+    else:
+        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors (nor pytorch_model.bin)")
+    return arrays, config

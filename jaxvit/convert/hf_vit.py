@@ -16,9 +16,10 @@ import numpy as np
 
 from jaxvit.convert import files, layouts
 from jaxvit.convert.checkpoint import INCEPTION, Checkpoint, Flat, grid_from_config
-from jaxvit.model import VisionTransformer, create_model, to_pair
+from jaxvit.model import VisionTransformer, create_model, resolve_activation, to_pair
 
 NAME = "hf"
+MODEL_TYPES = ("vit",)
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
@@ -64,8 +65,16 @@ RULES = tuple(
 )
 
 
-# hidden_act -> gelu_approximate
-_GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
+# transformers' hidden_act -> jaxvit's activation
+HIDDEN_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+# jaxvit's activation -> the hidden_act an export writes
+HIDDEN_ACT_OF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 
 
 def _is_state_dict(keys: Sequence[str]) -> bool:
@@ -75,38 +84,17 @@ def _is_state_dict(keys: Sequence[str]) -> bool:
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """A Hugging Face folder, or a state dict with Hugging Face ViT names."""
-    return kind == "hf_folder" or (kind == "state_dict" and _is_state_dict(list(arrays)))
+    """A state dict with Hugging Face ViT names (folders go by their ``model_type``)."""
+    return kind == "state_dict" and _is_state_dict(list(arrays))
 
 
 def read_folder(folder: Path) -> tuple[Flat, dict[str, Any]]:
-    """``(arrays, config)`` of a ``save_pretrained`` folder."""
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{folder} is a folder without config.json: expected a Hugging Face ViT folder"
-            " (config.json + model.safetensors, as save_pretrained writes them)"
-        )
-    config = files.read_json(config_path)
-    arrays: Flat = {}
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(files.read_json(index).get("weight_map", {}).values()))
-        for shard in shards:
-            arrays.update(files.read_safetensors(folder / shard)[0])
-    elif (folder / "model.safetensors").exists():
-        arrays = files.read_safetensors(folder / "model.safetensors")[0]
-    elif (folder / "pytorch_model.bin").exists():
-        arrays = files.read_torch(folder / "pytorch_model.bin")
-    else:
-        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors (nor pytorch_model.bin)")
-    return arrays, config
+    """Deprecated place of ``files.read_hf_folder`` (until jaxvit 0.3)."""
+    return files.read_hf_folder(folder)
 
 
 def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     """A Hugging Face ViT state dict (and its ``config.json``, if any) -> a ``Checkpoint``."""
-    if config and config.get("model_type", "vit") != "vit":
-        raise ValueError(f"{path}: config.json has model_type={config.get('model_type')!r}, expected 'vit'")
     stripped = {(k[4:] if k.startswith("vit.") else k): v for k, v in arrays.items()}
     params, unmatched = layouts.rename(stripped, RULES)
     return Checkpoint(
@@ -128,10 +116,8 @@ def model_from_config(config: Mapping[str, Any], **overrides: Any) -> VisionTran
     architectures (``ViTModel``) give features (``num_classes=0``).
     """
     act = config.get("hidden_act", "gelu")
-    if act not in _GELU:
-        raise ValueError(f"hidden_act={act!r} is not supported: expected one of {sorted(_GELU)}")
-    if not config.get("qkv_bias", True):
-        raise ValueError("qkv_bias=False is not supported: jaxvit's attention projections have biases")
+    if act not in HIDDEN_ACT:
+        raise ValueError(f"hidden_act={act!r} is not supported: expected one of {sorted(HIDDEN_ACT)}")
     architectures = config.get("architectures") or ["ViTForImageClassification"]
     classify = any(a.endswith("ForImageClassification") for a in architectures)
     num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
@@ -144,7 +130,8 @@ def model_from_config(config: Mapping[str, Any], **overrides: Any) -> VisionTran
         patch_size=config.get("patch_size", 16),
         num_channels=config.get("num_channels", 3),
         layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        gelu_approximate=_GELU[act],
+        activation=HIDDEN_ACT[act],
+        qkv_bias=bool(config.get("qkv_bias", True)),
         class_token=True,
         pool="tok",
         posemb="learn",
@@ -178,7 +165,7 @@ def _export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequ
         "num_hidden_layers": model.depth,
         "num_attention_heads": model.num_heads,
         "intermediate_size": model.mlp_dim or 4 * model.width,
-        "hidden_act": "gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
+        "hidden_act": HIDDEN_ACT_OF[resolve_activation(model.activation, model.gelu_approximate)],
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
@@ -186,7 +173,7 @@ def _export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequ
         "image_size": size[0] if size[0] == size[1] else list(size),
         "patch_size": model.patch_size,
         "num_channels": model.num_channels,
-        "qkv_bias": True,
+        "qkv_bias": model.qkv_bias,
         "encoder_stride": to_pair(model.patch_size)[0],
         "id2label": {str(i): n for i, n in enumerate(names)},
         "label2id": {n: i for i, n in enumerate(names)},
