@@ -110,12 +110,41 @@ def cpu_model() -> str:
     return "unknown"
 
 
+# The instruction sets that decide which matmul kernels the frameworks can use.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The matmul-relevant instruction sets this CPU reports in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in _ISA_FLAGS if flag in flags]
+
+
+def xla_dot_library() -> str:
+    """Which library XLA:CPU hands a plain fp32 matmul to: the fusion kind in the compiled HLO."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    text = jax.jit(jnp.matmul).lower(a, a).compile().as_text()
+    kinds = sorted(set(re.findall(r'kind":"__([a-z]+)_fusion"', text)))
+    return "+".join(kinds) or "xla (eigen/own kernels)"
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     """What the numbers were measured on, including the load average at the start."""
     import jax
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_flags": " ".join(cpu_flags()),
+        "xla_dots": xla_dot_library(),
         "cpus_available": len(os.sched_getaffinity(0)),
         "threads": threads,
         "load_average_1m": os.getloadavg()[0],
@@ -174,6 +203,7 @@ class PeakRSS:
 def describe_machine(machine: dict) -> str:
     """The part of a table's caption that says where it ran."""
     return (
-        f"{machine['threads']} threads, {machine['cpu']}, load {machine['load_average_1m']:.2f} at start,"
+        f"{machine['threads']} threads, {machine['cpu']} ({machine.get('cpu_flags', '')}),"
+        f" XLA dots in {machine.get('xla_dots', '?')}, load {machine['load_average_1m']:.2f} at start,"
         f" GLIBC_TUNABLES={machine['glibc_tunables'] or '(unset)'}"
     )

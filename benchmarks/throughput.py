@@ -194,19 +194,21 @@ def build_timm(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def matmul_fns(n: int = 2048) -> dict[str, Any]:
-    """Callables for an fp32 ``n x n @ n x n`` matmul in JAX (jitted) and PyTorch, and its FLOPs.
+def matmul_fns(n: int = 2048, dtype: str = "float32") -> dict[str, Any]:
+    """Callables for an ``n x n @ n x n`` matmul of ``dtype`` in JAX (jitted) and PyTorch, and its FLOPs.
 
     They run inside the timed rounds, so the peak (the best round) is taken
-    under the same conditions as the models.
+    under the same conditions as the models. In bfloat16 the two can differ
+    by far more than in fp32: PyTorch's oneDNN uses AMX tiles where the CPU
+    has them, XLA:CPU's kernels do not (benchmarks/README.md).
     """
     import jax
     import jax.numpy as jnp
     import torch
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     mm = jax.jit(lambda x: x @ x)
-    ta = torch.randn(n, n)
+    ta = torch.randn(n, n).to(getattr(torch, dtype))
     return {
         "matmul/jax": lambda: mm(a).block_until_ready(),
         "matmul/torch": lambda: torch.mm(ta, ta),
@@ -258,7 +260,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """jaxvit against timm for one configuration."""
     jx = build_jaxvit(args, args.scan, args.remat)
     tm = build_timm(args)
-    mm = matmul_fns()
+    mm = matmul_fns(dtype=args.dtype)
     fns = {"jaxvit/train": jx["train"], "timm/train": tm["train"]}
     fns |= {"jaxvit/infer": jx["infer"], "timm/infer": tm["infer"]}
     fns |= {"matmul/jax": mm["matmul/jax"], "matmul/torch": mm["matmul/torch"]}
@@ -421,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         peak = result["matmul_peak_gflops"]
         print(
-            f"MFU = model matmul FLOPs/s (median round) over the fp32 2048^3 matmul peak (best round; jax {peak['jax']:.0f},"
+            f"MFU = model matmul FLOPs/s (median round) over the {args.dtype} 2048^3 matmul peak"
+            f" (best round; jax {peak['jax']:.0f},"
             f" torch {peak['torch']:.0f} GFLOP/s; the larger is used);"
             f" {result['forward_matmul_gflops_per_image']:.2f} GFLOPs per image forward, training = 3x"
         )

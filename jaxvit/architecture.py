@@ -30,10 +30,16 @@ def guess_num_heads(width: int, path: str) -> int:
 def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, tuple[int, int]]:
     """``(model, image_size)`` that a read checkpoint was made for, from its shapes and config.
 
-    Fields the weights cannot tell take the origin's defaults (exact GELU,
-    LayerNorm epsilon 1e-6); ``overrides`` set any model field.
+    Fields the weights cannot tell take the origin's defaults (its
+    ``guess_fields``, else exact GELU and LayerNorm epsilon 1e-6);
+    ``overrides`` set any model field.
     """
-    model, size = _build(ckpt, overrides)
+    try:
+        model, size = _build(ckpt, overrides)
+    except ValueError as e:  # the model's own checks do not know the file
+        if ckpt.path in str(e):
+            raise
+        raise ValueError(f"{ckpt.path}: {e}") from None
     # What the file declares must agree with its weights before anything is traced.
     check_declared(ckpt, model, size, given=set(overrides))
     return model, size
@@ -47,7 +53,8 @@ def _shape(params: Any, key: str, ndim: int, path: str) -> tuple[int, ...]:
 
 
 def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransformer, tuple[int, int]]:
-    build = getattr(registry.by_origin(ckpt.origin), "build_model", None)
+    fmt = registry.by_origin(ckpt.origin)
+    build = getattr(fmt, "build_model", None)
     built = build(ckpt, **overrides) if build else None
     if built is not None:
         return built
@@ -64,9 +71,10 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
     kp, kq, channels, width = _shape(params, "patch_embed/kernel", 4, ckpt.path)
     class_token = "cls_token/token" in params
     pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
+    first_attn = "encoder/block_0/attn/"
     fields: dict[str, Any] = dict(
-        num_classes=_shape(params, "head/classifier/bias", 1, ckpt.path)[0]
-        if "head/classifier/bias" in params
+        num_classes=_shape(params, "head/classifier/kernel", 2, ckpt.path)[-1]
+        if "head/classifier/kernel" in params
         else 0,
         patch_size=kp if kp == kq else (kp, kq),
         width=width,
@@ -83,7 +91,15 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
             if "head/pre_logits/kernel" in params
             else None
         ),
+        pre_norm="encoder/norm_pre/scale" in params,
+        patch_bias="patch_embed/bias" in params,
+        qkv_bias=not any(k.startswith(first_attn) for k in params)
+        or any(k in params for k in (first_attn + "qkv/bias", first_attn + "query/bias")),
     )
+    if hasattr(fmt, "guess_fields"):
+        fields.update(fmt.guess_fields(ckpt))
+    if "head/classifier/kernel" in params:
+        fields["head_bias"] = "head/classifier/bias" in params
     fields.update(overrides)
     if "num_heads" not in fields:
         fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxvit.model import create_model
+from jaxvit import configs
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,10 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 class Checkpointer:
-    """Saves and restores training checkpoints under ``workdir``."""
+    """Saves and restores training checkpoints under ``workdir``.
+
+    As a context manager it waits for pending saves and closes on exit.
+    """
 
     def __init__(
         self,
@@ -53,6 +56,7 @@ class Checkpointer:
             ),
         )
         self.best_metric = best_metric
+        self.last_step: int | None = None  # the newest step saved or restored here
         self.best = None
         if best_metric:
             self.best = ocp.CheckpointManager(
@@ -68,7 +72,13 @@ class Checkpointer:
             )
 
     def save(self, step: int, state: Any, rng: jax.Array, data_state: dict[str, Any]) -> None:
-        """Starts saving ``state``, ``rng`` and the data iterator state at ``step`` (async)."""
+        """Starts saving ``state``, ``rng`` and the data iterator state at ``step`` (async).
+
+        Does nothing if ``step`` is the step last saved or restored (a SIGTERM right
+        after a periodic save; a rerun of a finished run): orbax refuses a second save.
+        """
+        if step == self.last_step:
+            return
         # Two managers saving the same step at once confuse orbax's cross-process
         # barriers; one save in flight at a time.
         if self.best is not None:
@@ -83,6 +93,7 @@ class Checkpointer:
             ),
             force=True,
         )
+        self.last_step = step
 
     def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
         """Keeps ``params`` if ``metrics[best_metric]`` is the best seen so far."""
@@ -124,6 +135,7 @@ class Checkpointer:
                 )
                 self._set_aside([s for s, _ in errors])
             rng = jax.random.wrap_key_data(np.asarray(restored["rng"]["key_data"]))
+            self.last_step = step
             return restored["state"], rng, dict(restored["data"]), step
         if errors:
             raise RuntimeError(
@@ -152,9 +164,17 @@ class Checkpointer:
             self.best.wait_until_finished()
 
     def close(self) -> None:
+        """Releases orbax's resources; call ``wait`` first to be sure pending saves are on disk."""
         self.latest.close()
         if self.best is not None:
             self.best.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+        self.close()
 
 
 def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) -> tuple[Any, Any, dict]:
@@ -172,7 +192,7 @@ def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) ->
     from jaxvit.convert import validate
 
     config = validate.read_json_object(config_path, "workdir config")
-    model = model_from_config(config, where=config_path)
+    model = configs.model_from_config(config, where=config_path)
     size = validate.size_field(config, "image_size", config_path, default=224)
     directory = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LATEST_DIR)
     item = "params" if which == "best" else "state"
@@ -266,24 +286,14 @@ def _check_stored_shapes(model: Any, params: Any, size: Any, config_path: str, s
         )
 
 
-def model_from_config(config: dict[str, Any], where: str = "the training config") -> Any:
-    """The ``VisionTransformer`` a training config describes (``config["model"]``).
-
-    Every field is checked for its type and a sane size (``validate.model_fields``)
-    before the model is built; errors name ``where``.
-    """
-    from jaxvit.convert import validate
-
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{where}: expected a JSON object with a 'model' object (a jaxvit training config)")
-    fields = validate.model_fields({k: v for k, v in dict(config["model"]).items() if v is not None}, where)
-    top = validate.model_fields(
-        {"num_classes": config.get("num_classes"), "num_channels": config.get("num_channels", 3)}, where
-    )
-    variant = fields.pop("variant", None)
-    for key in ("dtype", "param_dtype"):
-        if isinstance(fields.get(key), str):
-            fields[key] = jnp.dtype(fields[key])
-    if isinstance(fields.get("patch_size"), list):
-        fields["patch_size"] = tuple(fields["patch_size"])
-    return create_model(variant, num_classes=top["num_classes"], num_channels=top["num_channels"], **fields)
+def __getattr__(name: str) -> Any:
+    # Deprecated: ``model_from_config`` moved to ``jaxvit.configs``; the old name goes
+    # in the next release.
+    if name == "model_from_config":
+        warnings.warn(
+            "jaxvit.checkpointing.model_from_config is deprecated; use jaxvit.configs.model_from_config",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return configs.model_from_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

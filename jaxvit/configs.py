@@ -1,4 +1,5 @@
-"""The shared skeleton of every training config (``configs/*.py`` start from ``base_config``).
+"""The shared skeleton of every training config (``configs/*.py`` start from ``base_config``),
+and the functions that read a config into the objects it describes.
 
 Every config therefore has the same keys, so any ``--config.<key>=<value>``
 override works with every file, and an unknown key fails at once.
@@ -17,9 +18,11 @@ import math
 import os
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
-from jaxvit.model import VisionTransformer
+from jaxvit import train_lib
+from jaxvit.model import VisionTransformer, create_model
 
 # Model fields set by the variant name unless overridden; None means "from the variant".
 _FROM_VARIANT = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
@@ -48,6 +51,47 @@ def model_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
     return config
 
 
+def model_from_config(config: dict[str, Any], where: str = "the training config") -> VisionTransformer:
+    """The ``VisionTransformer`` a training config describes (``config["model"]``).
+
+    ``config`` is a plain dict (``ConfigDict.to_dict()`` or a workdir's ``config.json``).
+    Every field is checked for its type and a sane size (``validate.model_fields``)
+    before the model is built; errors name ``where``.
+    """
+    from jaxvit.convert import validate
+
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{where}: expected a JSON object with a 'model' object (a jaxvit training config)")
+    fields = validate.model_fields({k: v for k, v in dict(config["model"]).items() if v is not None}, where)
+    top = validate.model_fields(
+        {"num_classes": config.get("num_classes"), "num_channels": config.get("num_channels", 3)}, where
+    )
+    variant = fields.pop("variant", None)
+    for key in ("dtype", "param_dtype"):
+        if isinstance(fields.get(key), str):
+            fields[key] = jnp.dtype(fields[key])
+    if isinstance(fields.get("patch_size"), list):  # JSON has no tuples
+        fields["patch_size"] = tuple(fields["patch_size"])
+    return create_model(variant, num_classes=top["num_classes"], num_channels=top["num_channels"], **fields)
+
+
+def step_config_from_config(config: ml_collections.ConfigDict) -> train_lib.StepConfig:
+    """The static settings of ``train_lib.train_step`` (loss, batch mixing, EMA, accumulation)."""
+    aug = config.augment
+    return train_lib.StepConfig(
+        num_classes=config.num_classes,
+        label_smoothing=config.label_smoothing,
+        mix=train_lib.MixConfig(
+            mixup_alpha=aug.mixup_alpha,
+            cutmix_alpha=aug.cutmix_alpha,
+            switch_prob=aug.switch_prob,
+            prob=aug.mix_prob,
+        ),
+        ema_decay=config.ema_decay,
+        grad_accum_steps=config.grad_accum_steps,
+    )
+
+
 def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
     """The number of train steps that covers ``epochs`` passes over ``num_examples``."""
     return max(1, math.ceil(num_examples * epochs / batch_size))
@@ -57,14 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults for every key; a config file changes what it needs and locks the result."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.dataset = "digits"  # digits | imagefolder | synthetic | tfds:<name>
+    c.dataset = "digits"  # digits | imagefolder | arrayrecord | synthetic | tfds:<name>
     c.image_size = 8  # int or (height, width)
     c.num_channels = 3
     c.num_classes = 10
     c.model = model_config("mu/2")
 
     c.data = ml_collections.ConfigDict()
-    c.data.root = ""  # imagefolder: root with <train_split>/ and <val_split>/
+    c.data.root = ""  # imagefolder: root with <train_split>/ and <val_split>/; arrayrecord: a packed folder
     c.data.train_split = "train"
     c.data.val_split = "val"
     c.data.on_corrupt = "skip"  # skip (warn with a count) | error
@@ -72,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0  # digits: fixes the split, independent of c.seed
     c.data.synthetic_examples = 4096
     c.data.tfds_data_dir = ""
+    c.data.verify_checksums = True  # arrayrecord: hash every shard before training
     c.data.mean = (0.5,)  # normalisation: (x / 255 - mean) / std -> [-1, 1]
     c.data.std = (0.5,)
     c.data.crop_fraction = 1.0  # eval: keep the central fraction of the shorter side

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import grain
 import numpy as np
@@ -30,8 +30,6 @@ from jaxvit import augment
 from jaxvit.model import to_pair
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 class Source(Protocol):
@@ -106,12 +104,11 @@ class FolderScan:
     skipped: list[str]
 
 
-def scan_image_folder(directory: str, check_images: bool = True) -> FolderScan:
-    """Lists ``directory/<class>/<file>``; classes are the sorted sub-directory names.
+def list_classes(directory: str) -> list[str]:
+    """The sorted sub-directory names of ``directory`` (hidden ones left out).
 
-    Files Pillow cannot identify (corrupt, or not images) are returned in
-    ``skipped``. Raises ``FileNotFoundError`` / ``ValueError`` naming the path
-    for a missing or empty directory or a class without images.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the path for a missing
+    directory or one without class sub-directories.
     """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"image folder {directory!r} does not exist or is not a directory")
@@ -120,17 +117,32 @@ def scan_image_folder(directory: str, check_images: bool = True) -> FolderScan:
         raise ValueError(
             f"image folder {directory!r} has no class sub-directories (expected {directory}/<class>/*)"
         )
+    return class_names
+
+
+def list_class_files(class_dir: str) -> list[str]:
+    """The paths of the files in ``class_dir``, sorted by name (hidden files left out)."""
+    entries = sorted(os.scandir(class_dir), key=lambda e: e.name)
+    return [e.path for e in entries if e.is_file() and not e.name.startswith(".")]
+
+
+def scan_image_folder(directory: str, check_images: bool = True) -> FolderScan:
+    """Lists ``directory/<class>/<file>``; classes are the sorted sub-directory names.
+
+    Files Pillow cannot identify (corrupt, or not images) are returned in
+    ``skipped``. Raises ``FileNotFoundError`` / ``ValueError`` naming the path
+    for a missing or empty directory or a class without images.
+    """
+    class_names = list_classes(directory)
     files, labels, skipped = [], [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(directory, name)
         count = 0
-        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-            if not entry.is_file() or entry.name.startswith("."):
+        for path in list_class_files(class_dir):
+            if check_images and not is_image(path):
+                skipped.append(path)
                 continue
-            if check_images and not _is_image(entry.path):
-                skipped.append(entry.path)
-                continue
-            files.append(entry.path)
+            files.append(path)
             labels.append(label)
             count += 1
         if count == 0:
@@ -138,13 +150,40 @@ def scan_image_folder(directory: str, check_images: bool = True) -> FolderScan:
     return FolderScan(files, labels, class_names, skipped)
 
 
-def _is_image(path: str) -> bool:
+def is_image(file: str | BinaryIO) -> bool:
+    """Whether Pillow can identify ``file`` (a path or a binary file object) as an intact image."""
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             img.verify()
         return True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
+
+
+def report_skipped(skipped: Sequence[str], where: str, on_corrupt: str) -> None:
+    """Unreadable files: one warning that counts them (``on_corrupt="skip"``), or a ``ValueError``
+    naming them (``"error"``)."""
+    if on_corrupt not in ("skip", "error"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+    if not skipped:
+        return
+    shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    if on_corrupt == "error":
+        raise ValueError(f"{len(skipped)} unreadable file(s) in {where}: {shown}")
+    log.warning("skipped %d unreadable file(s) in %s: %s", len(skipped), where, shown)
+
+
+def decode_image(file: str | BinaryIO, channels: int, name: str) -> np.ndarray:
+    """An encoded image (a path or a binary file object) -> uint8 ``(H, W, channels)``.
+
+    16-bit grayscale is scaled to 8 bits; anything Pillow cannot decode, and
+    32-bit integer or float pixels, raise ``ValueError`` naming ``name``.
+    """
+    try:
+        with Image.open(file) as img:
+            return augment.from_pil(augment.to_8bit(img), channels)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode image {name!r}: {err}") from err
 
 
 class ImageFolderSource:
@@ -161,11 +200,7 @@ class ImageFolderSource:
         if on_corrupt not in ("skip", "error"):
             raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
         scan = scan_image_folder(os.path.join(root, split))
-        if scan.skipped:
-            shown = ", ".join(scan.skipped[:5]) + (" ..." if len(scan.skipped) > 5 else "")
-            if on_corrupt == "error":
-                raise ValueError(f"{len(scan.skipped)} unreadable file(s) in {root}/{split}: {shown}")
-            log.warning("skipped %d unreadable file(s) in %s/%s: %s", len(scan.skipped), root, split, shown)
+        report_skipped(scan.skipped, f"{root}/{split}", on_corrupt)
         self.files, self.labels, self.class_names = scan.files, scan.labels, scan.class_names
         self.skipped = scan.skipped
         self.channels = channels
@@ -175,11 +210,7 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                return augment.from_pil(augment.to_8bit(img), self.channels), self.labels[index]
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(f"cannot decode image {path!r}: {err}") from err
+        return decode_image(path, self.channels, path), self.labels[index]
 
 
 def check_same_classes(train: Source, val: Source, root: str) -> None:
@@ -193,7 +224,14 @@ def check_same_classes(train: Source, val: Source, root: str) -> None:
 
 
 class TfdsSource:
-    """A TFDS dataset prepared on disk, read with random access (``tfds.data_source``)."""
+    """A TFDS dataset prepared on disk in ArrayRecord format, read with random access
+    (``tfds.data_source``; TensorFlow is not needed to read it).
+
+    ``name`` may carry a version (``"imagenet2012:5.1.0"``). Raises naming what
+    is wrong when the dataset is not prepared under ``data_dir``, the split does
+    not exist (listing the splits), the files are not ArrayRecord, or the
+    features are not an ``image`` and a ``label`` with class names.
+    """
 
     def __init__(self, name: str, split: str, data_dir: str | None = None, channels: int = 3):
         try:
@@ -202,9 +240,36 @@ class TfdsSource:
             raise ImportError(
                 "dataset 'tfds:...' needs tensorflow_datasets (pip install tensorflow-datasets)"
             ) from err
-        builder = tfds.builder(name, data_dir=data_dir)
-        self._source = builder.as_data_source(split=split)
-        self.class_names = list(builder.info.features["label"].names)
+        where = f"under {data_dir!r}" if data_dir else "in the default TFDS data_dir"
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as err:
+            builder, reason = None, str(err).splitlines()[0]
+        if builder is None or not builder.is_prepared():
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared {where} (set config.data.tfds_data_dir)"
+                + (f": {reason}" if builder is None else "")
+            )
+        info = builder.info
+        if split not in info.splits:
+            raise ValueError(
+                f"TFDS dataset {name!r} has no split {split!r}: it has {sorted(info.splits)}"
+                " (set config.data.train_split / config.data.val_split)"
+            )
+        file_format = getattr(info.file_format, "value", info.file_format)
+        if file_format != "array_record":
+            raise ValueError(
+                f"TFDS dataset {name!r} {where} is stored as {file_format!r}, which has no random access;"
+                " prepare it with file_format='array_record' (tfds build --file_format=array_record)"
+            )
+        features = info.features
+        if "image" not in features or "label" not in features or not hasattr(features["label"], "names"):
+            raise ValueError(
+                f"TFDS dataset {name!r} needs an 'image' feature and a 'label' ClassLabel feature;"
+                f" it has {sorted(features.keys())}"
+            )
+        self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+        self.class_names = list(features["label"].names)
         self.channels = channels
 
     def __len__(self) -> int:
@@ -213,13 +278,23 @@ class TfdsSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         record = self._source[index]
         image = np.asarray(record["image"], np.uint8)
+        if image.ndim == 2:
+            image = image[..., None]
         if image.shape[-1] != self.channels:
             image = augment.from_pil(augment.to_pil(image), self.channels)
         return image, int(record["label"])
 
 
+DATASETS = ("digits", "synthetic", "imagefolder", "arrayrecord", "tfds:<name>")
+
+
 def make_source(config: Any, split: str) -> Source:
-    """The source named by ``config.dataset`` for ``split`` ("train" or "test")."""
+    """The source named by ``config.dataset`` for ``split`` ("train" or "test").
+
+    ``arrayrecord`` checks its shards (presence, size, record count, SHA-256
+    unless ``data.verify_checksums`` is off) and that train and val name the
+    same classes here, before anything trains.
+    """
     name = config.dataset
     data = config.data
     if name == "digits":
@@ -230,17 +305,30 @@ def make_source(config: Any, split: str) -> Source:
         return SyntheticSource(
             count, size, config.num_channels, config.num_classes, seed=0 if split == "train" else 1
         )
+    folder, other = (
+        (data.train_split, data.val_split) if split == "train" else (data.val_split, data.train_split)
+    )
     if name == "imagefolder":
         if not data.root:
             raise ValueError("dataset='imagefolder' needs config.data.root (a folder with train/ and val/)")
-        folder = data.train_split if split == "train" else data.val_split
         return ImageFolderSource(data.root, folder, config.num_channels, data.on_corrupt)
+    if name == "arrayrecord":
+        if not data.root:
+            raise ValueError(
+                "dataset='arrayrecord' needs config.data.root (a folder written by 'python -m jaxvit.pack')"
+            )
+        from jaxvit.packed import PackedSource
+
+        return PackedSource(
+            data.root,
+            folder,
+            config.num_channels,
+            other_split=other,
+            verify_checksums=data.verify_checksums,
+        )
     if name.startswith("tfds:"):
-        tfds_split = data.train_split if split == "train" else data.val_split
-        return TfdsSource(name[5:], tfds_split, data.tfds_data_dir or None, config.num_channels)
-    raise ValueError(
-        f"unknown dataset {name!r}: expected 'digits', 'imagefolder', 'synthetic' or 'tfds:<name>'"
-    )
+        return TfdsSource(name[5:], folder, data.tfds_data_dir or None, config.num_channels)
+    raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(repr(d) for d in DATASETS)}")
 
 
 # ---------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def export(
     flat = flat_params(params)
     size = _image_size(flat, model, image_size)
     check_keys(flat, {}, target_shapes(model, size), "the params to export")
-    writer = registry.EXPORTS[format]
+    writer = registry.exporter(format, model)
     if model.representation_size and not writer.HAS_PRE_LOGITS:
         raise ValueError(f"format={format!r} has no pre_logits layer: the model has representation_size set")
     if model.posemb == "sincos2d" and not writer.HAS_SINCOS:

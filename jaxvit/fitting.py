@@ -42,10 +42,10 @@ def check_architecture(ckpt: Checkpoint, model: VisionTransformer) -> None:
     params = ckpt.params
     check_blocks(ckpt)
     problems = []
-    bias = params.get("patch_embed/bias")
-    if bias is not None and bias.shape[0] != model.width:
+    kernel = params.get("patch_embed/kernel")
+    if kernel is not None and kernel.ndim == 4 and kernel.shape[-1] != model.width:
         problems.append(
-            f"width {bias.shape[0]} (patch_embed/bias {bias.shape}) but the model has width={model.width}"
+            f"width {kernel.shape[-1]} (patch_embed/kernel {kernel.shape}) but the model has width={model.width}"
         )
     depth = depth_of(params)
     if depth != model.depth:
@@ -115,31 +115,31 @@ def check_declared(
     check_architecture(ckpt, model)
     params = ckpt.params
     problems = []
-    classifier = params.get("head/classifier/bias")
+    classifier = params.get("head/classifier/kernel")
     if "num_classes" not in given:
-        if classifier is not None and classifier.shape[0] != model.num_classes:
+        if classifier is not None and classifier.shape[-1] != model.num_classes:
             problems.append(
-                f"the config declares {model.num_classes} classes but the classifier has {classifier.shape[0]}"
-                f" (head/classifier/bias {classifier.shape})"
+                f"the config declares {model.num_classes} classes but the classifier has {classifier.shape[-1]}"
+                f" (head/classifier/kernel {classifier.shape})"
             )
         elif classifier is None and model.num_classes:
             problems.append(
                 f"the config declares {model.num_classes} classes but the weights have no classifier"
             )
-    fc1 = params.get("encoder/block_0/mlp/fc1/bias")
+    fc1 = params.get("encoder/block_0/mlp/fc1/kernel")
     mlp_dim = model.mlp_dim or 4 * model.width
-    if "mlp_dim" not in given and fc1 is not None and fc1.shape[0] != mlp_dim:
+    if "mlp_dim" not in given and fc1 is not None and fc1.shape[-1] != mlp_dim:
         problems.append(
-            f"the config declares mlp_dim={mlp_dim} but encoder/block_0/mlp/fc1/bias is {fc1.shape}"
+            f"the config declares mlp_dim={mlp_dim} but encoder/block_0/mlp/fc1/kernel is {fc1.shape}"
         )
-    pre = params.get("head/pre_logits/bias")
+    pre = params.get("head/pre_logits/kernel")
     if (
         "representation_size" not in given
         and pre is not None
-        and model.representation_size not in (None, pre.shape[0])
+        and model.representation_size not in (None, pre.shape[-1])
     ):
         problems.append(
-            f"the config declares representation_size={model.representation_size} but head/pre_logits/bias"
+            f"the config declares representation_size={model.representation_size} but head/pre_logits/kernel"
             f" is {pre.shape}"
         )
     posemb = params.get("pos_embed/embedding")
@@ -204,13 +204,19 @@ def _fit_posemb(
                 f"{ckpt.path}: checkpoint grid {old_grid} does not match the position embedding"
                 f" {posemb.shape} ({old_len} grid tokens)"
             )
+        method, antialias = ckpt.posemb_resample
         log.info(
-            "resampling the position embedding of %s from a %dx%d grid to %dx%d (bilinear, class slot kept)",
+            "resampling the position embedding of %s from a %dx%d grid to %dx%d (%s%s, as its origin does;"
+            " class slot kept)",
             ckpt.path,
             *old_grid,
             *grid,
+            method,
+            ", antialiased" if antialias else "",
         )
-        posemb = np.asarray(resample_posemb(posemb, grid, tuple(old_grid), prefix))
+        posemb = np.asarray(
+            resample_posemb(posemb, grid, tuple(old_grid), prefix, method=method, antialias=antialias)
+        )
     return {**flat, key: posemb}
 
 
@@ -238,7 +244,9 @@ def _fit_head(
                 ckpt.path,
             )
             flat[kernel_key] = np.zeros(want, np.float32)
-            flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
+            flat.pop(bias_key, None)
+            if bias_key in target:
+                flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
     elif kernel_key in flat:
         shape = flat.pop(kernel_key).shape
         flat.pop(bias_key, None)

@@ -45,7 +45,8 @@ class InferenceBundle:
     ``image_size`` is ``(h, w)``; images are scaled to [0, 1] then
     normalised with ``mean``/``std`` (per RGB channel). ``crop_pct`` < 1 means
     resize the shorter side to ``size / crop_pct`` and center-crop (timm);
-    1.0 means resize the whole image to ``image_size``. ``origin`` is one of
+    1.0 means resize the whole image to ``image_size``, unless
+    ``center_crop`` (CLIP: the shorter side to the size, then center-crop). ``origin`` is one of
     ``ORIGINS``; ``labels`` the class names, when the checkpoint has them.
     """
 
@@ -58,6 +59,7 @@ class InferenceBundle:
     origin: str
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+    center_crop: bool = False
 
 
 def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
@@ -163,7 +165,8 @@ def load_for_inference(
         labels = validate.str_list(ckpt.config["labels"], "labels", ckpt.path)
     if labels is not None and model.num_classes and len(labels) != model.num_classes:
         raise ValueError(f"{ckpt.path}: {len(labels)} labels for a classifier of {model.num_classes} classes")
-    pre = PREPROCESSING[ckpt.origin]
+    # A format that tells its families apart (timm's CLIP and SigLIP towers) says per checkpoint.
+    pre = fmt.preprocessing(ckpt) if hasattr(fmt, "preprocessing") else PREPROCESSING[ckpt.origin]
     # RGB statistics serve a 1-channel model through their average (a grayscale image).
     mean, std = validate.channel_stats(pre.mean, pre.std, model.num_channels, f"{ckpt.origin} preprocessing")
     return InferenceBundle(
@@ -176,4 +179,5 @@ def load_for_inference(
         origin=ckpt.origin,
         crop_pct=pre.crop_pct,
         interpolation=pre.interpolation,
+        center_crop=pre.center_crop,
     )

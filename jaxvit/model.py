@@ -56,7 +56,8 @@ REMAT_POLICIES = (
     "checkpoint_dots_with_no_batch_dims",
 )
 
-# width, depth, mlp_dim, num_heads, as in "How to train your ViT" and big_vision.
+# width, depth, mlp_dim, num_heads, as in "How to train your ViT" and big_vision. CLIP's
+# towers use the same sizes (ViT-L/14 is "L/14", OpenCLIP's bigG/14 is "G/14").
 VARIANTS: dict[str, dict[str, int]] = {
     "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
@@ -68,6 +69,9 @@ VARIANTS: dict[str, dict[str, int]] = {
     "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
     "e": dict(width=1792, depth=56, mlp_dim=15360, num_heads=16),
+    # SigLIP's shape-optimised sizes ("Getting ViT in Shape").
+    "So150m": dict(width=880, depth=18, mlp_dim=2320, num_heads=16),
+    "So400m": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
 }
 
 
@@ -92,6 +96,25 @@ def check_sincos_width(width: int) -> None:
     """Raises ``ValueError`` unless the 2-D sin-cos table fits ``width`` (sin, cos of x and y: 4 parts)."""
     if width % 4:
         raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width} (a multiple of 4)")
+
+
+def resolve_activation(activation: str, gelu_approximate: bool | None) -> str:
+    """The MLP activation's name, with the deprecated ``gelu_approximate=True`` read as ``"gelu_tanh"``.
+
+    Raises ``ValueError`` for an unknown name, or for ``gelu_approximate=True``
+    beside an activation other than GELU.
+    """
+    if gelu_approximate:
+        warnings.warn(
+            "gelu_approximate is deprecated (until jaxvit 0.3): use activation='gelu_tanh'",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"gelu_approximate=True contradicts activation={activation!r}")
+        activation = "gelu_tanh"
+    check_choice("activation", activation, ops.ACTIVATIONS)
+    return activation
 
 
 def check_pool_has_token(pool: str, class_token: bool) -> None:
@@ -180,10 +203,12 @@ class PatchEmbed(nn.Module):
 
     The kernel is kept in conv layout ``(p, q, C, D)`` so weights of conv-based
     checkpoints load unchanged; it is applied as one matmul on ``patchify``.
+    ``use_bias=False`` leaves out the bias (CLIP's patch embedding has none).
     """
 
     width: int
     patch_size: PatchSize = 16
+    use_bias: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
@@ -195,10 +220,12 @@ class PatchEmbed(nn.Module):
         chex.assert_rank(images, 4)
         n, height, width, c = images.shape
         kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
         patches = patchify(images, (p, q))
-        patches, kernel, bias = promote_dtype(patches, kernel, bias, dtype=self.dtype)
-        tokens = jnp.dot(patches, kernel.reshape(p * q * c, self.width)) + bias
+        patches, kernel = promote_dtype(patches, kernel, dtype=self.dtype)
+        tokens = jnp.dot(patches, kernel.reshape(p * q * c, self.width))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
+            tokens = tokens + bias.astype(tokens.dtype)
         chex.assert_shape(tokens, (n, (height // p) * (width // q), self.width))
         return tokens
 
@@ -255,18 +282,74 @@ def square_grid(num_tokens: int) -> tuple[int, int] | None:
     return (side, side) if side and side * side == num_tokens else None
 
 
+RESAMPLE_METHODS = ("bilinear", "bicubic")
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """The cubic convolution kernel with parameter ``a`` (-0.75 in torch's plain bicubic, -0.5 with antialias)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((x - 5) * x + 8) * x * a - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
+    """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
+
+    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
+    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
+    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
+    widened by the scale when shrinking, cut at the border and renormalised.
+    """
+    scale = in_size / out_size
+    weights = np.zeros((out_size, in_size))
+    if not antialias:
+        if method != "bicubic":
+            raise ValueError("resize_matrix without antialias is for method='bicubic'")
+        source = scale * (np.arange(out_size) + 0.5) - 0.5
+        base = np.floor(source)
+        t = source - base
+        for tap in range(-1, 3):
+            index = np.clip(base + tap, 0, in_size - 1).astype(int)
+            np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
+        return weights
+    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
+        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
+        total = row.sum()
+        weights[i, lo:hi] = row / total if total != 0 else row
+    return weights
+
+
 def resample_posemb(
     posemb: Array,
     new_grid: tuple[int, int],
     old_grid: tuple[int, int] | None = None,
     num_prefix_tokens: int = 1,
+    method: str = "bilinear",
+    antialias: bool = False,
 ) -> Array:
-    """``(1, P + h*w, D) -> (1, P + H*W, D)``: bilinear resize of the grid part.
+    """``(1, P + h*w, D) -> (1, P + H*W, D)``: resize of the grid part.
 
     The first ``num_prefix_tokens`` rows (the class slot) are kept as they
     are. ``old_grid`` defaults to the square root of the grid length; pass it
-    for a non-square checkpoint grid.
+    for a non-square checkpoint grid. ``method="bilinear"`` without antialias
+    is ``jax.image.resize``; ``"bicubic"`` (and any antialiased resize) gives
+    what ``torch.nn.functional.interpolate(mode=method,
+    align_corners=False, antialias=antialias)`` gives, which is how
+    transformers (bicubic) and timm (bicubic, antialias) resample theirs:
+    ``jax.image.resize``'s cubic kernel differs from torch's.
     """
+    check_choice("method", method, RESAMPLE_METHODS)
     posemb = jnp.asarray(posemb)
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise ValueError(f"posemb must have shape (1, tokens, width), got {posemb.shape}")
@@ -286,8 +369,13 @@ def resample_posemb(
         return posemb
     d = posemb.shape[-1]
     image = grid_part.reshape(old_grid[0], old_grid[1], d).astype(jnp.float32)
-    resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
-    resized = resized.reshape(1, h * w, d).astype(posemb.dtype)
+    if method == "bilinear" and not antialias:
+        resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
+    else:
+        rows = resize_matrix(old_grid[0], h, method, antialias)
+        cols = resize_matrix(old_grid[1], w, method, antialias)
+        resized = np.einsum("Hh,hwd,Ww->HWd", rows, np.asarray(image, np.float64), cols)
+    resized = jnp.asarray(resized).reshape(1, h * w, d).astype(posemb.dtype)
     return jnp.concatenate([prefix, resized], axis=1)
 
 
@@ -368,6 +456,7 @@ class SelfAttention(nn.Module):
 
     num_heads: int
     attention_dropout: float = 0.0
+    qkv_bias: bool = True
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -380,9 +469,9 @@ class SelfAttention(nn.Module):
         head_dim = d // self.num_heads
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
         qkv_init = _per_projection_init(self.kernel_init, 3)
-        qkv = nn.Dense(3 * d, name="qkv", **{**dense, "kernel_init": qkv_init})(x).reshape(
-            n, t, 3, self.num_heads, head_dim
-        )
+        qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv", **{**dense, "kernel_init": qkv_init})(
+            x
+        ).reshape(n, t, 3, self.num_heads, head_dim)
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights or ops.use_explicit_attention():
@@ -404,11 +493,16 @@ class SelfAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """``(N, T, D) -> (N, T, D)``: Dense -> GELU -> dropout -> Dense."""
+    """``(N, T, D) -> (N, T, D)``: Dense -> activation -> dropout -> Dense.
+
+    ``activation`` is one of ``ops.ACTIVATIONS``: ``"gelu"`` (exact),
+    ``"gelu_tanh"``, ``"quick_gelu"`` (CLIP's ``x * sigmoid(1.702 x)``).
+    """
 
     mlp_dim: int
     dropout: float = 0.0
-    gelu_approximate: bool = False
+    activation: str = "gelu"
+    gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -422,7 +516,7 @@ class MlpBlock(nn.Module):
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
         y = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
-        y = ops.gelu(y, self.gelu_approximate)
+        y = ops.activation(y, resolve_activation(self.activation, self.gelu_approximate))
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
         # no dropout after fc2: the residual in EncoderBlock applies it, once, as the references do
         return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
@@ -440,8 +534,10 @@ class EncoderBlock(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     use_drop_path: bool = False
-    gelu_approximate: bool = False
+    activation: str = "gelu"
+    qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -460,14 +556,18 @@ class EncoderBlock(nn.Module):
 
         y = nn.LayerNorm(name="norm1", **norm)(x)
         y = SelfAttention(
-            num_heads=self.num_heads, attention_dropout=self.attention_dropout, name="attn", **common
+            num_heads=self.num_heads,
+            attention_dropout=self.attention_dropout,
+            qkv_bias=self.qkv_bias,
+            name="attn",
+            **common,
         )(y)
         x = residual(x, y)
         y = nn.LayerNorm(name="norm2", **norm)(x)
         y = MlpBlock(
             mlp_dim=self.mlp_dim,
             dropout=self.dropout,
-            gelu_approximate=self.gelu_approximate,
+            activation=resolve_activation(self.activation, self.gelu_approximate),
             name="mlp",
             **common,
         )(y)
@@ -479,7 +579,8 @@ class EncoderBlock(nn.Module):
 class Encoder(nn.Module):
     """``(N, T, D) -> (N, T, D)``: ``depth`` blocks, then a final LayerNorm.
 
-    Works on any tokens, not only those of images. ``scan=True`` stacks the
+    ``pre_norm=True`` adds a LayerNorm before the blocks (``norm_pre``, CLIP's
+    ``pre_layrnorm``). Works on any tokens, not only those of images. ``scan=True`` stacks the
     blocks' parameters along a leading ``depth`` axis under ``blocks`` and
     compiles one block; ``scan_to_unrolled`` / ``unrolled_to_scan`` convert
     between that layout and ``block_0 ... block_{depth-1}``.
@@ -492,10 +593,13 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.0
-    gelu_approximate: bool = False
+    activation: str = "gelu"
+    qkv_bias: bool = True
+    pre_norm: bool = False
     layer_norm_eps: float = 1e-6
     scan: bool = False
     remat_policy: str = "none"
+    gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -503,6 +607,9 @@ class Encoder(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         chex.assert_rank(x, 3)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.pre_norm:
+            x = nn.LayerNorm(name="norm_pre", **norm)(x)
         block_cls = EncoderBlock
         if self.remat_policy != "none":
             block_cls = nn.remat(
@@ -516,7 +623,8 @@ class Encoder(nn.Module):
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
             use_drop_path=self.drop_path_rate > 0.0,
-            gelu_approximate=self.gelu_approximate,
+            activation=resolve_activation(self.activation, self.gelu_approximate),
+            qkv_bias=self.qkv_bias,
             layer_norm_eps=self.layer_norm_eps,
             deterministic=not train,
             dtype=self.dtype,
@@ -535,9 +643,7 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i])
-        return nn.LayerNorm(
-            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
-        )(x)
+        return nn.LayerNorm(name="norm", **norm)(x)
 
 
 # ---------------------------------------------------------------------------
@@ -551,7 +657,8 @@ class MAPHead(nn.Module):
     num_heads: int
     mlp_dim: int | None = None
     layer_norm_eps: float = 1e-6
-    gelu_approximate: bool = False
+    activation: str = "gelu"
+    gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -572,7 +679,7 @@ class MAPHead(nn.Module):
         )(y)
         y = y + MlpBlock(
             mlp_dim=self.mlp_dim or 4 * d,
-            gelu_approximate=self.gelu_approximate,
+            activation=resolve_activation(self.activation, self.gelu_approximate),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="mlp",
@@ -585,7 +692,9 @@ class Head(nn.Module):
 
     ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
     ``S`` patch tokens, ``"map"`` attention pooling. ``representation_size``
-    adds ``Dense + tanh`` (``pre_logits``) before the zero-init classifier.
+    adds ``Dense + tanh`` (``pre_logits``) before the zero-init classifier;
+    ``use_classifier_bias=False`` leaves out its bias (a projection such as
+    CLIP's ``visual_projection``).
     """
 
     num_classes: int
@@ -595,8 +704,10 @@ class Head(nn.Module):
     num_heads: int = 1
     mlp_dim: int | None = None
     layer_norm_eps: float = 1e-6
-    gelu_approximate: bool = False
+    activation: str = "gelu"
     classifier_bias: float = 0.0
+    use_classifier_bias: bool = True
+    gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     bias_init: float | None = None  # deprecated name of classifier_bias, until jaxvit 0.3
@@ -620,7 +731,7 @@ class Head(nn.Module):
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
                 layer_norm_eps=self.layer_norm_eps,
-                gelu_approximate=self.gelu_approximate,
+                activation=resolve_activation(self.activation, self.gelu_approximate),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="map",
@@ -637,6 +748,7 @@ class Head(nn.Module):
         if self.num_classes:
             x = nn.Dense(
                 self.num_classes,
+                use_bias=self.use_classifier_bias,
                 kernel_init=nn.initializers.zeros,
                 bias_init=nn.initializers.constant(classifier_bias),
                 dtype=self.dtype,
@@ -655,8 +767,9 @@ class VisionTransformer(nn.Module):
     """``(N, H, W, C) -> (N, num_classes)`` logits (or pooled features when ``num_classes=0``).
 
     Intermediate outputs come through ``sow``: ``mutable=["intermediates"]``
-    returns the patch tokens, each block's output, the encoder output and the pooled
-    ``features``; ``mutable=["attention"]`` returns every block's
+    returns the patch tokens, each block's output, the encoder output
+    ``encoded`` (all tokens after the final LayerNorm) and the pooled
+    ``features`` (what the classifier sees); ``mutable=["attention"]`` returns every block's
     attention weights ``(N, heads, T, T)`` (see ``attention_weights``).
     """
 
@@ -674,9 +787,14 @@ class VisionTransformer(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.0
-    gelu_approximate: bool = False
+    activation: str = "gelu"
+    pre_norm: bool = False
+    patch_bias: bool = True
+    qkv_bias: bool = True
+    head_bias: bool = True
     layer_norm_eps: float = 1e-6
     head_bias_init: float = 0.0
+    gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     scan: bool = False
     remat_policy: str = "none"
     dtype: DType = jnp.float32
@@ -687,6 +805,7 @@ class VisionTransformer(nn.Module):
         check_choice("pool", self.pool, POOLINGS)
         check_choice("posemb", self.posemb, POSEMBS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        resolve_activation(self.activation, self.gelu_approximate)
         check_pool_has_token(self.pool, self.class_token)
         if self.width < 1 or self.depth < 0 or self.num_heads < 1:
             raise ValueError(
@@ -733,7 +852,15 @@ class VisionTransformer(nn.Module):
         n = images.shape[0]
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-        x = PatchEmbed(width=self.width, patch_size=self.patch_size, name="patch_embed", **common)(images)
+        activation = resolve_activation(self.activation, self.gelu_approximate)
+
+        x = PatchEmbed(
+            width=self.width,
+            patch_size=self.patch_size,
+            use_bias=self.patch_bias,
+            name="patch_embed",
+            **common,
+        )(images)
         _sow(self, "intermediates", "patch_tokens", x)
 
         num_prefix = 0
@@ -754,7 +881,9 @@ class VisionTransformer(nn.Module):
             dropout=self.dropout,
             attention_dropout=self.attention_dropout,
             drop_path_rate=self.drop_path_rate,
-            gelu_approximate=self.gelu_approximate,
+            activation=activation,
+            qkv_bias=self.qkv_bias,
+            pre_norm=self.pre_norm,
             layer_norm_eps=self.layer_norm_eps,
             scan=self.scan,
             remat_policy=self.remat_policy,
@@ -771,8 +900,9 @@ class VisionTransformer(nn.Module):
             num_heads=self.num_heads,
             mlp_dim=mlp_dim,
             layer_norm_eps=self.layer_norm_eps,
-            gelu_approximate=self.gelu_approximate,
+            activation=activation,
             classifier_bias=self.head_bias_init,
+            use_classifier_bias=self.head_bias,
             name="head",
             **common,
         )(x)
@@ -853,6 +983,7 @@ __all__: Sequence[str] = (
     "unpatchify",
     "posemb_sincos_2d",
     "resample_posemb",
+    "resize_matrix",
     "drop_path",
     "scan_to_unrolled",
     "unrolled_to_scan",

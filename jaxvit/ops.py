@@ -1,7 +1,7 @@
 """Kernels the model's layers are computed with, chosen for speed and memory.
 
-``gelu`` and ``softmax`` have the values of ``jax.nn``'s but derivatives that
-keep one array each for the backward pass (benchmarks/README.md has the
+``activation`` (GELU exact or tanh, QuickGELU) and ``softmax`` have the
+values of the reference formulas but derivatives that keep one array each for the backward pass (benchmarks/README.md has the
 memory figures). ``explicit_attention`` is the heads-major attention the CPU
 runs; ``set_attention_impl`` chooses between it and
 ``jax.nn.dot_product_attention``, as timm's ``set_fused_attn`` does for its
@@ -39,30 +39,50 @@ def _softmax_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, 
 
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# QuickGELU's slope constant: x * sigmoid(1.702 x) is CLIP's cheap stand-in for GELU.
+_QUICK_GELU_SLOPE = 1.702
+
+# The activations of the encoder MLP, by the names VisionTransformer.activation takes.
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
 
-def _gelu_and_slope(x: Array, approximate: bool) -> tuple[Array, Array]:
-    if approximate:  # the same expression as jax.nn.gelu, and its derivative
+def _activation_and_slope(x: Array, name: str) -> tuple[Array, Array]:
+    """``(f(x), f'(x))`` of the activation ``name``, from one shared computation."""
+    if name == "gelu_tanh":  # the same expression as jax.nn.gelu(approximate=True), and its derivative
         t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x**3)))
         cdf = 0.5 * (1.0 + t)
         slope = cdf + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-    else:
+        return x * cdf, slope
+    if name == "gelu":
         cdf = jax.lax.erfc(-x * _SQRT_HALF) / 2
         slope = cdf + x * jnp.exp(-0.5 * x * x) * (_SQRT_HALF / math.sqrt(math.pi))
-    return x * cdf, slope
+        return x * cdf, slope
+    if name == "quick_gelu":
+        s = jax.nn.sigmoid(_QUICK_GELU_SLOPE * x)
+        return x * s, s + _QUICK_GELU_SLOPE * x * s * (1.0 - s)
+    raise ValueError(f"unknown activation {name!r}: expected one of {ACTIVATIONS}")
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def activation(x: Array, name: str = "gelu") -> Array:
+    """The MLP activation ``name`` (one of ``ACTIVATIONS``), elementwise; its derivative keeps one array.
+
+    ``"gelu"``: exact erf form; ``"gelu_tanh"``: the tanh approximation;
+    ``"quick_gelu"``: ``x * sigmoid(1.702 x)`` (CLIP).
+    """
+    return _activation_and_slope(x, name)[0]
+
+
+@activation.defjvp
+def _activation_jvp(name: str, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    y, slope = _activation_and_slope(x, name)
+    return y, slope * dx
+
+
 def gelu(x: Array, approximate: bool = False) -> Array:
     """``jax.nn.gelu`` (exact erf form, or the tanh approximation) whose derivative keeps one array."""
-    return _gelu_and_slope(x, approximate)[0]
-
-
-@gelu.defjvp
-def _gelu_jvp(approximate: bool, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
-    (x,), (dx,) = primals, tangents
-    y, slope = _gelu_and_slope(x, approximate)
-    return y, slope * dx
+    return activation(x, "gelu_tanh" if approximate else "gelu")
 
 
 def explicit_attention(

@@ -6,9 +6,9 @@ functions of PIL images and arrays. Two resizing modes cover the origins
 
 - ``crop_pct=1.0`` (VT/AugReg, big_vision, Hugging Face ViT, jaxvit
   workdirs): resize the whole image to ``(h, w)``, ignoring its aspect ratio.
-- ``crop_pct<1`` (timm): resize so the image covers ``(h, w) / crop_pct``
-  keeping its aspect ratio (the shorter side for a square target), then take
-  the center ``(h, w)``.
+- ``crop_pct<1`` (timm), or ``center_crop=True`` (CLIP): resize so the image
+  covers ``(h, w) / crop_pct`` keeping its aspect ratio (the shorter side for
+  a square target), then take the center ``(h, w)``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from jaxvit.augment import normalize, to_8bit
 from jaxvit.convert import validate
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# What predict and visualize pick from a folder; an ImageFolder tells images by content instead.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -48,7 +49,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def resize_and_crop(
-    image: Image.Image, size: tuple[int, int], crop_pct: float = 1.0, interpolation: str = "bilinear"
+    image: Image.Image,
+    size: tuple[int, int],
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    center_crop: bool = False,
 ) -> Image.Image:
     """``image`` -> an image of ``size`` ``(h, w)``; see the module docstring for ``crop_pct``."""
     if interpolation not in _RESAMPLE:
@@ -57,7 +62,7 @@ def resize_and_crop(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     h, w = size
     resample = _RESAMPLE[interpolation]
-    if crop_pct == 1.0:
+    if crop_pct == 1.0 and not center_crop:
         return image.resize((w, h), resample)
     # The smallest scale at which the image covers (h, w) / crop_pct.
     scale = max(h / crop_pct / image.height, w / crop_pct / image.width)
@@ -79,11 +84,12 @@ def preprocess(
     crop_pct: float = 1.0,
     interpolation: str = "bilinear",
     channels: int = 3,
+    center_crop: bool = False,
 ) -> np.ndarray:
     """An RGB PIL image -> ``(h, w, 3)`` float32 (``(h, w, 1)`` for ``channels=1``), ready for the model."""
     if channels == 1:
         image = image.convert("L")
-    pixels = np.asarray(resize_and_crop(image, size, crop_pct, interpolation))
+    pixels = np.asarray(resize_and_crop(image, size, crop_pct, interpolation, center_crop))
     return normalize(pixels.reshape(*pixels.shape[:2], -1), mean, std)
 
 
@@ -102,6 +108,7 @@ def preprocess_files(paths: Sequence[str | os.PathLike], bundle) -> np.ndarray:
                     bundle.crop_pct,
                     bundle.interpolation,
                     bundle.model.num_channels,
+                    getattr(bundle, "center_crop", False),
                 )
             )
         except ValueError as e:

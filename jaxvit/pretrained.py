@@ -42,11 +42,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 f"{path} is a training workdir, not a pretrained checkpoint: use jaxvit.load_for_inference"
                 " (or jaxvit.checkpointing.restore_params) to read it"
             )
-        arrays, metadata = hf_vit.read_folder(path)
-        kind = "hf_folder"
-    else:
-        kind, arrays, metadata = files.read_weights(path)
-        kind = "npz" if kind == "npz" else "state_dict"
+        arrays, metadata = files.read_hf_folder(path)
+        return registry.hf_format(metadata, path).read(path, arrays, metadata)
+    kind, arrays, metadata = files.read_weights(path)
+    kind = "npz" if kind == "npz" else "state_dict"
     return registry.format_for(kind, arrays).read(path, arrays, metadata)
 
 

@@ -7,12 +7,16 @@ only wires them to I/O.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,8 +26,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxvit import checkpointing, configs, data, optim, train_lib
-from jaxvit.checkpointing import model_from_config
-from jaxvit.model import to_pair
+from jaxvit.configs import model_from_config
+from jaxvit.model import VisionTransformer, to_pair
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,12 @@ class MetricsWriter:
             self._jsonl.close()
             self._tb.close()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _truncate_metrics(path: str, start_step: int) -> set[int]:
     """Keeps the complete lines up to ``start_step``: a resumed run rewrites the steps
@@ -117,6 +127,74 @@ def _truncate_metrics(path: str, start_step: int) -> set[int]:
     return eval_steps
 
 
+class TrainMetricsAccumulator:
+    """The train metrics of the steps since the last summary, and the wall time they took.
+
+    The per-step metrics stay on the device until ``summarize`` fetches them all
+    at once: fetching every step would stall the dispatch of the next one.
+    ``clock`` returns seconds (a fake one in tests).
+    """
+
+    def __init__(self, batch_size: int, start_step: int, clock: Callable[[], float] = time.perf_counter):
+        self._batch_size = batch_size
+        self._clock = clock
+        self._pending: list[tuple[int, dict[str, Any]]] = []
+        self._start(start_step, clock())
+
+    def _start(self, step: int, now: float) -> None:
+        self._since_step = step
+        self._since_time = now
+        self._data_wait = 0.0
+
+    def add(self, step: int, metrics: dict[str, Any]) -> None:
+        """Keeps the metrics ``train_step`` returned for ``step`` (device arrays, not fetched)."""
+        self._pending.append((step, metrics))
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Counts the time spent inside the ``with`` block as waiting for the next batch."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._data_wait += self._clock() - start
+
+    def summarize(self, step: int) -> dict[str, float] | None:
+        """The means of the steps added since the last summary, up to ``step``; ``None`` if there are none.
+
+        Raises ``NonFiniteLossError`` naming the first step whose loss, gradient or
+        update was not finite.
+        """
+        if not self._pending:
+            return None
+        fetched = jax.device_get(self._pending)
+        self._pending.clear()
+        _raise_if_not_finite(fetched)
+        now = self._clock()
+        elapsed = max(now - self._since_time, 1e-9)
+        means = {k: float(np.mean([m[k] for _, m in fetched])) for k in ("loss", "accuracy", "grad_norm")}
+        summary = {
+            "train/loss": means["loss"],
+            "train/accuracy": means["accuracy"],
+            "train/grad_norm": means["grad_norm"],
+            "learning_rate": float(fetched[-1][1]["learning_rate"]),
+            "images_per_sec": (step - self._since_step) * self._batch_size / elapsed,
+            "train/data_wait": self._data_wait / elapsed,
+        }
+        self._start(step, now)
+        return summary
+
+
+def _raise_if_not_finite(fetched: list[tuple[int, dict[str, Any]]]) -> None:
+    for step, m in fetched:
+        if not m["finite"]:
+            raise NonFiniteLossError(
+                f"non-finite loss, gradient or update at step {step} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); stopped. Parameters were not updated with it; the newest"
+                " checkpoint holds the last good state. Lower the learning rate or check the data."
+            )
+
+
 def check_workdir(workdir: str) -> None:
     """Creates ``workdir`` and proves it writable, before any compile: raises ``PermissionError`` naming it."""
     try:
@@ -129,8 +207,11 @@ def check_workdir(workdir: str) -> None:
         raise PermissionError(f"workdir {workdir!r} is not writable: {err}") from err
 
 
-def validate_config(config: Any, num_devices: int) -> None:
-    """Raises ``ValueError`` naming the key for config values that cannot train."""
+def validate_config(config: Any, num_devices: int) -> VisionTransformer:
+    """Raises ``ValueError`` naming the key for config values that cannot train.
+
+    Returns the model the config describes: building it is part of the check.
+    """
     configs.check_values(config)
     if config.batch_size < 1 or config.batch_size % num_devices:
         raise ValueError(
@@ -160,6 +241,80 @@ def validate_config(config: Any, num_devices: int) -> None:
         raise ValueError(
             f"image_size={config.image_size} is not divisible by the model's patch size {model.patch_size}"
         )
+    return model
+
+
+def _data_sources(config: Any) -> tuple[Any, Any]:
+    """The train and test sources, checked against each other and ``num_classes``."""
+    train_source = data.make_source(config, "train")
+    test_source = data.make_source(config, "test")
+    if config.dataset == "imagefolder":
+        data.check_same_classes(train_source, test_source, config.data.root)
+    if len(train_source.class_names) != config.num_classes:
+        raise ValueError(
+            f"num_classes={config.num_classes} but the dataset has {len(train_source.class_names)} classes"
+        )
+    return train_source, test_source
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompiledSteps:
+    """The jitted steps and the state and shardings they were compiled for."""
+
+    train_step: Callable[..., Any]  # (state, batch, rng) -> (state, metrics); donates the state
+    eval_step: Callable[..., Any]  # (params, batch) -> sums
+    init_state: Callable[[], train_lib.TrainState]  # a fresh state; unjitted
+    abstract_state: Any  # shapes, dtypes and shardings of the state, to restore into
+    state_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def _compile_steps(config: Any, model: VisionTransformer, init_rng: jax.Array) -> _CompiledSteps:
+    """The optimizer, mesh and step settings of ``config``, jitted into train and eval steps."""
+    mesh = train_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+    tx, schedule = optim.make_optimizer(config, config.total_steps)
+    image_shape = (*to_pair(config.image_size), config.num_channels)
+    init_state = functools.partial(
+        train_lib.create_train_state, model, tx, init_rng, image_shape, config.ema_decay > 0
+    )
+    abstract_state = jax.eval_shape(init_state)
+    train_step, eval_step, shardings = train_lib.compile_steps(
+        model, tx, schedule, configs.step_config_from_config(config), mesh, abstract_state
+    )
+    with_shardings = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+    return _CompiledSteps(
+        train_step, eval_step, init_state, with_shardings, shardings, train_lib.batch_sharding(mesh)
+    )
+
+
+def _checkpointer(config: Any, workdir: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        workdir,
+        max_to_keep=config.max_to_keep,
+        async_save=config.async_checkpointing,
+        best_metric=config.best_metric or None,
+        best_mode=config.best_mode,
+    )
+
+
+def _initial_state(config: Any, model: VisionTransformer, compiled: _CompiledSteps) -> train_lib.TrainState:
+    """A fresh state, placed sharded; with ``init_from``, holding a pretrained checkpoint's parameters."""
+    state = jax.jit(compiled.init_state, out_shardings=compiled.state_shardings)()
+    if config.init_from:
+        state = jax.device_put(_init_params_from(config, model, state), compiled.state_shardings)
+    return state
+
+
+def _init_params_from(config: Any, model, state: train_lib.TrainState) -> train_lib.TrainState:
+    """Fine-tuning hook: replace the fresh parameters with a pretrained checkpoint's."""
+    from jaxvit import pretrained  # the converters; imported only when used
+
+    params = pretrained.load_pretrained(config.init_from, model, image_size=config.image_size)
+    params = jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
+    ema = jax.tree_util.tree_map(jnp.copy, params) if state.ema_params is not None else None
+    return state.replace(params=params, ema_params=ema)
 
 
 def _write_run_files(workdir: str, config: Any, class_names: list[str]) -> None:
@@ -171,10 +326,51 @@ def _write_run_files(workdir: str, config: Any, class_names: list[str]) -> None:
         f.write("\n".join(class_names) + "\n")
 
 
-def _evaluate(evaluate, params, source, layout, preprocess, sharding) -> dict[str, float]:
+def _train_batches(
+    config: Any, source: Any, layout: data.BatchLayout, preprocess: Any, data_state: dict[str, Any] | None
+) -> Any:
+    """The train batch iterator, moved to ``data_state`` (a checkpoint's position) when resuming."""
+    batches = data.train_batches(
+        source,
+        layout,
+        preprocess,
+        seed=config.seed,
+        num_steps=config.total_steps,
+        workers=config.data.workers,
+    )
+    if data_state is not None:
+        batches.set_state(data_state)
+    return batches
+
+
+def _progress_bar(config: Any, start_step: int) -> tqdm:
+    return tqdm(
+        total=config.total_steps,
+        initial=start_step,
+        disable=not config.progress_bar or jax.process_index() != 0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
+def _every(interval: int, step: int) -> bool:
+    """Whether ``step`` is a multiple of ``interval``; an interval of 0 means never."""
+    return bool(interval) and step % interval == 0
+
+
+def _log_train_metrics(meter: TrainMetricsAccumulator, writer: MetricsWriter, bar: tqdm, step: int) -> None:
+    summary = meter.summarize(step)
+    if summary is None:
+        return
+    writer.write(step, summary)
+    bar.set_postfix(loss=f"{summary['train/loss']:.4f}", img_s=f"{summary['images_per_sec']:.0f}")
+
+
+def _evaluate(eval_step, source, layout, preprocess, sharding, params) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy of ``params`` over the whole test source."""
     totals = None
     for batch in data.eval_batches(source, layout, preprocess):
-        sums = evaluate(params, train_lib.to_global(batch, sharding))
+        sums = eval_step(params, train_lib.to_global(batch, sharding))
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
@@ -185,14 +381,20 @@ def _evaluate(evaluate, params, source, layout, preprocess, sharding) -> dict[st
     }
 
 
-def _init_params_from(config: Any, model, state: train_lib.TrainState) -> train_lib.TrainState:
-    """Fine-tuning hook: replace the fresh parameters with a pretrained checkpoint's."""
-    from jaxvit import pretrained  # the converters; imported only when used
-
-    params = pretrained.load_pretrained(config.init_from, model, image_size=config.image_size)
-    params = jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
-    ema = jax.tree_util.tree_map(jnp.copy, params) if state.ema_params is not None else None
-    return state.replace(params=params, ema_params=ema)
+def _evaluate_and_log(
+    step: int,
+    state: train_lib.TrainState,
+    evaluate: Callable[[Any], dict[str, float]],
+    writer: MetricsWriter,
+    checkpointer: checkpointing.Checkpointer,
+) -> dict[str, float]:
+    """Evaluates the EMA parameters if kept, else the parameters; logs them and keeps them if best."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    metrics = evaluate(params)
+    if step not in writer.eval_steps:  # a rerun of a finished run evaluates again
+        writer.write(step, metrics)
+    checkpointer.save_best(step, params, metrics)
+    return metrics
 
 
 def _plot_curves(workdir: str) -> None:
@@ -208,175 +410,67 @@ def _plot_curves(workdir: str) -> None:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns the final eval metrics."""
-    check_workdir(workdir)
-    num_devices = jax.device_count()
-    validate_config(config, num_devices)
-    model = model_from_config(config.to_dict())
-    mesh = train_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    image_size = to_pair(config.image_size)
-    image_shape = (*image_size, config.num_channels)
+    """Trains ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
-    train_source = data.make_source(config, "train")
-    test_source = data.make_source(config, "test")
-    if config.dataset == "imagefolder":
-        data.check_same_classes(train_source, test_source, config.data.root)
-    if len(train_source.class_names) != config.num_classes:
-        raise ValueError(
-            f"num_classes={config.num_classes} but the dataset has {len(train_source.class_names)} classes"
-        )
+    Returns the final eval metrics, or ``{"preempted_at_step": step}`` when a
+    SIGTERM stopped the run after saving.
+    """
+    check_workdir(workdir)
+    model = validate_config(config, jax.device_count())
+    train_source, test_source = _data_sources(config)
     layout = data.BatchLayout(config.batch_size, jax.process_index(), jax.process_count())
     preprocess = data.preprocess_from_config(config)
-
-    tx, schedule = optim.make_optimizer(config, config.total_steps)
-    step_cfg = train_lib.StepConfig(
-        num_classes=config.num_classes,
-        label_smoothing=config.label_smoothing,
-        mix=train_lib.MixConfig(
-            config.augment.mixup_alpha,
-            config.augment.cutmix_alpha,
-            config.augment.switch_prob,
-            config.augment.mix_prob,
-        ),
-        ema_decay=config.ema_decay,
-        grad_accum_steps=config.grad_accum_steps,
-    )
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    use_ema = config.ema_decay > 0
-
-    def init_state():
-        return train_lib.create_train_state(model, tx, init_rng, image_shape, use_ema)
-
-    abstract_state = jax.eval_shape(init_state)
-    train_step, eval_step, shardings = train_lib.compile_steps(
-        model, tx, schedule, step_cfg, mesh, abstract_state
+    compiled = _compile_steps(config, model, init_rng)
+    evaluate = functools.partial(
+        _evaluate, compiled.eval_step, test_source, layout, preprocess, compiled.batch_sharding
     )
-    batch_sharding = train_lib.batch_sharding(mesh)
 
-    checkpointer = checkpointing.Checkpointer(
-        workdir, config.max_to_keep, config.async_checkpointing, config.best_metric or None, config.best_mode
-    )
-    abstract_with_sharding = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-    )
-    restored = checkpointer.restore_latest(abstract_with_sharding, train_rng)
-    # Only now: a config that cannot restore the workdir's checkpoints must not
-    # replace the config.json that describes them.
-    _write_run_files(workdir, config, list(train_source.class_names))
-    if restored is not None:
-        state, train_rng, data_state, start_step = restored
-        log.info("resuming from step %d", start_step)
-    else:
-        state = jax.jit(init_state, out_shardings=shardings)()
-        if config.init_from:
-            state = jax.device_put(_init_params_from(config, model, state), shardings)
-        data_state, start_step = None, 0
-
-    batches = data.train_batches(
-        train_source,
-        layout,
-        preprocess,
-        seed=config.seed,
-        num_steps=config.total_steps,
-        workers=config.data.workers,
-    )
-    if data_state is not None:
-        batches.set_state(data_state)
-    writer = MetricsWriter(workdir, start_step)
-    bar = tqdm(
-        total=config.total_steps,
-        initial=start_step,
-        disable=not config.progress_bar or jax.process_index() != 0,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_eval: dict[str, float] = {}
-    timer = (time.perf_counter(), start_step)
-
-    def flush_metrics(step: int) -> None:
-        """Reads the per-step metrics since the last flush; stops at the first non-finite loss."""
-        nonlocal timer
-        if not pending:
-            return
-        fetched = jax.device_get(pending)
-        pending.clear()
-        for s, m in fetched:
-            if not m["finite"]:
-                raise NonFiniteLossError(
-                    f"non-finite loss, gradient or update at step {s} (loss={float(m['loss'])}, grad_norm="
-                    f"{float(m['grad_norm'])}); stopped. Parameters were not updated with it; the newest"
-                    " checkpoint holds the last good state. Lower the learning rate or check the data."
-                )
-        elapsed = time.perf_counter() - timer[0]
-        images_per_sec = (step - timer[1]) * config.batch_size / max(elapsed, 1e-9)
-        timer = (time.perf_counter(), step)
-        means = {k: float(np.mean([m[k] for _, m in fetched])) for k in ("loss", "accuracy", "grad_norm")}
-        values = {
-            "train/loss": means["loss"],
-            "train/accuracy": means["accuracy"],
-            "train/grad_norm": means["grad_norm"],
-            "learning_rate": float(fetched[-1][1]["learning_rate"]),
-            "images_per_sec": images_per_sec,
-        }
-        writer.write(step, values)
-        bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{images_per_sec:.0f}")
-
-    saved_step = start_step if restored is not None else -1
-
-    def save(step: int) -> None:
-        nonlocal saved_step
-        flush_metrics(step)  # never save a state after a non-finite step went unnoticed
-        if step == saved_step:  # e.g. SIGTERM at a checkpoint step: orbax refuses a second save
-            return
-        checkpointer.save(step, state, train_rng, batches.get_state())
-        saved_step = step
-
-    def run_eval(step: int) -> dict[str, float]:
-        params = state.ema_params if use_ema else state.params
-        metrics = _evaluate(eval_step, params, test_source, layout, preprocess, batch_sharding)
-        if step not in writer.eval_steps:  # a rerun of a finished run evaluates again
-            writer.write(step, metrics)
-        checkpointer.save_best(step, params, metrics)
-        return metrics
-
-    step = start_step
-    try:
-        with _Preemption() as preemption:
+    with _checkpointer(config, workdir) as checkpointer:
+        restored = checkpointer.restore_latest(compiled.abstract_state, train_rng)
+        # Only now: a config that cannot restore the workdir's checkpoints must not
+        # replace the config.json that describes them.
+        _write_run_files(workdir, config, list(train_source.class_names))
+        if restored is not None:
+            state, train_rng, data_state, start_step = restored
+            log.info("resuming from step %d", start_step)
+        else:
+            state, data_state, start_step = _initial_state(config, model, compiled), None, 0
+        batches = _train_batches(config, train_source, layout, preprocess, data_state)
+        meter = TrainMetricsAccumulator(config.batch_size, start_step)
+        with (
+            MetricsWriter(workdir, start_step) as writer,
+            _progress_bar(config, start_step) as bar,
+            _Preemption() as preemption,
+        ):
+            log_train = functools.partial(_log_train_metrics, meter, writer, bar)
+            step = start_step
             while step < config.total_steps:
-                batch = train_lib.to_global(next(batches), batch_sharding)
-                state, metrics = train_step(state, batch, train_rng)
+                with meter.waiting_for_data():
+                    batch = next(batches)
+                state, metrics = compiled.train_step(
+                    state, train_lib.to_global(batch, compiled.batch_sharding), train_rng
+                )
                 step += 1
-                pending.append((step, metrics))
+                meter.add(step, metrics)
                 bar.update(1)
-                if config.log_every and step % config.log_every == 0:
-                    flush_metrics(step)
-                if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-                    flush_metrics(step)
-                    last_eval = run_eval(step)
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-                if (
-                    config.checkpoint_every
-                    and step % config.checkpoint_every == 0
-                    and step < config.total_steps
-                ):
-                    save(step)
+                before_last = step < config.total_steps  # the last step's eval and save follow the loop
+                if _every(config.log_every, step):
+                    log_train(step)
+                if _every(config.eval_every, step) and before_last:
+                    log_train(step)
+                    eval_metrics = _evaluate_and_log(step, state, evaluate, writer, checkpointer)
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                if _every(config.checkpoint_every, step) and before_last:
+                    log_train(step)  # before any save: never keep a state after an unnoticed non-finite step
+                    checkpointer.save(step, state, train_rng, batches.get_state())
                 if preemption.should_stop():
                     log.warning("SIGTERM: saving at step %d and exiting", step)
-                    save(step)
-                    checkpointer.wait()
-                    bar.close()
+                    log_train(step)
+                    checkpointer.save(step, state, train_rng, batches.get_state())
                     return {"preempted_at_step": float(step)}
-            flush_metrics(step)
-            if not last_eval or start_step < step:
-                last_eval = run_eval(step)
-            if start_step < step or restored is None:
-                save(step)
-            checkpointer.wait()
-            _plot_curves(workdir)
-    finally:
-        bar.close()
-        writer.close()
-        checkpointer.wait()
-        checkpointer.close()
-    return last_eval
+            log_train(step)
+            final_metrics = _evaluate_and_log(step, state, evaluate, writer, checkpointer)
+            checkpointer.save(step, state, train_rng, batches.get_state())
+    _plot_curves(workdir)
+    return final_metrics

@@ -371,12 +371,14 @@ def load_image(
     *,
     crop_pct: float = 1.0,
     interpolation: str = "bilinear",
+    center_crop: bool = False,
 ) -> np.ndarray:
     """An image file -> ``(H, W, channels)`` float32 in ``[0, 1]`` at ``size = (H, W)``.
 
     ``crop_pct = 1`` resizes the whole image to ``size``; below 1 it resizes
     so that ``size / crop_pct`` fits the image, then takes the central
-    ``size`` (the timm evaluation transform).
+    ``size`` (the timm evaluation transform); ``center_crop`` crops at
+    ``crop_pct = 1`` too (CLIP).
     """
     from jaxvit import preprocess
 
@@ -386,7 +388,10 @@ def load_image(
     if channels == 1:
         img = img.convert("L")
     height, width = size
-    pixels = np.asarray(preprocess.resize_and_crop(img, size, crop_pct, interpolation), np.float32) / 255.0
+    pixels = (
+        np.asarray(preprocess.resize_and_crop(img, size, crop_pct, interpolation, center_crop), np.float32)
+        / 255.0
+    )
     return pixels.reshape(height, width, channels)
 
 
@@ -463,6 +468,7 @@ def save_attention(
         bundle.model.num_channels,
         crop_pct=getattr(bundle, "crop_pct", 1.0),
         interpolation=getattr(bundle, "interpolation", "bilinear"),
+        center_crop=getattr(bundle, "center_crop", False),
     )
     maps = attention_maps_for_image(
         bundle.model,

@@ -823,7 +823,7 @@ def test_hf_config_values_load_exactly_or_fail_naming_the_key(good, tmp_path_fac
     try:
         model, size = model_from_checkpoint(read_checkpoint(folder))
     except ValueError as e:
-        assert "config.json" in str(e) or "does not fit" in str(e) or "does not match" in str(e), str(e)
+        assert str(folder) in str(e), str(e)
         return
     # It loaded: then the value is the one the weights need.
     assert (model.width, model.depth, model.num_heads, model.num_classes) == (16, 2, 2, 3)

@@ -14,6 +14,14 @@ from jaxvit import ops
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=4)
 
 
+# The reference formulas, written out: jax's own GELUs and CLIP's QuickGELU.
+REFERENCE_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
 def tiny(**overrides) -> jaxvit.VisionTransformer:
     return jaxvit.create_model(None, **{"num_classes": 10, **TINY, **overrides})
 
@@ -47,6 +55,23 @@ def images(n=2, h=16, w=16, c=3, seed=0):
 )
 def test_published_parameter_counts(variant, expected):
     assert jaxvit.count_params(jaxvit.create_model(variant, num_classes=1000), 224) == expected
+
+
+def test_siglip_so400m_parameter_count():
+    # SigLIP's So400m/14 image tower at 224 px: no class token, MAP head, no classifier.
+    model = jaxvit.create_model("So400m/14", num_classes=0, class_token=False, pool="map")
+    assert jaxvit.count_params(model, 224) == 427_680_704
+
+
+@pytest.mark.parametrize(
+    "variant, projection, expected", [("B/32", 512, 87_849_216), ("L/14", 768, 303_966_208)]
+)
+def test_clip_tower_parameter_counts(variant, projection, expected):
+    # transformers' CLIPVisionModelWithProjection of the same size has as many parameters.
+    model = jaxvit.create_model(
+        variant, num_classes=projection, pre_norm=True, patch_bias=False, head_bias=False
+    )
+    assert jaxvit.count_params(model, 224) == expected
 
 
 def test_parameter_count_is_the_same_when_scanned():
@@ -191,6 +216,23 @@ def test_resample_posemb_matches_torch_bilinear(old, new):
     np.testing.assert_allclose(out[0, 1:], ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method, antialias", [("bicubic", False), ("bicubic", True), ("bilinear", True)])
+@pytest.mark.parametrize("old, new", [((4, 4), (6, 6)), ((7, 7), (3, 5)), ((3, 5), (8, 4)), ((5, 5), (5, 9))])
+def test_resample_posemb_matches_torch_interpolate(method, antialias, old, new):
+    import torch
+
+    posemb = jax.random.normal(jax.random.key(3), (1, 1 + old[0] * old[1], 6))
+    out = jaxvit.resample_posemb(posemb, new, old_grid=old, method=method, antialias=antialias)
+    grid = torch.from_numpy(np.array(posemb[0, 1:]).reshape(1, *old, 6)).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.interpolate(
+        grid, size=new, mode=method, align_corners=False, antialias=antialias
+    )
+    ref = ref.permute(0, 2, 3, 1).reshape(1, -1, 6).numpy()
+    np.testing.assert_array_equal(out[:, :1], posemb[:, :1])
+    # torch computes in float32, these in float64: a few ulp of values near 1 apart
+    np.testing.assert_allclose(out[:, 1:], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_resample_posemb_without_class_slot_and_errors():
     posemb = jnp.ones((1, 16, 4))
     assert jaxvit.resample_posemb(posemb, (2, 2), num_prefix_tokens=0).shape == (1, 4, 4)
@@ -316,15 +358,86 @@ def test_dropout_only_in_training():
     assert not np.allclose(train_a, eval_a)
 
 
-@pytest.mark.parametrize("approximate", [False, True])
-def test_gelu_flavour_is_a_field(approximate):
-    mlp = jaxvit.MlpBlock(mlp_dim=8, gelu_approximate=approximate)
+@pytest.mark.parametrize("name", sorted(REFERENCE_ACTIVATIONS))
+def test_activation_is_a_field(name):
+    mlp = jaxvit.MlpBlock(mlp_dim=8, activation=name)
     x = jnp.linspace(-3, 3, 12).reshape(1, 3, 4)
     params = mlp.init(jax.random.key(0), x)
     p = params["params"]
     hidden = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
-    want = jax.nn.gelu(hidden, approximate=approximate) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    want = REFERENCE_ACTIVATIONS[name](hidden) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
     np.testing.assert_allclose(mlp.apply(params, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_approximate_is_a_deprecated_name_of_gelu_tanh():
+    old = tiny(gelu_approximate=True)
+    new = tiny(activation="gelu_tanh")
+    x = images()
+    variables = {"params": perturb(new.init(jax.random.key(0), x)["params"])}
+    with pytest.warns(DeprecationWarning, match="activation='gelu_tanh'"):
+        np.testing.assert_array_equal(old.apply(variables, x), new.apply(variables, x))
+    with pytest.raises(ValueError, match="contradicts activation='quick_gelu'"):
+        tiny(gelu_approximate=True, activation="quick_gelu")
+    with pytest.raises(ValueError, match="unknown activation 'relu'.*quick_gelu"):
+        tiny(activation="relu")
+
+
+# -- options of the CLIP and SigLIP towers ------------------------------------
+
+
+def test_bias_switches_remove_exactly_their_parameters():
+    x = images()
+    full = flat_shapes(tiny(), x)
+    cut = flat_shapes(tiny(patch_bias=False, qkv_bias=False, head_bias=False), x)
+    gone = {"patch_embed/bias", "head/classifier/bias"} | {
+        f"encoder/block_{i}/attn/qkv/bias" for i in range(TINY["depth"])
+    }
+    assert set(full) - set(cut) == gone and set(cut) < set(full)
+    model = tiny(patch_bias=False, qkv_bias=False, head_bias=False)
+    params = perturb(model.init(jax.random.key(0), x)["params"])
+    patches = vit.patchify(x, 4) @ params["patch_embed"]["kernel"].reshape(-1, TINY["width"])
+    _, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    np.testing.assert_allclose(state["intermediates"]["patch_tokens"][0], patches, rtol=1e-5, atol=1e-6)
+    features = state["intermediates"]["head"]["features"][0]
+    logits = model.apply({"params": params}, x)
+    np.testing.assert_allclose(
+        logits, features @ params["head"]["classifier"]["kernel"], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_pre_norm_normalises_the_tokens_before_the_first_block():
+    x = images()
+    model = tiny(pre_norm=True, layer_norm_eps=1e-5)
+    variables = {"params": perturb(model.init(jax.random.key(0), x)["params"])}
+    assert set(variables["params"]["encoder"]["norm_pre"]) == {"scale", "bias"}
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+    p = variables["params"]
+    embedded = (
+        jnp.concatenate(
+            [
+                jnp.broadcast_to(p["cls_token"]["token"], (2, 1, TINY["width"])),
+                vit.patchify(x, 4) @ p["patch_embed"]["kernel"].reshape(-1, TINY["width"])
+                + p["patch_embed"]["bias"],
+            ],
+            axis=1,
+        )
+        + p["pos_embed"]["embedding"]
+    )
+    normed = nn.LayerNorm(epsilon=1e-5).apply({"params": p["encoder"]["norm_pre"]}, embedded)
+    block = vit.EncoderBlock(mlp_dim=TINY["mlp_dim"], num_heads=TINY["num_heads"], layer_norm_eps=1e-5)
+    want, _ = block.apply({"params": p["encoder"]["block_0"]}, normed, jnp.zeros(()))
+    got = state["intermediates"]["encoder"]["block_0"]["out"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and scanned the same
+    scanned = model.clone(scan=True)
+    out = scanned.apply({"params": vit.unrolled_to_scan(variables["params"])}, x)
+    np.testing.assert_allclose(out, model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def flat_shapes(model, x):
+    import flax
+
+    return flax.traverse_util.flatten_dict(vit.param_shapes(model, x.shape[1:3]), sep="/")
 
 
 # -- intermediates ---------------------------------------------------------
@@ -542,17 +655,26 @@ def _rand(shape, seed=0, scale=3.0):
     return scale * jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
-@pytest.mark.parametrize("approximate", [False, True])
-def test_gelu_matches_jax_in_value_and_derivatives(approximate):
+@pytest.mark.parametrize("name", sorted(REFERENCE_ACTIVATIONS))
+def test_activation_matches_the_formula_in_value_and_derivatives(name):
     x = _rand((64,))
-    ours = lambda x: ops.gelu(x, approximate)
-    ref = lambda x: jax.nn.gelu(x, approximate=approximate)
+    ours = lambda x: ops.activation(x, name)
+    ref = REFERENCE_ACTIVATIONS[name]
     chex.assert_trees_all_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
     d1 = lambda f: jax.vmap(jax.grad(f))
     chex.assert_trees_all_close(d1(ours)(x), d1(ref)(x), rtol=1e-5, atol=1e-6)
     d2 = lambda f: jax.vmap(jax.grad(jax.grad(f)))  # the custom JVP differentiates again
     chex.assert_trees_all_close(d2(ours)(x), d2(ref)(x), rtol=1e-4, atol=1e-5)
-    assert ops.gelu(x.astype(jnp.bfloat16), approximate).dtype == jnp.bfloat16
+    assert ops.activation(x.astype(jnp.bfloat16), name).dtype == jnp.bfloat16
+    assert _distinct_residuals(ours, x.reshape(8, 8), shape=(8, 8)) == 1
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_matches_jax(approximate):
+    x = _rand((64,))
+    chex.assert_trees_all_close(
+        ops.gelu(x, approximate), jax.nn.gelu(x, approximate=approximate), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_softmax_matches_jax_in_value_jvp_and_vjp():

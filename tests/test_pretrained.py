@@ -84,7 +84,7 @@ TIMM_CASES = {
     "tok": (dict(), dict(class_token=True, pool="tok")),
     "gap": (dict(class_token=False, global_pool="avg", fc_norm=False), dict(class_token=False, pool="gap")),
     "map": (dict(class_token=False, global_pool="map"), dict(class_token=False, pool="map")),
-    "gelu_tanh": (dict(act_layer="gelu_tanh"), dict(gelu_approximate=True)),
+    "gelu_tanh": (dict(act_layer="gelu_tanh"), dict(activation="gelu_tanh")),
 }
 
 
@@ -165,7 +165,7 @@ def test_hf_vit_round_trips(tmp_path, act):
     model = pretrained.model_from_hf_config(tmp_path / "hf")
     assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.num_classes) == (32, 2, 4, 64, 5)
     assert model.layer_norm_eps == 1e-12
-    assert model.gelu_approximate == (act != "gelu")
+    assert model.activation == ("gelu" if act == "gelu" else "gelu_tanh")
     params = jaxvit.load_pretrained(tmp_path / "hf", model, 16)
     assert_close(jax_logits(model, params, images), expected)
 
@@ -525,12 +525,18 @@ def test_every_registered_format_has_what_the_registry_promises():
     for fmt in registry.FORMATS:
         assert isinstance(fmt.NAME, str) and callable(fmt.claims) and callable(fmt.read), fmt
         assert fmt.PREPROCESSING.crop_pct <= 1.0
-    for fmt in registry.EXPORTS.values():
-        assert (
-            callable(fmt.write) and isinstance(fmt.HAS_PRE_LOGITS, bool) and isinstance(fmt.HAS_SINCOS, bool)
-        )
+    for writers in registry.EXPORTERS.values():
+        for fmt in writers:
+            assert (
+                callable(fmt.write)
+                and isinstance(fmt.HAS_PRE_LOGITS, bool)
+                and isinstance(fmt.HAS_SINCOS, bool)
+            )
+        assert all(callable(fmt.exports) for fmt in writers[:-1])
     assert sorted(registry.EXPORTS) == ["hf", "npz", "timm"]
-    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf", "timm", "workdir")
+    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf_clip", "hf_siglip", "hf", "timm", "workdir")
+    with pytest.raises(ValueError, match="model_type='bert'.*supported model types.*'clip'.*'siglip'.*'vit'"):
+        registry.hf_format({"model_type": "bert"})
     assert registry.format_for("state_dict", {"blocks.0.norm1.weight": np.zeros(2)}).NAME == "timm"
     with pytest.raises(ValueError, match="unknown origin 'nope'"):
         registry.by_origin("nope")

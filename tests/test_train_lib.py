@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxvit
 from jaxvit import optim, train_lib
-from jaxvit.configs import base_config
+from jaxvit.configs import base_config, step_config_from_config
 
 MODEL = jaxvit.create_model(None, num_classes=5, width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4)
 
@@ -259,3 +259,19 @@ def test_eval_step_breaks_ties_like_argmax_and_never_credits_nan():
     nan_params = jax.tree_util.tree_map(lambda a: a * jnp.nan, params)
     sums = train_lib.eval_step(nan_params, batch, model=model)
     assert (float(sums["top1"]), float(sums["top5"])) == (0.0, 0.0)
+
+
+def test_step_config_from_config_reads_every_field_into_its_place():
+    c = base_config()
+    c.num_classes = 7
+    c.label_smoothing = 0.1
+    c.augment.update(mixup_alpha=0.2, cutmix_alpha=0.3, switch_prob=0.4, mix_prob=0.6)
+    c.ema_decay = 0.99
+    c.grad_accum_steps = 3
+    assert step_config_from_config(c) == train_lib.StepConfig(
+        num_classes=7,
+        label_smoothing=0.1,
+        mix=train_lib.MixConfig(mixup_alpha=0.2, cutmix_alpha=0.3, switch_prob=0.4, prob=0.6),
+        ema_decay=0.99,
+        grad_accum_steps=3,
+    )

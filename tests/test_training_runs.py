@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from helpers import make_folder
 
 import jaxvit
-from jaxvit import checkpointing, trainer
+from jaxvit import checkpointing, configs, pack, trainer
 from jaxvit.configs import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,12 @@ def test_workdir_holds_config_labels_metrics_tensorboard_and_checkpoints(one_dev
     assert final in result.stdout
 
 
+def test_train_lines_log_the_share_of_time_spent_waiting_for_data(one_device):
+    workdir, _ = one_device
+    train = [m for m in map(json.loads, open(workdir / "metrics.jsonl")) if "train/loss" in m]
+    assert train and all(0.0 <= m["train/data_wait"] <= 1.0 for m in train)
+
+
 def test_eight_devices_with_fsdp_give_the_same_parameters(one_device, tmp_path):
     result = run_train(
         tmp_path, *SGD, "--config.mesh.fsdp=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -99,6 +106,82 @@ def test_two_processes_give_the_same_parameters(one_device, tmp_path):
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert max_abs_diff(params_of(one_device[0]), params_of(tmp_path)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def packed_folder(tmp_path_factory):
+    """60 train and 9 val images of 3 classes, packed into shards of 16."""
+    root = str(tmp_path_factory.mktemp("src"))
+    make_folder(root, classes=("ant", "bee", "cat"), per_class=20, size=(14, 12))
+    make_folder(root, classes=("ant", "bee", "cat"), per_class=3, size=(10, 10), split="val")
+    out = str(tmp_path_factory.mktemp("packed"))
+    pack.pack(root, out, shard_size=16, progress=False)
+    return out
+
+
+def test_two_processes_on_packed_shards_read_each_example_of_the_epoch_once(packed_folder, tmp_path):
+    """One epoch (5 steps of 12 from 60 images) on 1 process and on 2: the same parameters,
+    and the 2 processes' reads of the train split together are every image exactly once."""
+    recorder = os.path.join(ROOT, "tests", "_recording_train.py")
+    args = [
+        f"--config={TINY}",
+        *SGD,
+        "--config.dataset=arrayrecord",
+        f"--config.data.root={packed_folder}",
+        "--config.num_classes=3",
+        "--config.batch_size=12",
+        "--config.total_steps=5",
+        "--config.eval_every=0",
+    ]
+    one = subprocess.run(
+        [sys.executable, recorder, str(tmp_path / "one_reads"), f"--workdir={tmp_path / 'one'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = portpicker.pick_unused_port()
+    cmd = [
+        sys.executable,
+        recorder,
+        str(tmp_path / "reads"),
+        f"--workdir={tmp_path / 'two'}",
+        *args,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    reads = [open(tmp_path / f"reads.{i}").read().split() for i in range(2)]
+    everything = sorted(
+        f"{c}/{i}.{'png' if i % 2 else 'jpg'}" for c in ("ant", "bee", "cat") for i in range(20)
+    )
+    assert len(reads[0]) == len(reads[1]) == 30
+    assert sorted(reads[0] + reads[1]) == everything
+    assert sorted(open(tmp_path / "one_reads.0").read().split()) == everything
+    assert max_abs_diff(params_of(tmp_path / "one"), params_of(tmp_path / "two")) < 1e-5
+
+
+def test_a_damaged_shard_stops_training_before_it_starts(packed_folder, tmp_path):
+    out = str(tmp_path / "packed")
+    shutil.copytree(packed_folder, out)
+    with open(os.path.join(out, "train-00001-of-00004.array_record"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    config = load_config_file(TINY)
+    with config.unlocked():
+        config.dataset, config.data.root, config.num_classes = "arrayrecord", out, 3
+    with pytest.raises(ValueError, match="train-00001-of-00004.array_record' has SHA-256"):
+        trainer.train_and_evaluate(config, str(tmp_path / "work"))
+    assert os.listdir(tmp_path / "work") == []
 
 
 def test_rerun_of_a_finished_run_changes_nothing(one_device):
@@ -148,8 +231,15 @@ def short(config, steps=2, **overrides):
 @pytest.mark.parametrize("name", ["default", "imagefolder", "cifar_like", "vit_s16_i1k", "finetune"])
 def test_every_config_file_builds_its_model(name):
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
-    model = checkpointing.model_from_config(config.to_dict())
+    model = configs.model_from_config(config.to_dict())
     assert jaxvit.count_params(model, config.image_size) > 0
+
+
+def test_model_from_config_under_its_old_name_warns_and_still_works():
+    config = load_config_file(TINY).to_dict()
+    with pytest.warns(DeprecationWarning, match="use jaxvit.configs.model_from_config"):
+        old = checkpointing.model_from_config
+    assert old(config) == configs.model_from_config(config)
 
 
 def test_vit_s16_i1k_runs_on_synthetic_data_of_its_shape(tmp_path):

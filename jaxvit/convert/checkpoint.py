@@ -29,19 +29,28 @@ class Preprocessing:
 
     Images are scaled to [0, 1], then normalised with ``mean``/``std`` per
     channel. ``crop_pct`` < 1: resize the shorter side to ``size / crop_pct``
-    and center-crop (timm); 1.0: resize the whole image to the model's size.
+    and center-crop (timm); 1.0: resize the whole image to the model's size,
+    unless ``center_crop`` (CLIP: shorter side to the size, then center-crop).
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+    center_crop: bool = False
 
 
 # VT/AugReg, big_vision and HF ViT resize the whole image and map [0, 1] to [-1, 1].
 INCEPTION = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # timm's ViT defaults: ImageNet statistics, shorter side to size / 0.875, center crop.
 IMAGENET_TIMM = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0.875, "bicubic")
+# OpenAI CLIP's statistics, as transformers' and timm's CLIP image processors use them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# transformers' CLIPImageProcessor: shorter side to the size (bicubic), center crop.
+CLIP_HF = Preprocessing(CLIP_MEAN, CLIP_STD, 1.0, "bicubic", center_crop=True)
+# transformers' SiglipImageProcessor: the whole image to the size, bicubic, to [-1, 1].
+SIGLIP_HF = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0, "bicubic")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,7 +64,8 @@ class Checkpoint:
     position embedding (0 for big_vision, which adds it before the class
     token goes in front). ``grid``, ``num_heads``: when the checkpoint says
     them. ``config``: Hugging Face ``config.json`` or the metadata ``export``
-    wrote.
+    wrote. ``posemb_resample``: ``(method, antialias)`` of ``resample_posemb``
+    that gives what the origin's own code computes at another resolution.
     """
 
     path: str
@@ -66,6 +76,7 @@ class Checkpoint:
     grid: tuple[int, int] | None = None
     num_heads: int | None = None
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    posemb_resample: tuple[str, bool] = ("bilinear", False)
 
     @property
     def posemb_prefix(self) -> int:

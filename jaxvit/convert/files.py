@@ -348,3 +348,44 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike,
 def read_json(path: str | os.PathLike) -> dict:
     """A JSON object from ``path`` (a regular file), with a clear error for broken files."""
     return validate.read_json_object(path)
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[Flat, dict]:
+    """``(arrays, config)`` of a Hugging Face ``save_pretrained`` folder.
+
+    The weights are ``model.safetensors``, its shards (named in
+    ``model.safetensors.index.json``) or ``pytorch_model.bin``. Every file is
+    opened through ``validate.member_path``: a shard that the index names
+    outside the folder (``..``, an absolute path, a link out of it) is refused
+    before it is opened.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(
+            f"{folder} is a folder without config.json: expected a Hugging Face folder"
+            " (config.json + model.safetensors, as save_pretrained writes them)"
+        )
+    config = read_json(validate.member_path(folder, "config.json", "config file"))
+    arrays: Flat = {}
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        index_path = validate.member_path(folder, index.name, "index file")
+        weight_map = read_json(index_path).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(
+                f"{index_path}: weight_map must be a non-empty JSON object of tensor names to shards"
+            )
+        shards = sorted({validate.member_path(folder, s, "shard") for s in weight_map.values()})
+        for shard in shards:
+            for key, value in read_safetensors(shard)[0].items():
+                if key in arrays:
+                    raise ValueError(f"{shard}: tensor {key!r} is also in another shard")
+                arrays[key] = value
+    elif (folder / "model.safetensors").exists():
+        arrays = read_safetensors(validate.member_path(folder, "model.safetensors", "weights file"))[0]
+    elif (folder / "pytorch_model.bin").exists():
+        arrays = read_torch(validate.member_path(folder, "pytorch_model.bin", "weights file"))
+    else:
+        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors (nor pytorch_model.bin)")
+    return arrays, validate.hf_config(config, str(config_path))

@@ -16,9 +16,10 @@ import numpy as np
 
 from jaxvit.convert import files, layouts, validate
 from jaxvit.convert.checkpoint import INCEPTION, Checkpoint, Flat, grid_from_config
-from jaxvit.model import VisionTransformer, create_model, to_pair
+from jaxvit.model import VisionTransformer, create_model, resolve_activation, to_pair
 
 NAME = "hf"
+MODEL_TYPES = ("vit",)
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
@@ -64,8 +65,16 @@ RULES = tuple(
 )
 
 
-# hidden_act -> gelu_approximate
-_GELU = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
+# transformers' hidden_act -> jaxvit's activation
+HIDDEN_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
+# jaxvit's activation -> the hidden_act an export writes
+HIDDEN_ACT_OF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 
 
 def _is_state_dict(keys: Sequence[str]) -> bool:
@@ -75,114 +84,22 @@ def _is_state_dict(keys: Sequence[str]) -> bool:
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """A Hugging Face folder, or a state dict with Hugging Face ViT names."""
-    return kind == "hf_folder" or (kind == "state_dict" and _is_state_dict(list(arrays)))
+    """A state dict with Hugging Face ViT names (folders go by their ``model_type``)."""
+    return kind == "state_dict" and _is_state_dict(list(arrays))
 
 
 def read_folder(folder: Path) -> tuple[Flat, dict[str, Any]]:
-    """``(arrays, config)`` of a ``save_pretrained`` folder.
-
-    Every file is opened through ``validate.member_path``: a shard that the
-    index names outside the folder (``..``, an absolute path, a link out of
-    it) is refused before it is opened.
-    """
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{folder} is a folder without config.json: expected a Hugging Face ViT folder"
-            " (config.json + model.safetensors, as save_pretrained writes them)"
-        )
-    config = files.read_json(validate.member_path(folder, "config.json", "config file"))
-    arrays: Flat = {}
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        index_path = validate.member_path(folder, index.name, "index file")
-        weight_map = files.read_json(index_path).get("weight_map", {})
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(
-                f"{index_path}: weight_map must be a non-empty JSON object of tensor names to shards"
-            )
-        shards = sorted({validate.member_path(folder, s, "shard") for s in weight_map.values()})
-        for shard in shards:
-            for key, value in files.read_safetensors(shard)[0].items():
-                if key in arrays:
-                    raise ValueError(f"{shard}: tensor {key!r} is also in another shard")
-                arrays[key] = value
-    elif (folder / "model.safetensors").exists():
-        arrays = files.read_safetensors(validate.member_path(folder, "model.safetensors", "weights file"))[0]
-    elif (folder / "pytorch_model.bin").exists():
-        arrays = files.read_torch(validate.member_path(folder, "pytorch_model.bin", "weights file"))
-    else:
-        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors (nor pytorch_model.bin)")
-    return arrays, checked_config(config, str(config_path))
+    """Deprecated place of ``files.read_hf_folder`` (until jaxvit 0.3)."""
+    return files.read_hf_folder(folder)
 
 
 def checked_config(config: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
-    """A Hugging Face ViT ``config.json`` with every value jaxvit uses checked for type and range.
-
-    ``id2label`` must map the class indices ``0..n-1`` (as strings) to strings;
-    ``num_labels``, when given too, must agree with it.
-    """
-    if not isinstance(config, Mapping):
-        raise ValueError(f"{where} must hold a JSON object, got {type(config).__name__}")
-    out = dict(config)
-    ints = {
-        "hidden_size": (768, 1, validate.MAX_WIDTH),
-        "num_hidden_layers": (12, 0, validate.MAX_DEPTH),
-        "num_attention_heads": (12, 1, validate.MAX_WIDTH),
-        "intermediate_size": (3072, 1, validate.MAX_MLP_DIM),
-        "num_channels": (3, 1, validate.MAX_CHANNELS),
-        "num_labels": (2, 0, validate.MAX_CLASSES),
-    }
-    for key, (default, lo, hi) in ints.items():
-        if key in config:
-            out[key] = validate.int_field(config, key, where, default=default, lo=lo, hi=hi)
-    if "patch_size" in config:
-        out["patch_size"] = validate.size_field(config, "patch_size", where, hi=validate.MAX_PATCH)
-    if "image_size" in config:
-        out["image_size"] = validate.size_field(config, "image_size", where)
-    if "layer_norm_eps" in config:
-        out["layer_norm_eps"] = validate.float_field(
-            config, "layer_norm_eps", where, lo=0.0, hi=1.0, lo_open=True
-        )
-    for key in ("hidden_act", "model_type"):
-        if key in config:
-            out[key] = validate.str_field(config, key, where)
-    if "qkv_bias" in config:
-        out["qkv_bias"] = validate.bool_field(config, "qkv_bias", where)
-    if config.get("architectures") is not None:
-        out["architectures"] = list(validate.str_list(config["architectures"], "architectures", where))
-    id2label = config.get("id2label")
-    if id2label:
-        if not isinstance(id2label, Mapping):
-            raise ValueError(f"{where}: id2label must be a JSON object of class indices to names")
-        indices = []
-        for k, v in id2label.items():
-            if not isinstance(k, str) or not k.isdigit() or not isinstance(v, str):
-                raise ValueError(
-                    f"{where}: id2label must map class indices ('0', '1', ...) to names; got {k!r}: {v!r}"
-                )
-            indices.append(int(k))
-        if sorted(indices) != list(range(len(indices))):
-            raise ValueError(
-                f"{where}: id2label keys must be 0..{len(indices) - 1}, got {sorted(indices)[:10]}"
-            )
-        if len(indices) > validate.MAX_CLASSES:
-            raise ValueError(
-                f"{where}: id2label has {len(indices)} classes, more than {validate.MAX_CLASSES}"
-            )
-        if "num_labels" in config and out["num_labels"] != len(indices):
-            raise ValueError(
-                f"{where}: num_labels={out['num_labels']} but id2label names {len(indices)} classes"
-            )
-    return out
+    """Deprecated place of ``validate.hf_config``."""
+    return validate.hf_config(config, where)
 
 
 def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     """A Hugging Face ViT state dict (and its ``config.json``, if any) -> a ``Checkpoint``."""
-    config = checked_config(config, f"{path}/config.json") if config else {}
-    if config and config.get("model_type", "vit") != "vit":
-        raise ValueError(f"{path}: config.json has model_type={config.get('model_type')!r}, expected 'vit'")
     stripped = {(k[4:] if k.startswith("vit.") else k): v for k, v in arrays.items()}
     params, unmatched = layouts.rename(stripped, RULES)
     return Checkpoint(
@@ -207,11 +124,9 @@ def model_from_config(
     """
     config = checked_config(config, source)
     act = config.get("hidden_act", "gelu")
-    if act not in _GELU:
-        raise ValueError(f"{source}: hidden_act={act!r} is not supported: expected one of {sorted(_GELU)}")
-    if not config.get("qkv_bias", True):
+    if act not in HIDDEN_ACT:
         raise ValueError(
-            f"{source}: qkv_bias=False is not supported: jaxvit's attention projections have biases"
+            f"{source}: hidden_act={act!r} is not supported: expected one of {sorted(HIDDEN_ACT)}"
         )
     architectures = config.get("architectures") or ["ViTForImageClassification"]
     classify = any(a.endswith("ForImageClassification") for a in architectures)
@@ -225,7 +140,8 @@ def model_from_config(
         patch_size=config.get("patch_size", 16),
         num_channels=config.get("num_channels", 3),
         layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-        gelu_approximate=_GELU[act],
+        activation=HIDDEN_ACT[act],
+        qkv_bias=bool(config.get("qkv_bias", True)),
         class_token=True,
         pool="tok",
         posemb="learn",
@@ -260,7 +176,7 @@ def _export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequ
         "num_hidden_layers": model.depth,
         "num_attention_heads": model.num_heads,
         "intermediate_size": model.mlp_dim or 4 * model.width,
-        "hidden_act": "gelu_pytorch_tanh" if model.gelu_approximate else "gelu",
+        "hidden_act": HIDDEN_ACT_OF[resolve_activation(model.activation, model.gelu_approximate)],
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
@@ -268,7 +184,7 @@ def _export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequ
         "image_size": size[0] if size[0] == size[1] else list(size),
         "patch_size": model.patch_size,
         "num_channels": model.num_channels,
-        "qkv_bias": True,
+        "qkv_bias": model.qkv_bias,
         "encoder_stride": to_pair(model.patch_size)[0],
         "id2label": {str(i): n for i, n in enumerate(names)},
         "label2id": {n: i for i, n in enumerate(names)},

@@ -33,6 +33,10 @@ _TRANSFORMS = {
     "linear": (lambda a: a.T, lambda a: a.T),
     # torch Conv2d weight OIHW <-> flax conv kernel HWIO
     "conv": (lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+    # a vector (D,) <-> a token (1, 1, D): CLIP's class_embedding
+    "token": (lambda a: a.reshape(1, 1, -1), lambda a: a.reshape(-1)),
+    # an nn.Embedding table (T, D) <-> a position embedding (1, T, D)
+    "table": (lambda a: a[None], lambda a: a[0]),
 }
 
 
@@ -193,7 +197,6 @@ def flax_checkpoint(
 UNSUPPORTED_HINTS = {
     "fc_norm": "timm's fc_norm (a LayerNorm after pooling) has no jaxvit counterpart: jaxvit's 'gap'"
     " pools after the final norm, like timm with global_pool='avg', fc_norm=False",
-    "norm_pre": "timm's norm_pre (a LayerNorm before the blocks, CLIP style) is not part of jaxvit's model",
     "reg_token": "register tokens are not part of jaxvit's model",
     ".ls1.": "LayerScale is not part of jaxvit's model",
     ".ls2.": "LayerScale is not part of jaxvit's model",
@@ -223,13 +226,16 @@ def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
         if not match:
             continue
         attn = match.group(1)
-        names = [f"{attn}/{n}/{p}" for n in ("query", "key", "value") for p in ("kernel", "bias")]
-        if not all(n in out for n in names):
-            continue
-        q, qb, k, kb, v, vb = (out.pop(n) for n in names)
+        kernels = [f"{attn}/{n}/kernel" for n in ("query", "key", "value")]
+        biases = [f"{attn}/{n}/bias" for n in ("query", "key", "value")]
+        has_bias = [n in out for n in biases]
+        if not all(n in out for n in kernels) or any(has_bias) != all(has_bias):
+            continue  # attention without biases has none of the three
+        q, k, v = (out.pop(n) for n in kernels)
         d = q.shape[0]
         out[f"{attn}/qkv/kernel"] = np.concatenate([a.reshape(d, -1) for a in (q, k, v)], axis=1)
-        out[f"{attn}/qkv/bias"] = np.concatenate([a.reshape(-1) for a in (qb, kb, vb)])
+        if all(has_bias):
+            out[f"{attn}/qkv/bias"] = np.concatenate([out.pop(n).reshape(-1) for n in biases])
         if f"{attn}/out/kernel" in out:
             o = out[f"{attn}/out/kernel"]
             out[f"{attn}/out/kernel"] = o.reshape(-1, o.shape[-1])
@@ -259,8 +265,9 @@ def split_attention(flat: Mapping[str, np.ndarray], num_heads: int, blocks: str,
 
     ``blocks``: ``"fused"`` keeps ``qkv``; ``"flat"`` gives ``query/key/value``
     ``(D, D)``; ``"heads"`` gives them ``(D, H, Dh)`` with ``out`` ``(H, Dh, D)``.
-    ``map_head``: ``"heads"`` keeps flax's shapes; ``"flat_kv"`` gives ``query``
-    ``(D, D)``, a fused ``kv`` ``(D, 2D)`` and ``out`` ``(D, D)`` (timm).
+    ``map_head``: ``"heads"`` keeps flax's shapes; ``"flat"`` gives ``query``,
+    ``key``, ``value`` and ``out`` ``(D, D)``; ``"flat_kv"`` the same with a
+    fused ``kv`` ``(D, 2D)`` (timm).
     """
     out = dict(flat)
     if blocks != "fused":
@@ -269,25 +276,29 @@ def split_attention(flat: Mapping[str, np.ndarray], num_heads: int, blocks: str,
             if not match:
                 continue
             attn = match.group(1)
-            kernel, bias = out.pop(f"{attn}/qkv/kernel"), out.pop(f"{attn}/qkv/bias")
+            kernel, bias = out.pop(f"{attn}/qkv/kernel"), out.pop(f"{attn}/qkv/bias", None)
             d = kernel.shape[0]
-            for n, k, b in zip(
-                ("query", "key", "value"), np.split(kernel, 3, axis=1), np.split(bias, 3), strict=True
+            for i, (n, k) in enumerate(
+                zip(("query", "key", "value"), np.split(kernel, 3, axis=1), strict=True)
             ):
                 out[f"{attn}/{n}/kernel"] = k if blocks == "flat" else k.reshape(d, num_heads, -1)
-                out[f"{attn}/{n}/bias"] = b if blocks == "flat" else b.reshape(num_heads, -1)
+                if bias is not None:
+                    b = np.split(bias, 3)[i]
+                    out[f"{attn}/{n}/bias"] = b if blocks == "flat" else b.reshape(num_heads, -1)
             if blocks == "heads":
                 o = out[f"{attn}/out/kernel"]
                 out[f"{attn}/out/kernel"] = o.reshape(num_heads, -1, o.shape[-1])
     head = "head/map/attn"
-    if map_head == "flat_kv" and f"{head}/query/kernel" in out:
-        flat_k = {}
+    if map_head in ("flat", "flat_kv") and f"{head}/query/kernel" in out:
         for n in ("query", "key", "value"):
-            kernel = out.pop(f"{head}/{n}/kernel")
-            flat_k[n] = (kernel.reshape(kernel.shape[0], -1), out.pop(f"{head}/{n}/bias").reshape(-1))
-        out[f"{head}/query/kernel"], out[f"{head}/query/bias"] = flat_k["query"]
-        out[f"{head}/kv/kernel"] = np.concatenate([flat_k["key"][0], flat_k["value"][0]], axis=1)
-        out[f"{head}/kv/bias"] = np.concatenate([flat_k["key"][1], flat_k["value"][1]])
+            kernel = out[f"{head}/{n}/kernel"]
+            out[f"{head}/{n}/kernel"] = kernel.reshape(kernel.shape[0], -1)
+            out[f"{head}/{n}/bias"] = out[f"{head}/{n}/bias"].reshape(-1)
+        if map_head == "flat_kv":
+            k, v = (out.pop(f"{head}/{n}/kernel") for n in ("key", "value"))
+            kb, vb = (out.pop(f"{head}/{n}/bias") for n in ("key", "value"))
+            out[f"{head}/kv/kernel"] = np.concatenate([k, v], axis=1)
+            out[f"{head}/kv/bias"] = np.concatenate([kb, vb])
         o = out[f"{head}/out/kernel"]
         out[f"{head}/out/kernel"] = o.reshape(-1, o.shape[-1])
     return out

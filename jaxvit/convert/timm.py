@@ -2,8 +2,14 @@
 
 A timm state dict does not say its number of heads nor how its weights were
 trained: jaxvit's own exports put the model fields and the matching
-``timm.create_model`` kwargs in the safetensors metadata; foreign files get
-timm's ImageNet preprocessing and a head count guessed from the width.
+``timm.create_model(timm_model, **timm_kwargs)`` arguments in the safetensors
+metadata; foreign files get a head count guessed from the width and the
+preprocessing of their family, told from the keys: CLIP towers
+(``vit_*_clip_*``, a ``norm_pre``) CLIP's statistics, SigLIP towers
+(``vit_*_siglip_*``, attention pooling without class token) mean = std =
+0.5, others timm's ImageNet defaults. At another resolution the position
+embedding is resampled as timm's ``dynamic_img_size`` and its checkpoint
+filter do it: bicubic with antialias.
 """
 
 from __future__ import annotations
@@ -17,23 +23,33 @@ import numpy as np
 
 from jaxvit.convert import files, layouts, validate
 from jaxvit.convert.checkpoint import (
+    CLIP_MEAN,
+    CLIP_STD,
     IMAGENET_TIMM,
     Checkpoint,
     Flat,
+    Preprocessing,
     grid_from_config,
+    log,
     model_fields,
     strip_prefix,
 )
-from jaxvit.model import square_grid
+from jaxvit.model import resolve_activation, square_grid
 
 NAME = "timm"
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "timm"
 PREPROCESSING = IMAGENET_TIMM
+# timm's pretrained_cfg of its CLIP and SigLIP towers (crop_pct 0.9, bicubic)
+CLIP_TIMM = Preprocessing(CLIP_MEAN, CLIP_STD, 0.9, "bicubic")
+SIGLIP_TIMM = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.9, "bicubic")
+# timm's resample_abs_pos_embed defaults
+POSEMB_RESAMPLE = ("bicubic", True)
 RULES = tuple(
     layouts.torch_rules("patch_embed.proj", "patch_embed", "conv")
     + [layouts.Rule("cls_token", "cls_token/token"), layouts.Rule("pos_embed", "pos_embed/embedding")]
+    + layouts.torch_rules("norm_pre", "encoder/norm_pre", "ln")
     + layouts.torch_block_rules(
         "blocks.{i}",
         {
@@ -73,6 +89,10 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         )
     config = saved_config(path, metadata)
     saved = config.get("model", {})
+    for field, key in (("head_bias", "head/classifier/bias"), ("patch_bias", "patch_embed/bias")):
+        # timm always has these biases; an export of a model without them wrote zeros
+        if saved.get(field) is False and key in params and not np.any(params[key]):
+            del params[key]
     has_cls = "cls_token/token" in params
     num_prefix = int(has_cls)
     posemb = params.get("pos_embed/embedding")
@@ -92,6 +112,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         num_heads=saved.get("num_heads"),
         grid=grid_from_config({**saved, **config}),
         config=config,
+        posemb_resample=POSEMB_RESAMPLE,
     )
 
 
@@ -114,6 +135,44 @@ def saved_config(path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _is_clip(params: Mapping[str, Any]) -> bool:
+    return "encoder/norm_pre/scale" in params
+
+
+def _is_siglip(params: Mapping[str, Any]) -> bool:
+    return "cls_token/token" not in params and any(k.startswith("head/map/") for k in params)
+
+
+def preprocessing(ckpt: Checkpoint) -> Preprocessing:
+    """timm's preprocessing for the family the keys show (see the module docstring)."""
+    if _is_clip(ckpt.params):
+        return CLIP_TIMM
+    if _is_siglip(ckpt.params):
+        return SIGLIP_TIMM
+    return IMAGENET_TIMM
+
+
+def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
+    """timm's CLIP towers use LayerNorm epsilon 1e-5 (its others 1e-6); the activation stays GELU.
+
+    OpenAI's CLIP weights in timm (``vit_*_clip_quickgelu_*``) use QuickGELU,
+    which the keys cannot show: pass ``activation="quick_gelu"``.
+    """
+    if _is_clip(ckpt.params):
+        log.warning(
+            "%s looks like a timm CLIP tower: using LayerNorm epsilon 1e-5 and exact GELU"
+            " (pass activation='quick_gelu' for OpenAI's weights)",
+            ckpt.path,
+        )
+        return dict(layer_norm_eps=1e-5)
+    return {}
+
+
+# A registered timm model whose fixed arguments (the LayerNorm epsilon, which kwargs
+# cannot set) match; timm_kwargs set everything else.
+TIMM_MODEL_OF_EPS = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
+
+
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
     """The ``timm.create_model("vit_...", **kwargs)`` arguments of the same architecture."""
     kwargs: dict[str, Any] = dict(
@@ -129,16 +188,38 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
         global_pool={"tok": "token", "gap": "avg", "map": "map"}[model.pool],
         fc_norm=False,
     )
-    if model.gelu_approximate:
-        kwargs["act_layer"] = "gelu_tanh"
+    if model.pre_norm:
+        kwargs["pre_norm"] = True
+    if not model.qkv_bias:
+        kwargs["qkv_bias"] = False
+    activation = resolve_activation(model.activation, model.gelu_approximate)
+    if activation != "gelu":
+        kwargs["act_layer"] = activation  # timm's names are the same
     return kwargs
 
 
 def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Sequence[str] | None) -> Path:
     """jaxvit params (flat, unrolled) -> a timm state dict as safetensors at ``path``.
 
-    The metadata holds ``timm_kwargs`` and the jaxvit model fields, image size and labels.
+    The metadata holds ``timm_model`` and ``timm_kwargs`` (``timm.create_model(timm_model,
+    **timm_kwargs)`` builds the matching model) and the jaxvit model fields, image size and labels.
     """
+    if model.pre_norm and model.patch_bias:
+        raise ValueError(
+            "timm's VisionTransformer with norm_pre (pre_norm=True) has no patch-embedding bias;"
+            " the model has pre_norm=True, patch_bias=True"
+        )
+    if model.layer_norm_eps not in TIMM_MODEL_OF_EPS:
+        raise ValueError(
+            f"timm's ViTs have LayerNorm epsilon 1e-6 (1e-5 for the CLIP towers); the model has"
+            f" layer_norm_eps={model.layer_norm_eps}"
+        )
+    flat = dict(flat)
+    # timm has these biases whatever the model; zeros compute the same
+    if not model.head_bias and "head/classifier/kernel" in flat:
+        flat["head/classifier/bias"] = np.zeros(flat["head/classifier/kernel"].shape[-1], np.float32)
+    if not model.patch_bias and not model.pre_norm:
+        flat["patch_embed/bias"] = np.zeros(model.width, np.float32)
     out = layouts.rename_back(
         layouts.split_attention(flat, model.num_heads, "fused", "flat_kv"), RULES, "timm"
     )
@@ -147,6 +228,7 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
             {"model": model_fields(model), "image_size": list(size), "labels": list(labels or [])}
         ),
         "timm_kwargs": json.dumps(timm_kwargs(model, size)),
+        "timm_model": TIMM_MODEL_OF_EPS[model.layer_norm_eps],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_safetensors(out, path, metadata)

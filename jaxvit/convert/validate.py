@@ -355,8 +355,8 @@ _FLOAT_FIELDS = {
     "layer_norm_eps": (0.0, 1.0, True),
     "head_bias_init": (None, None, False),
 }
-_BOOL_FIELDS = ("class_token", "gelu_approximate", "scan")
-_STR_FIELDS = ("posemb", "pool", "remat_policy", "variant")
+_BOOL_FIELDS = ("class_token", "gelu_approximate", "scan", "pre_norm", "patch_bias", "qkv_bias", "head_bias")
+_STR_FIELDS = ("posemb", "pool", "remat_policy", "variant", "activation")
 
 
 def model_fields(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -443,3 +443,71 @@ def check_image_pixels(width: int, height: int, where: str, limit: int = MAX_IMA
             f"{where}: {width}x{height} pixels is more than the {limit} jaxvit decodes or resizes to"
             " (a decompression bomb, or an aspect ratio too extreme to resize)"
         )
+
+
+# Keys of a Hugging Face config.json that give sizes, with (lowest, highest) values.
+_HF_INTS = {
+    "hidden_size": (1, MAX_WIDTH),
+    "num_hidden_layers": (0, MAX_DEPTH),
+    "num_attention_heads": (1, MAX_WIDTH),
+    "intermediate_size": (1, MAX_MLP_DIM),
+    "num_channels": (1, MAX_CHANNELS),
+    "num_labels": (0, MAX_CLASSES),
+    "projection_dim": (1, MAX_WIDTH),
+}
+
+
+def hf_config(config: Any, where: str = "config.json") -> dict[str, Any]:
+    """A Hugging Face ``config.json`` with every value jaxvit reads checked for type and range.
+
+    Sizes are integers in sane ranges, ``layer_norm_eps`` a positive number,
+    ``image_size``/``patch_size`` positive ints or pairs; the same holds in a
+    two-tower config's ``vision_config``. ``id2label`` must map the class
+    indices ``'0'..'n-1'`` to strings, and agree with ``num_labels`` when
+    both are given. Every HF family's folder is read through this.
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where} must hold a JSON object, got {type(config).__name__}")
+    out = dict(config)
+    for key, (lo, hi) in _HF_INTS.items():
+        if key in config:
+            out[key] = int_field(config, key, where, lo=lo, hi=hi)
+    if "patch_size" in config:
+        out["patch_size"] = size_field(config, "patch_size", where, hi=MAX_PATCH)
+    if "image_size" in config:
+        out["image_size"] = size_field(config, "image_size", where)
+    if "layer_norm_eps" in config:
+        out["layer_norm_eps"] = float_field(config, "layer_norm_eps", where, lo=0.0, hi=1.0, lo_open=True)
+    for key in ("hidden_act", "model_type"):
+        if key in config:
+            out[key] = str_field(config, key, where)
+    if "qkv_bias" in config:
+        out["qkv_bias"] = bool_field(config, "qkv_bias", where)
+    if config.get("architectures") is not None:
+        out["architectures"] = list(str_list(config["architectures"], "architectures", where))
+    if isinstance(config.get("vision_config"), Mapping):
+        out["vision_config"] = hf_config(config["vision_config"], f"{where}: vision_config")
+    elif config.get("vision_config") is not None:
+        raise ValueError(f"{where}: vision_config must be a JSON object")
+    id2label = config.get("id2label")
+    if id2label:
+        if not isinstance(id2label, Mapping):
+            raise ValueError(f"{where}: id2label must be a JSON object of class indices to names")
+        indices = []
+        for k, v in id2label.items():
+            if not isinstance(k, str) or not k.isdigit() or not isinstance(v, str):
+                raise ValueError(
+                    f"{where}: id2label must map class indices ('0', '1', ...) to names; got {k!r}: {v!r}"
+                )
+            indices.append(int(k))
+        if len(indices) > MAX_CLASSES:
+            raise ValueError(f"{where}: id2label has {len(indices)} classes, more than {MAX_CLASSES}")
+        if sorted(indices) != list(range(len(indices))):
+            raise ValueError(
+                f"{where}: id2label keys must be 0..{len(indices) - 1}, got {sorted(indices)[:10]}"
+            )
+        if "num_labels" in config and out["num_labels"] != len(indices):
+            raise ValueError(
+                f"{where}: num_labels={out['num_labels']} but id2label names {len(indices)} classes"
+            )
+    return out

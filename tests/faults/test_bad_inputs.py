@@ -292,7 +292,7 @@ def test_no_readable_checkpoint_anywhere(reference, tmp_path):
         checkpointing.restore_params(workdir)
     # Resuming refuses too, rather than silently starting over.
     config = configs.load_config_file(TINY)
-    model = checkpointing.model_from_config(config.to_dict())
+    model = configs.model_from_config(config.to_dict())
     tx = optim.make_optimizer(config, config.total_steps)[0]
     abstract = jax.eval_shape(
         lambda: train_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), False)
