@@ -187,7 +187,7 @@ def restore_params(workdir: str, which: str = "latest", use_ema: bool = True) ->
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
     config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.exists(config_path):
         raise FileNotFoundError(f"{workdir!r} is not a training workdir: {config_path!r} is missing")
     from jaxvit.convert import validate
 

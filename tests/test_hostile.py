@@ -22,6 +22,7 @@ config values.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -417,8 +418,9 @@ def test_a_hugging_face_cache_snapshot_may_link_into_its_blobs(good, tmp_path):
 
 
 def _fifo_in(good, tmp, which: str) -> Path:
-    if which == "labels.txt":
+    if which in ("labels.txt", "workdir config.json"):
         folder = _copy(good["workdir"], tmp / "workdir")
+        which = which.split()[-1]
     elif which == "shard":
         folder = _sharded(good, tmp, "shard.safetensors")
         which = "shard.safetensors"
@@ -429,7 +431,7 @@ def _fifo_in(good, tmp, which: str) -> Path:
     return folder
 
 
-FIFOS = ["config.json", "model.safetensors", "shard", "labels.txt", "file"]
+FIFOS = ["config.json", "model.safetensors", "shard", "labels.txt", "workdir config.json", "file"]
 
 
 @pytest.mark.parametrize("which", FIFOS)
@@ -441,6 +443,18 @@ def test_special_files_fail_at_once(good, tmp_path, which):
         _expect_error(Path("/dev/zero"), "is a character device, not a regular file")
         return
     _expect_error(_fifo_in(good, tmp_path, which), "is a FIFO, not a regular file")
+
+
+def test_pillows_own_bomb_check_is_an_error_naming_the_image(good, tmp_path, monkeypatch):
+    from jaxvit import data, preprocess
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels is more than twice that
+    with pytest.raises(ValueError, match=r"cannot read image .*big\.png: .*decompression bomb"):
+        preprocess.load_image(path)
+    with pytest.raises(ValueError, match=r"cannot decode image .*big\.png.*decompression bomb"):
+        data.decode_image(str(path), 3, str(path))
 
 
 # -- class 3: silent wrong answers ----------------------------------------------------------------
@@ -651,6 +665,20 @@ def test_train_py_config_errors_are_one_line_with_status_2(tmp_path):
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
+def test_the_command_lines_print_one_error_line(good, tmp_path, capsys):
+    from jaxvit import summary, visualize
+
+    bad = _hf(good, tmp_path, num_attention_heads="2")
+    assert predict.main(["--checkpoint", str(bad), str(good["image"])]) == 1
+    assert visualize.main(["attention", str(good["image"]), "--checkpoint", str(bad), "--out", "x.png"]) == 2
+    assert summary.main(["S/16", "--no-xla", "--depth", "abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in err] == ["error"] * 3, err
+    assert "num_attention_heads must be an integer" in err[0] and str(bad) in err[0]
+    assert "num_attention_heads must be an integer" in err[1]
+    assert "depth must be an integer, got 'abc'" in err[2]
+
+
 # -- class 5: errors with context -----------------------------------------------------------------
 
 
@@ -771,11 +799,9 @@ def test_safetensors_headers_never_read_past_their_file(tmp_path, entries, data_
 )
 def test_npz_headers_never_allocate_more_than_their_bytes(tmp_path, shape, dtype, data_len):
     header = {"descr": dtype, "fortran_order": False, "shape": tuple(shape)}
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, header)
-    path = _zip_with(
-        tmp_path, "h.npz", {"a.npy": b"\x93NUMPY\x01\x00"[:0] + buffer.getvalue() + bytes(data_len)}
-    )
+    path = _zip_with(tmp_path, "h.npz", {"a.npy": buffer.getvalue() + bytes(data_len)})
     try:
         arrays = files.read_npz(path)
     except ValueError as e:
