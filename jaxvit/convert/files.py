@@ -48,12 +48,13 @@ def sniff(path: str | os.PathLike) -> str:
             if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
                 return "torch"
             return "npz"
-    if head[:1] == b"\x80":
-        return "pickle"
+    # Safetensors first: its 8-byte header length may well start with the byte 0x80.
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and header_len < size:
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     raise ValueError(
         f"{path} is not a checkpoint jaxvit can read: expected an .npz archive, a safetensors file,"
         " a PyTorch .pth/.bin file or a Hugging Face folder"
