@@ -739,6 +739,25 @@ def test_the_command_lines_print_one_error_line(good, tmp_path, capsys):
     assert "depth must be an integer, got 'abc'" in err[2]
 
 
+def test_a_safetensors_header_length_starting_with_0x80_is_not_a_pickle(good, tmp_path):
+    arrays, metadata = files.read_safetensors(good["timm"])
+    blob = json.dumps({"__metadata__": metadata, **_header_of(good["timm"])}).encode()
+    blob += b" " * ((0x80 - len(blob)) % 256)  # JSON allows trailing spaces
+    data = good["timm"].read_bytes()[8 + struct.unpack("<Q", good["timm"].read_bytes()[:8])[0] :]
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    assert path.read_bytes()[0] == 0x80
+    assert files.sniff(path) == "safetensors"
+    assert jaxvit.load_for_inference(path).model.num_classes == 3
+
+
+def _header_of(path: Path) -> dict:
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    header.pop("__metadata__", None)
+    return header
+
+
 # -- class 5: errors with context -----------------------------------------------------------------
 
 
