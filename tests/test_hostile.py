@@ -593,6 +593,20 @@ def test_wrong_answers_become_errors(good, tmp_path, case):
     _expect_error(build(good, tmp_path), pattern)
 
 
+LOAD_PRETRAINED = [
+    *(MEMORY[k] for k in sorted(MEMORY)),
+    *(WRONG[k] for k in ("NaN weight (npz)", "inf weight (safetensors)", "uint64 weight", "bool weight")),
+    *(OUTSIDE[k] for k in sorted(OUTSIDE)),
+]
+
+
+@pytest.mark.parametrize("index", range(len(LOAD_PRETRAINED)))
+def test_load_pretrained_into_a_given_model_runs_the_same_checks(good, tmp_path, index):
+    build, pattern = LOAD_PRETRAINED[index]
+    model = jaxvit.create_model(None, **FIELDS)
+    _expect_error(build(good, tmp_path), pattern, lambda p: jaxvit.load_pretrained(p, model, SIZE))
+
+
 def test_replacing_the_head_stays_an_explicit_choice(good):
     model = jaxvit.create_model(None, **{**FIELDS, "num_classes": 5})
     params = jaxvit.load_pretrained(good["npz"], model, SIZE)
