@@ -43,10 +43,15 @@ DType = Any
 PatchSize = int | tuple[int, int]
 
 POOLINGS = ("tok", "gap", "map")
+# How an encoder with unrolled parameters (scan=False) runs its blocks: "auto" runs them as
+# one lax.scan over the stacked parameters when training and unrolled otherwise.
+BLOCK_LOOPS = ("auto", "scan", "unrolled")
 POSEMBS = ("learn", "sincos2d")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
-# factories and belong in user code.
+# factories and belong in user code. "auto" is dots_with_no_batch_dims_saveable
+# wherever the blocks run as one scan and "none" where they run unrolled.
 REMAT_POLICIES = (
+    "auto",
     "none",
     "nothing_saveable",
     "everything_saveable",
@@ -598,7 +603,8 @@ class Encoder(nn.Module):
     pre_norm: bool = False
     layer_norm_eps: float = 1e-6
     scan: bool = False
-    remat_policy: str = "none"
+    remat_policy: str = "auto"
+    block_loop: str = "auto"
     gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -607,16 +613,10 @@ class Encoder(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         chex.assert_rank(x, 3)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_choice("block_loop", self.block_loop, BLOCK_LOOPS)
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.pre_norm:
             x = nn.LayerNorm(name="norm_pre", **norm)(x)
-        block_cls = EncoderBlock
-        if self.remat_policy != "none":
-            block_cls = nn.remat(
-                EncoderBlock,
-                policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                prevent_cse=not self.scan,
-            )
         kw = dict(
             mlp_dim=self.mlp_dim,
             num_heads=self.num_heads,
@@ -632,6 +632,7 @@ class Encoder(nn.Module):
         )
         rates = jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)
         if self.scan:
+            block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=True), prevent_cse=False)
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0, "intermediates": 0, "attention": 0},
@@ -640,10 +641,62 @@ class Encoder(nn.Module):
                 length=self.depth,
             )
             x, _ = stack(name="blocks", **kw)(x, rates)
+        elif self._loop_over_stacked_blocks(train):
+            x = self._scan_unrolled_blocks(x, rates, train, kw)
         else:
+            block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=False), prevent_cse=True)
             for i in range(self.depth):
                 x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i])
         return nn.LayerNorm(name="norm", **norm)(x)
+
+    def _remat_policy(self, scanned: bool) -> str:
+        if self.remat_policy == "auto":
+            return "dots_with_no_batch_dims_saveable" if scanned else "none"
+        return self.remat_policy
+
+    @staticmethod
+    def _remat(block_cls: Any, policy: str, prevent_cse: bool) -> Any:
+        if policy == "none":
+            return block_cls
+        return nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=prevent_cse)
+
+    def _loop_over_stacked_blocks(self, train: bool) -> bool:
+        # Sown collections and init need the blocks as submodules of their own.
+        if self.block_loop == "unrolled" or self.is_initializing() or self.depth < 2:
+            return False
+        if self.is_mutable_collection("intermediates") or self.is_mutable_collection("attention"):
+            return False
+        return self.block_loop == "scan" or train
+
+    def _scan_unrolled_blocks(self, x: Array, rates: Array, train: bool, kw: dict[str, Any]) -> Array:
+        """The ``block_{i}`` parameters stacked and run as one ``lax.scan``: XLA compiles one block,
+        and the backward pass keeps a third of the memory (benchmarks/README.md). Same parameters,
+        same values as the unrolled loop."""
+        params = self.variables["params"]
+        missing = [f"block_{i}" for i in range(self.depth) if f"block_{i}" not in params]
+        if missing:
+            raise ValueError(
+                f"the encoder's params lack {missing[:3]}: expected block_0..block_{self.depth - 1}"
+            )
+        stacked = jax.tree_util.tree_map(
+            lambda *a: jnp.stack(a), *(params[f"block_{i}"] for i in range(self.depth))
+        )
+        block = EncoderBlock(**kw)
+        needs_rng = train and (self.dropout > 0 or self.attention_dropout > 0 or self.drop_path_rate > 0)
+        keys = (
+            jax.random.split(self.make_rng("dropout"), self.depth) if needs_rng else jnp.zeros((self.depth,))
+        )
+
+        def one_block(x: Array, inputs: tuple[Any, Array, Array]) -> tuple[Array, None]:
+            block_params, rate, key = inputs
+            rngs = {"dropout": key} if needs_rng else {}
+            return block.apply({"params": block_params}, x, rate, rngs=rngs)[0], None
+
+        policy = self._remat_policy(scanned=True)
+        if policy != "none":
+            one_block = jax.checkpoint(one_block, policy=getattr(jax.checkpoint_policies, policy))
+        x, _ = jax.lax.scan(one_block, x, (stacked, rates, keys))
+        return x
 
 
 # ---------------------------------------------------------------------------
@@ -796,7 +849,8 @@ class VisionTransformer(nn.Module):
     head_bias_init: float = 0.0
     gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     scan: bool = False
-    remat_policy: str = "none"
+    remat_policy: str = "auto"
+    block_loop: str = "auto"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -805,6 +859,7 @@ class VisionTransformer(nn.Module):
         check_choice("pool", self.pool, POOLINGS)
         check_choice("posemb", self.posemb, POSEMBS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_choice("block_loop", self.block_loop, BLOCK_LOOPS)
         resolve_activation(self.activation, self.gelu_approximate)
         check_pool_has_token(self.pool, self.class_token)
         if self.width < 1 or self.depth < 0 or self.num_heads < 1:
@@ -887,6 +942,7 @@ class VisionTransformer(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            block_loop=self.block_loop,
             name="encoder",
             **common,
         )(x, train=train)
