@@ -3,12 +3,16 @@
 The file follows the four steps of the model:
 
 1. ``PatchEmbed``: a strided conv, computed as ``patchify`` + one matmul.
-2. ``ClassToken`` and ``PositionEmbedding``: the learnable class token in front
-   and a learned or fixed 2-D sin-cos position embedding.
-3. ``Encoder``: pre-LayerNorm blocks (``SelfAttention`` + ``MlpBlock``), with
+2. ``ClassToken`` and ``PositionEmbedding``: the learnable class token (and
+   DeiT's distillation token) in front, a learned or fixed 2-D sin-cos
+   position embedding, then ``RegisterTokens`` (DINOv2's registers, which get
+   no position embedding).
+3. ``Encoder``: pre-LayerNorm blocks (``SelfAttention`` + ``MlpBlock`` or
+   ``SwiGLUMlp``, each branch optionally scaled by ``LayerScale``), with
    optional ``nn.scan`` over the blocks and ``nn.remat``.
 4. ``Head``: pooling (class token, mean, or attention pooling), an optional
-   representation layer, and the classifier.
+   representation layer, and the classifier (two, averaged, with a
+   distillation token).
 
 ``VisionTransformer`` composes them; ``create_model("B/16")`` builds one by
 name. Every module threads ``dtype`` (compute) and ``param_dtype`` down to each
@@ -44,6 +48,8 @@ PatchSize = int | tuple[int, int]
 
 POOLINGS = ("tok", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
+MLP_TYPES = ("mlp", "swiglu")
+RESAMPLE_METHODS = ("bilinear", "bicubic")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
 # factories and belong in user code.
 REMAT_POLICIES = (
@@ -98,6 +104,14 @@ def check_pool_has_token(pool: str, class_token: bool) -> None:
     """Raises ``ValueError`` for ``pool="tok"`` without a class token to pool."""
     if pool == "tok" and not class_token:
         raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
+
+
+def check_distill_pool(pool: str) -> None:
+    """Raises ``ValueError`` unless a model with a distillation token pools its tokens (``pool="tok"``)."""
+    if pool != "tok":
+        raise ValueError(
+            f"distill_token=True reads the class and distillation tokens: needs pool='tok', got {pool!r}"
+        )
 
 
 def _sow(module: nn.Module, collection: str, name: str, value: Array) -> None:
@@ -255,18 +269,68 @@ def square_grid(num_tokens: int) -> tuple[int, int] | None:
     return (side, side) if side and side * side == num_tokens else None
 
 
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """The cubic convolution kernel of Keys (1981) with parameter ``a``, at distances ``x``."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x <= 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def cubic_resize_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
+    """``(out_size, in_size)`` weights of a 1-D bicubic resize, as PyTorch computes them.
+
+    ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False,
+    size=...)`` samples at ``(i + 0.5) * in/out - 0.5`` with the ``a = -0.75``
+    kernel and clamps the four taps to the edge. With ``antialias=True`` it
+    follows Pillow instead: the ``a = -0.5`` kernel, stretched by the scale
+    when shrinking, taps outside the input dropped and the weights
+    renormalised. ``jax.image.resize`` (``a = -0.5``, no clamping) matches
+    neither, hence this table.
+    """
+    scale = in_size / out_size
+    weights = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    if not antialias:
+        source = (rows + 0.5) * scale - 0.5
+        base = np.floor(source)
+        frac = source - base
+        for offset in (-1, 0, 1, 2):
+            taps = np.clip(base + offset, 0, in_size - 1).astype(np.int64)
+            np.add.at(weights, (rows, taps), _cubic(frac - offset, -0.75))
+        return weights
+    support = 2.0 * max(scale, 1.0)
+    stretch = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        w = _cubic((taps - center + 0.5) * stretch, -0.5)
+        weights[i, lo:hi] = w / w.sum()
+    return weights
+
+
 def resample_posemb(
     posemb: Array,
     new_grid: tuple[int, int],
     old_grid: tuple[int, int] | None = None,
     num_prefix_tokens: int = 1,
+    method: str = "bilinear",
+    antialias: bool = False,
 ) -> Array:
-    """``(1, P + h*w, D) -> (1, P + H*W, D)``: bilinear resize of the grid part.
+    """``(1, P + h*w, D) -> (1, P + H*W, D)``: resize of the grid part.
 
     The first ``num_prefix_tokens`` rows (the class slot) are kept as they
     are. ``old_grid`` defaults to the square root of the grid length; pass it
-    for a non-square checkpoint grid.
+    for a non-square checkpoint grid. ``method="bilinear"`` is
+    ``jax.image.resize``; ``"bicubic"`` equals PyTorch's
+    ``interpolate(mode="bicubic", align_corners=False)`` with or without
+    ``antialias`` (see ``cubic_resize_matrix``), which is how transformers
+    (``interpolate_pos_encoding``) and timm (``resample_abs_pos_embed``)
+    resize theirs.
     """
+    check_choice("resample method", method, RESAMPLE_METHODS)
     posemb = jnp.asarray(posemb)
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise ValueError(f"posemb must have shape (1, tokens, width), got {posemb.shape}")
@@ -286,7 +350,14 @@ def resample_posemb(
         return posemb
     d = posemb.shape[-1]
     image = grid_part.reshape(old_grid[0], old_grid[1], d).astype(jnp.float32)
-    resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
+    if method == "bicubic":
+        rows = jnp.asarray(cubic_resize_matrix(old_grid[0], h, antialias), jnp.float32)
+        cols = jnp.asarray(cubic_resize_matrix(old_grid[1], w, antialias), jnp.float32)
+        hp = jax.lax.Precision.HIGHEST
+        resized = jnp.einsum("Hh,hwd->Hwd", rows, image, precision=hp)
+        resized = jnp.einsum("Ww,Hwd->HWd", cols, resized, precision=hp)
+    else:
+        resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=antialias)
     resized = resized.reshape(1, h * w, d).astype(posemb.dtype)
     return jnp.concatenate([prefix, resized], axis=1)
 
@@ -328,6 +399,35 @@ class PositionEmbedding(nn.Module):
         else:
             check_choice("posemb", self.kind, POSEMBS)
         return tokens.astype(self.dtype) + posemb.astype(self.dtype)
+
+
+class RegisterTokens(nn.Module):
+    """``(N, P + S, D) -> (N, P + R + S, D)``: ``R`` learnable registers after the ``P`` prefix tokens.
+
+    DINOv2's registers ("Vision Transformers Need Registers"): extra tokens
+    with no position embedding of their own, inserted after the class token
+    once the position embedding is added, so the order is ``[cls,
+    registers..., patches]`` as in transformers and timm. Initialised from
+    normal(1e-6), as DINOv2 does.
+    """
+
+    num_tokens: int
+    num_prefix_tokens: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        n, t, d = tokens.shape
+        registers = self.param(
+            "tokens", nn.initializers.normal(stddev=1e-6), (1, self.num_tokens, d), self.param_dtype
+        )
+        registers = jnp.broadcast_to(registers.astype(self.dtype), (n, self.num_tokens, d))
+        tokens = tokens.astype(self.dtype)
+        p = self.num_prefix_tokens
+        out = jnp.concatenate([tokens[:, :p], registers, tokens[:, p:]], axis=1)
+        chex.assert_shape(out, (n, t + self.num_tokens, d))
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -428,8 +528,66 @@ class MlpBlock(nn.Module):
         return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
 
 
+def swiglu_hidden_size(mlp_dim: int) -> int:
+    """DINOv2's SwiGLU width for a nominal MLP width: two thirds, rounded up to a multiple of 8.
+
+    ``(int(mlp_dim * 2 / 3) + 7) // 8 * 8``, as transformers' ``Dinov2SwiGLUFFN``
+    and timm's ``vit_giant_patch14_dinov2`` compute it: 6144 -> 4096 for
+    DINOv2-g. ``SwiGLUMlp`` takes the result as its ``mlp_dim``.
+    """
+    return (int(mlp_dim * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUMlp(nn.Module):
+    """``(N, T, D) -> (N, T, D)``: ``fc2(silu(gate) * value)`` with ``gate, value = split(fc1(x))``.
+
+    DINOv2-g's packed layout: one ``fc1`` ``(D, 2*mlp_dim)`` whose first half
+    is the gate (through SiLU) and second half the value, as in transformers'
+    ``weights_in`` (``gate_proj`` then ``up_proj``) and timm's
+    ``SwiGLUPacked`` (``gate_last=False``); ``fc2`` is ``(mlp_dim, D)``.
+    """
+
+    mlp_dim: int
+    dropout: float = 0.0
+    deterministic: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        gate, value = jnp.split(nn.Dense(2 * self.mlp_dim, name="fc1", **dense)(x), 2, axis=-1)
+        y = jax.nn.silu(gate) * value
+        y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
+
+
+class LayerScale(nn.Module):
+    """``(..., D) -> (..., D)``: a learned per-channel scale ``(D,)`` on a residual branch (CaiT, DeiT-3, DINOv2)."""
+
+    init_value: float = 1e-5
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.initializers.constant(self.init_value), (x.shape[-1],), self.param_dtype
+        )
+        return x.astype(self.dtype) * scale.astype(self.dtype)
+
+
 class EncoderBlock(nn.Module):
     """``(N, T, D) -> (N, T, D)``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    ``layer_scale_init`` scales each branch by a learned ``(D,)`` vector
+    (``ls1``, ``ls2``) before the residual; ``mlp_type="swiglu"`` uses
+    ``SwiGLUMlp`` (``mlp_dim`` is then the width of each half).
 
     Called as ``block(x, drop_path_rate) -> (x, None)``, the form ``nn.scan``
     wants; the rate is an array so scanned blocks can each have their own.
@@ -442,6 +600,8 @@ class EncoderBlock(nn.Module):
     use_drop_path: bool = False
     gelu_approximate: bool = False
     layer_norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    mlp_type: str = "mlp"
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -452,7 +612,14 @@ class EncoderBlock(nn.Module):
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
 
-        def residual(x: Array, y: Array) -> Array:
+        def residual(x: Array, y: Array, scale_name: str) -> Array:
+            if self.layer_scale_init is not None:
+                y = LayerScale(
+                    init_value=self.layer_scale_init,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=scale_name,
+                )(y)
             y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
             if self.use_drop_path and not self.deterministic:
                 y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
@@ -462,16 +629,20 @@ class EncoderBlock(nn.Module):
         y = SelfAttention(
             num_heads=self.num_heads, attention_dropout=self.attention_dropout, name="attn", **common
         )(y)
-        x = residual(x, y)
+        x = residual(x, y, "ls1")
         y = nn.LayerNorm(name="norm2", **norm)(x)
-        y = MlpBlock(
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            gelu_approximate=self.gelu_approximate,
-            name="mlp",
-            **common,
-        )(y)
-        x = residual(x, y)
+        check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        if self.mlp_type == "swiglu":
+            y = SwiGLUMlp(mlp_dim=self.mlp_dim, dropout=self.dropout, name="mlp", **common)(y)
+        else:
+            y = MlpBlock(
+                mlp_dim=self.mlp_dim,
+                dropout=self.dropout,
+                gelu_approximate=self.gelu_approximate,
+                name="mlp",
+                **common,
+            )(y)
+        x = residual(x, y, "ls2")
         _sow(self, "intermediates", "out", x)
         return x, None
 
@@ -494,6 +665,8 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     gelu_approximate: bool = False
     layer_norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    mlp_type: str = "mlp"
     scan: bool = False
     remat_policy: str = "none"
     dtype: DType = jnp.float32
@@ -518,6 +691,8 @@ class Encoder(nn.Module):
             use_drop_path=self.drop_path_rate > 0.0,
             gelu_approximate=self.gelu_approximate,
             layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
+            mlp_type=self.mlp_type,
             deterministic=not train,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -584,13 +759,20 @@ class Head(nn.Module):
     """``(N, P + S, D) -> (N, num_classes)``, or ``(N, D')`` features when ``num_classes=0``.
 
     ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
-    ``S`` patch tokens, ``"map"`` attention pooling. ``representation_size``
-    adds ``Dense + tanh`` (``pre_logits``) before the zero-init classifier.
+    ``S`` patch tokens (after all ``P`` prefix tokens: class, distillation,
+    registers), ``"map"`` attention pooling. ``representation_size`` adds
+    ``Dense + tanh`` (``pre_logits``) before the zero-init classifier.
+    ``distill_token`` (DeiT; ``pool="tok"``): token 1 is the distillation
+    token, with its own ``dist_classifier``; the logits are the mean of both
+    classifiers' and the features the mean of both tokens, as timm's
+    distilled models and transformers' ``DeiTForImageClassificationWithTeacher``
+    give them at inference.
     """
 
     num_classes: int
     pool: str = "tok"
     num_prefix_tokens: int = 1
+    distill_token: bool = False
     representation_size: int | None = None
     num_heads: int = 1
     mlp_dim: int | None = None
@@ -610,6 +792,10 @@ class Head(nn.Module):
                 "Head.bias_init is deprecated: use classifier_bias", DeprecationWarning, stacklevel=2
             )
             classifier_bias = self.bias_init
+        dist = None
+        if self.distill_token:
+            check_distill_pool(self.pool)
+            dist = x[:, 1]
         if self.pool == "tok":
             check_pool_has_token(self.pool, self.num_prefix_tokens >= 1)
             x = x[:, 0]
@@ -633,17 +819,19 @@ class Head(nn.Module):
                 self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
             )(x)
             x = jnp.tanh(x)
-        _sow(self, "intermediates", "features", x)
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(classifier_bias),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="classifier",
-            )(x)
-        return x
+        classifier = dict(
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.constant(classifier_bias),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        _sow(self, "intermediates", "features", x if dist is None else (x + dist) / 2)
+        if not self.num_classes:
+            return x if dist is None else (x + dist) / 2
+        logits = nn.Dense(self.num_classes, name="classifier", **classifier)(x)
+        if dist is not None:
+            logits = (logits + nn.Dense(self.num_classes, name="dist_classifier", **classifier)(dist)) / 2
+        return logits
 
 
 # ---------------------------------------------------------------------------
@@ -655,9 +843,17 @@ class VisionTransformer(nn.Module):
     """``(N, H, W, C) -> (N, num_classes)`` logits (or pooled features when ``num_classes=0``).
 
     Intermediate outputs come through ``sow``: ``mutable=["intermediates"]``
-    returns the patch tokens, each block's output, the encoder output and the pooled
-    ``features``; ``mutable=["attention"]`` returns every block's
-    attention weights ``(N, heads, T, T)`` (see ``attention_weights``).
+    returns the patch tokens, each block's output, the encoder output
+    (``encoded``: all tokens in the order ``[cls, dist, registers...,
+    patches]``) and the pooled ``features``; ``mutable=["attention"]``
+    returns every block's attention weights ``(N, heads, T, T)`` (see
+    ``attention_weights``).
+
+    Options of today's backbones, all off by default: ``num_registers``
+    (DINOv2 registers), ``layer_scale_init`` (LayerScale on both residual
+    branches), ``mlp_type="swiglu"`` (DINOv2-g's MLP; ``mlp_dim`` is then the
+    width of each half, see ``swiglu_hidden_size``), ``distill_token``
+    (DeiT's distillation token and second classifier).
     """
 
     num_classes: int = 1000
@@ -677,6 +873,10 @@ class VisionTransformer(nn.Module):
     gelu_approximate: bool = False
     layer_norm_eps: float = 1e-6
     head_bias_init: float = 0.0
+    num_registers: int = 0
+    layer_scale_init: float | None = None
+    mlp_type: str = "mlp"
+    distill_token: bool = False
     scan: bool = False
     remat_policy: str = "none"
     dtype: DType = jnp.float32
@@ -688,6 +888,16 @@ class VisionTransformer(nn.Module):
         check_choice("posemb", self.posemb, POSEMBS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         check_pool_has_token(self.pool, self.class_token)
+        check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        if self.distill_token:
+            check_distill_pool(self.pool)
+            if not self.class_token or self.representation_size:
+                raise ValueError(
+                    "distill_token=True needs class_token=True and no representation_size, got"
+                    f" class_token={self.class_token}, representation_size={self.representation_size}"
+                )
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
         if self.width < 1 or self.depth < 0 or self.num_heads < 1:
             raise ValueError(
                 f"width, depth, num_heads must be positive, got {self.width}, {self.depth}, {self.num_heads}"
@@ -697,6 +907,16 @@ class VisionTransformer(nn.Module):
             check_sincos_width(self.width)
         if min(to_pair(self.patch_size)) < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches: class, distillation and register tokens."""
+        return int(self.class_token) + int(self.distill_token) + self.num_registers
+
+    @property
+    def num_posemb_prefix_tokens(self) -> int:
+        """Prefix slots of the position embedding: the class and distillation tokens (registers get none)."""
+        return int(self.class_token) + int(self.distill_token)
 
     def patch_grid(self, images: Any) -> tuple[int, int]:
         """The patch grid ``(h, w)`` of ``images`` ``(N, H, W, C)``; ``ValueError`` unless they fit the model.
@@ -736,15 +956,26 @@ class VisionTransformer(nn.Module):
         x = PatchEmbed(width=self.width, patch_size=self.patch_size, name="patch_embed", **common)(images)
         _sow(self, "intermediates", "patch_tokens", x)
 
-        num_prefix = 0
+        if self.distill_token:  # goes in first, so it ends up behind the class token
+            x = ClassToken(name="dist_token", **common)(x)
         if self.class_token:
             x = ClassToken(name="cls_token", **common)(x)
-            num_prefix = 1
         x = PositionEmbedding(
-            grid=grid, kind=self.posemb, num_prefix_tokens=num_prefix, name="pos_embed", **common
+            grid=grid,
+            kind=self.posemb,
+            num_prefix_tokens=self.num_posemb_prefix_tokens,
+            name="pos_embed",
+            **common,
         )(x)
+        if self.num_registers:
+            x = RegisterTokens(
+                num_tokens=self.num_registers,
+                num_prefix_tokens=self.num_posemb_prefix_tokens,
+                name="registers",
+                **common,
+            )(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        chex.assert_shape(x, (n, num_prefix + grid[0] * grid[1], self.width))
+        chex.assert_shape(x, (n, self.num_prefix_tokens + grid[0] * grid[1], self.width))
 
         mlp_dim = self.mlp_dim or 4 * self.width
         x = Encoder(
@@ -756,6 +987,8 @@ class VisionTransformer(nn.Module):
             drop_path_rate=self.drop_path_rate,
             gelu_approximate=self.gelu_approximate,
             layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
+            mlp_type=self.mlp_type,
             scan=self.scan,
             remat_policy=self.remat_policy,
             name="encoder",
@@ -766,7 +999,8 @@ class VisionTransformer(nn.Module):
         out = Head(
             num_classes=self.num_classes,
             pool=self.pool,
-            num_prefix_tokens=num_prefix,
+            num_prefix_tokens=self.num_prefix_tokens,
+            distill_token=self.distill_token,
             representation_size=self.representation_size,
             num_heads=self.num_heads,
             mlp_dim=mlp_dim,
@@ -841,6 +1075,11 @@ __all__: Sequence[str] = (
     "PatchEmbed",
     "ClassToken",
     "PositionEmbedding",
+    "RegisterTokens",
+    "LayerScale",
+    "SwiGLUMlp",
+    "swiglu_hidden_size",
+    "cubic_resize_matrix",
     "SelfAttention",
     "MlpBlock",
     "EncoderBlock",
