@@ -6,7 +6,8 @@ Reading goes in three steps:
    and lets the first format of ``jaxvit.convert.registry`` that claims them
    rename the keys into jaxvit's names: google-research/vision_transformer /
    AugReg ``.npz``, big_vision ``.npz`` (also scanned), a timm state dict
-   (safetensors or ``.pth``), or a Hugging Face ViT folder.
+   (safetensors or ``.pth``), or a Hugging Face folder (ViT, DeiT, DINOv2,
+   DINOv2 with registers; told apart by ``config.json``'s ``model_type``).
 2. ``fit_to_model(checkpoint, model, image_size)`` (``jaxvit.fitting``)
    checks it against the model's parameter shapes, fuses attention, adapts
    the position embedding (class slot, grid) and the head.
@@ -42,11 +43,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 f"{path} is a training workdir, not a pretrained checkpoint: use jaxvit.load_for_inference"
                 " (or jaxvit.checkpointing.restore_params) to read it"
             )
-        arrays, metadata = hf_vit.read_folder(path)
-        kind = "hf_folder"
-    else:
-        kind, arrays, metadata = files.read_weights(path)
-        kind = "npz" if kind == "npz" else "state_dict"
+        arrays, config = hf_vit.read_folder(path)
+        return registry.hf_format(config, path).read(path, arrays, config)
+    kind, arrays, metadata = files.read_weights(path)
+    kind = "npz" if kind == "npz" else "state_dict"
     return registry.format_for(kind, arrays).read(path, arrays, metadata)
 
 

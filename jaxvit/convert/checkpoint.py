@@ -55,7 +55,10 @@ class Checkpoint:
     position embedding (0 for big_vision, which adds it before the class
     token goes in front). ``grid``, ``num_heads``: when the checkpoint says
     them. ``config``: Hugging Face ``config.json`` or the metadata ``export``
-    wrote.
+    wrote. ``posemb_resample`` / ``posemb_antialias``: how the checkpoint's
+    own code resizes its position embedding for another image size (see
+    ``jaxvit.resample_posemb``), so that features at a new size equal the
+    peer's there.
     """
 
     path: str
@@ -66,6 +69,8 @@ class Checkpoint:
     grid: tuple[int, int] | None = None
     num_heads: int | None = None
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    posemb_resample: str = "bilinear"
+    posemb_antialias: bool = False
 
     @property
     def posemb_prefix(self) -> int:

@@ -169,7 +169,8 @@ def labels(ckpt: Checkpoint) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequence[str] | None) -> dict:
+def export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequence[str] | None) -> dict:
+    """The ``config.json`` of a Hugging Face ViT with ``model``'s architecture at ``size``."""
     names = list(labels) if labels else [f"LABEL_{i}" for i in range(model.num_classes)]
     return {
         "architectures": ["ViTForImageClassification"],
@@ -209,6 +210,6 @@ def write(
     out = {(k if k.startswith("classifier.") else f"vit.{k}"): v for k, v in out.items()}
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "config.json", "w") as f:
-        json.dump(_export_config(model, size, labels), f, indent=2)
+        json.dump(export_config(model, size, labels), f, indent=2)
     files.write_safetensors(out, path / "model.safetensors")
     return path

@@ -8,7 +8,11 @@ its images were prepared), ``claims(kind, arrays)`` (whether a file of
 ``HAS_SINCOS`` (whether the layout can hold a ``pre_logits`` layer and leave
 out a fixed sin-cos table) for ``jaxvit.export``;
 ``build_model(ckpt, **overrides)`` when the file says its architecture
-(otherwise it is told from the shapes); ``labels(ckpt)``.
+(otherwise it is told from the shapes); ``labels(ckpt)``. Hugging Face
+formats also have ``HF_MODEL_TYPES`` (the ``config.json`` ``model_type``s
+they read: a folder goes to the format of its model type) and
+``writes(model)`` (whether ``export(format="hf")`` writes ``model`` in their
+family's layout; asked in ``HF_FORMATS`` order, Hugging Face ViT last).
 
 Adding a format means adding its module and a row to ``FORMATS``.
 """
@@ -17,16 +21,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from jaxvit.convert import big_vision, hf_vit, timm, vision_transformer
+from jaxvit.convert import big_vision, hf_deit, hf_dinov2, hf_vit, timm, vision_transformer
 from jaxvit.convert.checkpoint import Preprocessing
 
 # Asked in this order: the first format that claims a file reads it.
-FORMATS: tuple[ModuleType, ...] = (big_vision, vision_transformer, hf_vit, timm)
+FORMATS: tuple[ModuleType, ...] = (big_vision, vision_transformer, hf_deit, hf_dinov2, hf_vit, timm)
 
 EXPORTS: dict[str, ModuleType] = {f.EXPORT_FORMAT: f for f in FORMATS if hasattr(f, "EXPORT_FORMAT")}
+
+# Hugging Face families: folders are told apart by config.json's model_type.
+HF_FORMATS: tuple[ModuleType, ...] = (hf_deit, hf_dinov2, hf_vit)
+HF_MODEL_TYPES: dict[str, ModuleType] = {
+    "vit": hf_vit,
+    **{t: f for f in HF_FORMATS for t in getattr(f, "HF_MODEL_TYPES", ())},
+}
+
+
+def hf_format(config: Mapping[str, Any], path: object = "") -> ModuleType:
+    """The format module for a Hugging Face folder whose ``config.json`` is ``config``.
+
+    Raises ``ValueError`` listing the supported model types for any other.
+    """
+    model_type = config.get("model_type", "vit")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"{path}: config.json has model_type={model_type!r}, which jaxvit does not read;"
+            f" supported model types: {sorted(HF_MODEL_TYPES)}"
+        )
+    return HF_MODEL_TYPES[model_type]
+
+
+def hf_writer(model: Any) -> ModuleType:
+    """The Hugging Face format that ``export(format="hf")`` writes ``model`` in."""
+    for fmt in HF_FORMATS:
+        if not hasattr(fmt, "writes") or fmt.writes(model):
+            return fmt
+    return hf_vit
 
 
 def format_for(kind: str, arrays: Mapping[str, np.ndarray]) -> ModuleType:

@@ -4,6 +4,13 @@ A timm state dict does not say its number of heads nor how its weights were
 trained: jaxvit's own exports put the model fields and the matching
 ``timm.create_model`` kwargs in the safetensors metadata; foreign files get
 timm's ImageNet preprocessing and a head count guessed from the width.
+
+The layout also holds DINOv2 (``reg_token``, LayerScale ``ls1.gamma`` /
+``ls2.gamma``, the packed SwiGLU ``mlp.fc1`` of ``SwiGLUPacked``, gate
+first) and DeiT (``dist_token``, ``head_dist``). With ``no_embed_class``
+(DeiT-3, DINOv2 with registers) the position embedding has no slots for the
+prefix tokens. timm resizes it bicubically with antialiasing
+(``resample_abs_pos_embed``), and so does jaxvit for these files.
 """
 
 from __future__ import annotations
@@ -33,7 +40,14 @@ EXPORT_FORMAT = "timm"
 PREPROCESSING = IMAGENET_TIMM
 RULES = tuple(
     layouts.torch_rules("patch_embed.proj", "patch_embed", "conv")
-    + [layouts.Rule("cls_token", "cls_token/token"), layouts.Rule("pos_embed", "pos_embed/embedding")]
+    + [
+        layouts.Rule("cls_token", "cls_token/token"),
+        layouts.Rule("dist_token", "dist_token/token"),
+        layouts.Rule("reg_token", "registers/tokens"),
+        layouts.Rule("pos_embed", "pos_embed/embedding"),
+        layouts.Rule("blocks.{i}.ls1.gamma", "encoder/block_{i}/ls1/scale"),
+        layouts.Rule("blocks.{i}.ls2.gamma", "encoder/block_{i}/ls2/scale"),
+    ]
     + layouts.torch_block_rules(
         "blocks.{i}",
         {
@@ -47,6 +61,7 @@ RULES = tuple(
     )
     + layouts.torch_rules("norm", "encoder/norm", "ln")
     + layouts.torch_rules("head", "head/classifier", "linear")
+    + layouts.torch_rules("head_dist", "head/dist_classifier", "linear")
     + [layouts.Rule("attn_pool.latent", "head/map/probe")]
     + layouts.torch_rules("attn_pool.q", "head/map/attn/query", "linear")
     + layouts.torch_rules("attn_pool.kv", "head/map/attn/kv", "linear")
@@ -73,30 +88,61 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         )
     config = json.loads(metadata["jaxvit_model"]) if "jaxvit_model" in metadata else {}
     saved = config.get("model", {})
-    has_cls = "cls_token/token" in params
-    num_prefix = int(has_cls)
-    posemb = params.get("pos_embed/embedding")
-    if (
-        posemb is not None
-        and has_cls
-        and not square_grid(posemb.shape[1] - 1)
-        and square_grid(posemb.shape[1])
-    ):
-        num_prefix = 0  # timm's no_embed_class: the class token gets no position embedding
+    grid = grid_from_config({**saved, **config})
     return Checkpoint(
         path=str(path),
         origin=NAME,
         params=params,
         unmatched=unmatched,
-        num_prefix_tokens=num_prefix,
+        num_prefix_tokens=_posemb_prefix_slots(params, grid),
         num_heads=saved.get("num_heads"),
-        grid=grid_from_config({**saved, **config}),
+        grid=grid,
         config=config,
+        posemb_resample="bicubic",
+        posemb_antialias=True,
     )
 
 
-def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
-    """The ``timm.create_model("vit_...", **kwargs)`` arguments of the same architecture."""
+def _posemb_prefix_slots(params: Flat, grid: tuple[int, int] | None) -> int:
+    """How many prefix tokens have a slot in the position embedding (0 for timm's ``no_embed_class``).
+
+    Told by the grid when the metadata gives it, else by which count leaves a square grid.
+    """
+    posemb = params.get("pos_embed/embedding")
+    if posemb is None:
+        return 0
+    length = posemb.shape[1]
+    if grid is not None:
+        return length - grid[0] * grid[1]
+    embedded = int("cls_token/token" in params) + int("dist_token/token" in params)
+    registers = params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
+    for slots in (embedded, embedded + registers, 0):
+        if square_grid(length - slots):
+            return slots
+    return embedded
+
+
+def no_embed_class(flat: Flat, model: Any) -> bool:
+    """Whether to write the model for timm's ``no_embed_class`` (no position-embedding slots in front).
+
+    So timm's DINOv2 with registers is built; and so are DeiT-3 and the like,
+    whose slots in front hold zeros when they came from such a file.
+    """
+    prefix = model.num_posemb_prefix_tokens
+    posemb = flat.get("pos_embed/embedding")
+    if model.num_registers:
+        return True
+    return bool(prefix) and posemb is not None and not np.any(posemb[:, :prefix])
+
+
+def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = False) -> dict[str, Any]:
+    """The ``timm.create_model(name, **kwargs)`` arguments of the same architecture.
+
+    ``name`` is a ``vit_*`` model, or a ``deit_*_distilled_*`` one for a model
+    with a distillation token. A SwiGLU model gets ``mlp_layer="SwiGLUPacked"``
+    and ``act_layer="silu"``: pass ``timm.layers.SwiGLUPacked`` for the string.
+    """
+    mlp_dim = model.mlp_dim or 4 * model.width
     kwargs: dict[str, Any] = dict(
         img_size=list(size),
         patch_size=model.patch_size,
@@ -105,29 +151,50 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
         embed_dim=model.width,
         depth=model.depth,
         num_heads=model.num_heads,
-        mlp_ratio=(model.mlp_dim or 4 * model.width) / model.width,
+        mlp_ratio=mlp_dim / model.width,
         class_token=model.class_token,
         global_pool={"tok": "token", "gap": "avg", "map": "map"}[model.pool],
         fc_norm=False,
     )
     if model.gelu_approximate:
         kwargs["act_layer"] = "gelu_tanh"
+    if model.mlp_type == "swiglu":
+        # timm's packed fc1 is int(width * mlp_ratio) wide; the half step keeps int() from rounding down.
+        kwargs.update(mlp_ratio=(2 * mlp_dim + 0.5) / model.width, mlp_layer="SwiGLUPacked", act_layer="silu")
+    if model.layer_scale_init is not None:
+        kwargs["init_values"] = model.layer_scale_init
+    if model.num_registers:
+        kwargs["reg_tokens"] = model.num_registers
+    if without_prefix_slots:
+        kwargs["no_embed_class"] = True
     return kwargs
 
 
 def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Sequence[str] | None) -> Path:
     """jaxvit params (flat, unrolled) -> a timm state dict as safetensors at ``path``.
 
-    The metadata holds ``timm_kwargs`` and the jaxvit model fields, image size and labels.
+    The metadata holds ``timm_kwargs``, ``timm_class`` (``VisionTransformer``
+    or, with a distillation token, ``VisionTransformerDistilled``) and the
+    jaxvit model fields, image size and labels. For ``no_embed_class`` the
+    prefix tokens' position-embedding slots are added to the tokens (the same
+    sum, done once).
     """
+    flat = dict(flat)
+    without_slots = no_embed_class(flat, model)
+    if without_slots and "pos_embed/embedding" in flat:
+        posemb = flat["pos_embed/embedding"]
+        prefix_names = ["cls_token/token"] * model.class_token + ["dist_token/token"] * model.distill_token
+        for slot, name in enumerate(prefix_names):
+            flat[name] = flat[name] + posemb[:, slot : slot + 1]
+        flat["pos_embed/embedding"] = posemb[:, len(prefix_names) :]
     out = layouts.rename_back(
         layouts.split_attention(flat, model.num_heads, "fused", "flat_kv"), RULES, "timm"
     )
+    saved = {"model": model_fields(model), "image_size": list(size), "labels": list(labels or [])}
     metadata = {
-        "jaxvit_model": json.dumps(
-            {"model": model_fields(model), "image_size": list(size), "labels": list(labels or [])}
-        ),
-        "timm_kwargs": json.dumps(timm_kwargs(model, size)),
+        "jaxvit_model": json.dumps(saved),
+        "timm_kwargs": json.dumps(timm_kwargs(model, size, without_slots)),
+        "timm_class": "VisionTransformerDistilled" if model.distill_token else "VisionTransformer",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_safetensors(out, path, metadata)

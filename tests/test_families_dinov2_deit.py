@@ -1,0 +1,222 @@
+"""Parity with transformers and timm for DINOv2, DINOv2 with registers, DeiT (distilled) and DeiT-3.
+
+Each peer is built once per module with random weights, every weight then
+perturbed (``+ 0.02 * randn``) so that zero-initialised tokens, biases and
+scales hide nothing; nothing is downloaded. For each family and direction the
+pooled features and the final tokens are compared in fp32, at the
+checkpoint's resolution and at another one (the peer resizing its own
+position embedding there). The measured differences are printed at the end
+(``pytest -s``).
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as load_torch_safetensors
+from safetensors.torch import save_file as save_torch_safetensors
+from timm.layers import SwiGLUPacked
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+)
+
+import jaxvit
+
+REL_TOL = 1e-4  # the issue's ceiling; the measured values are far below (see the printed table)
+NATIVE = 16  # pixels; patch 4 -> a 4x4 grid
+OTHER = (24, 20)  # another, non-square resolution: 6x5 patches
+MEASURED: list[tuple[str, str, str, str, float, float]] = []
+
+
+def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Adds 0.02 * randn to every parameter and floating buffer, in place; eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if p.is_floating_point():
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+def images(size, seed=0) -> np.ndarray:
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.random.default_rng(seed).normal(size=(2, h, w, 3)).astype(np.float32)
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x.transpose(0, 3, 1, 2)).contiguous()
+
+
+def record(family: str, direction: str, what: str, size, ours, theirs) -> None:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, (family, direction, what, ours.shape, theirs.shape)
+    diff = float(np.max(np.abs(ours - theirs)))
+    rel = diff / float(np.max(np.abs(theirs)))
+    label = f"{size}" if isinstance(size, int) else f"{size[0]}x{size[1]}"
+    MEASURED.append((family, direction, what, label, diff, rel))
+    assert rel < REL_TOL, f"{family} {direction} {what} at {label}: max abs {diff:.3g}, rel {rel:.3g}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_table():
+    yield
+    print("\n| family | direction | output | resolution | max abs | max rel |")
+    print("|---|---|---|---|---:|---:|")
+    for family, direction, what, size, diff, rel in MEASURED:
+        print(f"| {family} | {direction} | {what} | {size} | {diff:.2e} | {rel:.2e} |")
+
+
+def jaxvit_outputs(model, params, x: np.ndarray) -> dict[str, np.ndarray]:
+    out, state = model.apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
+    result = {
+        "tokens": np.asarray(state["intermediates"]["encoded"][0]),
+        "pooled": np.asarray(state["intermediates"]["head"]["features"][0]),
+    }
+    if model.num_classes:
+        result["logits"] = np.asarray(out)
+    return result
+
+
+# -- peers: each returns {"tokens", "pooled"[, "logits"]} at any size ----------------------
+
+
+def hf_dinov2_outputs(peer, x: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = peer(pixel_values=nchw(x))
+    return {"tokens": out.last_hidden_state.numpy(), "pooled": out.pooler_output.numpy()}
+
+
+def hf_deit_outputs(peer, x: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        tokens = peer.deit(nchw(x), interpolate_pos_encoding=True).last_hidden_state
+        logits = peer(nchw(x), interpolate_pos_encoding=True).logits
+    pooled = (tokens[:, 0] + tokens[:, 1]) / 2  # what timm's distilled models pool; HF has no pooler here
+    return {"tokens": tokens.numpy(), "pooled": pooled.numpy(), "logits": logits.numpy()}
+
+
+def timm_outputs(peer, x: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        tokens = peer.forward_features(nchw(x))
+        result = {"tokens": tokens.numpy(), "pooled": peer.forward_head(tokens, pre_logits=True).numpy()}
+        if peer.num_classes:
+            result["logits"] = peer.forward_head(tokens).numpy()
+    return result
+
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=NATIVE, patch_size=4)
+TIMM_TINY = dict(img_size=NATIVE, patch_size=4, embed_dim=32, depth=2, num_heads=2, dynamic_img_size=True)
+
+# name -> (build the peer, its outputs, its timm name or transformers class for the way back)
+FAMILIES = {
+    "hf dinov2 (swiglu)": (
+        lambda: Dinov2Model(Dinov2Config(**TINY, use_swiglu_ffn=True, layerscale_value=0.5)),
+        hf_dinov2_outputs,
+        Dinov2Model,
+    ),
+    "hf dinov2 registers": (
+        lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY, num_register_tokens=3)),
+        hf_dinov2_outputs,
+        Dinov2WithRegistersModel,
+    ),
+    "hf deit distilled": (
+        lambda: DeiTForImageClassificationWithTeacher(
+            DeiTConfig(**TINY, intermediate_size=64, num_labels=5, layer_norm_eps=1e-6)
+        ),
+        hf_deit_outputs,
+        DeiTForImageClassificationWithTeacher,
+    ),
+    "timm dinov2 (swiglu)": (
+        lambda: timm.create_model(
+            "vit_giant_patch14_dinov2", pretrained=False, num_classes=0, **{**TIMM_TINY, "num_heads": 4}
+        ),
+        timm_outputs,
+        "vit_giant_patch14_dinov2",
+    ),
+    "timm dinov2 reg4": (
+        lambda: timm.create_model(
+            "vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, **TIMM_TINY
+        ),
+        timm_outputs,
+        "vit_small_patch14_reg4_dinov2",
+    ),
+    "timm deit distilled": (
+        lambda: timm.create_model(
+            "deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, **TIMM_TINY
+        ),
+        timm_outputs,
+        "deit_tiny_distilled_patch16_224",
+    ),
+    "timm deit3": (
+        lambda: timm.create_model("deit3_small_patch16_224", pretrained=False, num_classes=5, **TIMM_TINY),
+        timm_outputs,
+        "deit3_small_patch16_224",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, peer, peer outputs, way back, path, loaded bundle) for one family, built once."""
+    name = request.param
+    build, outputs, back = FAMILIES[name]
+    torch.manual_seed(0)
+    peer = perturb(build(), seed=len(name))
+    folder = tmp_path_factory.mktemp(name.replace(" ", "_").replace("(", "").replace(")", ""))
+    if name.startswith("hf"):
+        path = folder / "peer"
+        peer.save_pretrained(path)
+    else:
+        path = folder / "peer.safetensors"
+        save_torch_safetensors(peer.state_dict(), path)
+    # a timm state dict does not say its head count; this one's is not the usual width / 64
+    overrides = dict(num_heads=4) if name == "timm dinov2 (swiglu)" else {}
+    bundle = jaxvit.load_for_inference(path, **overrides)
+    return name, peer, outputs, back, path, bundle
+
+
+def _compare(family_name, direction, size, ours, theirs):
+    for what in theirs:
+        record(family_name, direction, what, size, ours[what], theirs[what])
+
+
+def test_peer_to_jaxvit_at_the_checkpoint_resolution(family):
+    name, peer, outputs, _, _, bundle = family
+    assert bundle.image_size == (NATIVE, NATIVE)
+    x = images(NATIVE)
+    _compare(name, "peer -> jaxvit", NATIVE, jaxvit_outputs(bundle.model, bundle.params, x), outputs(peer, x))
+
+
+def test_peer_to_jaxvit_at_another_resolution(family):
+    name, peer, outputs, _, path, bundle = family
+    params = jaxvit.load_pretrained(path, bundle.model, OTHER)
+    x = images(OTHER, seed=1)
+    _compare(name, "peer -> jaxvit", OTHER, jaxvit_outputs(bundle.model, params, x), outputs(peer, x))
+
+
+def test_jaxvit_to_peer(family, tmp_path):
+    name, peer, outputs, back, _, bundle = family
+    if name.startswith("hf"):
+        jaxvit.export(bundle.params, tmp_path / "out", "hf", model=bundle.model)
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert config["architectures"] == [back.__name__]
+        fresh = back.from_pretrained(tmp_path / "out").eval()
+    else:
+        jaxvit.export(bundle.params, tmp_path / "out.safetensors", "timm", model=bundle.model)
+        with safe_open(str(tmp_path / "out.safetensors"), "np") as f:
+            kwargs = json.loads(f.metadata()["timm_kwargs"])
+        if kwargs.get("mlp_layer") == "SwiGLUPacked":
+            kwargs["mlp_layer"] = SwiGLUPacked
+        fresh = timm.create_model(back, pretrained=False, dynamic_img_size=True, **kwargs).eval()
+        fresh.load_state_dict(load_torch_safetensors(tmp_path / "out.safetensors"), strict=True)
+    for size in (NATIVE, OTHER):
+        x = images(size, seed=2)
+        _compare(name, "jaxvit -> peer", size, outputs(fresh, x), outputs(peer, x))
