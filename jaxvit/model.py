@@ -77,6 +77,29 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 
+# Today's backbone families: "family:size/patch", e.g. "dinov2:g/14". A family's
+# sizes live in its own table, so DINOv2's giant ("dinov2:g", 1536 wide, SwiGLU)
+# cannot be mistaken for big_vision's "g" (1408 wide); a bare size is always
+# big_vision's. Each family also sets the options its checkpoints have.
+_DINOV2_SIZES: dict[str, dict[str, Any]] = {
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    # SwiGLU of nominal width 4 * 1536, two thirds of it rounded up to 8: 4096 (swiglu_hidden_size)
+    "g": dict(width=1536, depth=40, mlp_dim=4096, num_heads=24, mlp_type="swiglu"),
+}
+_DEIT_SIZES = {name: VARIANTS[name] for name in ("Ti", "S", "B")}
+_DEIT3_SIZES = {name: VARIANTS[name] for name in ("S", "M", "B", "L", "H")}
+FAMILY_VARIANTS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, Any]]] = {
+    # family: (sizes, fields every size of it has; patch_size is the default patch)
+    "dinov2": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5)),
+    "dinov2-reg4": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5, num_registers=4)),
+    "deit": (_DEIT_SIZES, dict(patch_size=16)),
+    "deit-distilled": (_DEIT_SIZES, dict(patch_size=16, distill_token=True)),
+    "deit3": (_DEIT3_SIZES, dict(patch_size=16, layer_scale_init=1e-6)),
+}
+
+
 # One function per validation rule, so a bad value gets the same message
 # wherever it arrives: VisionTransformer.check_config runs them all before
 # tracing, and a module used on its own checks the fields it owns.
@@ -133,26 +156,40 @@ def decode_variant(variant: str) -> dict[str, Any]:
     """``"B/16"`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``.
 
     A name without a patch (``"B"``) gives the sizes alone. Non-square patches
-    are written ``"B/16x8"``.
+    are written ``"B/16x8"``. A family in front (``"dinov2:g/14"``,
+    ``"deit-distilled:S"``, see ``FAMILY_VARIANTS``) takes the size from that
+    family's table and adds the family's options and default patch.
     """
-    name, _, patch = variant.partition("/")
-    if name not in VARIANTS:
+    family, _, sized = variant.rpartition(":")
+    name, _, patch = sized.partition("/")
+    if family:
+        if family not in FAMILY_VARIANTS or name not in FAMILY_VARIANTS[family][0]:
+            known = {f: list(sizes) for f, (sizes, _) in FAMILY_VARIANTS.items()}
+            raise ValueError(
+                f"unknown variant {variant!r}: family:size must be one of {known}, optionally followed by"
+                " /patch, e.g. 'dinov2:g/14'"
+            )
+        sizes, options = FAMILY_VARIANTS[family]
+        config: dict[str, Any] = {**options, **sizes[name]}
+    elif name in VARIANTS:
+        config = dict(VARIANTS[name])
+    else:
         raise ValueError(
             f"unknown variant {variant!r}: the size must be one of {list(VARIANTS)}"
-            " optionally followed by /patch, e.g. 'B/16'"
+            f" optionally followed by /patch, e.g. 'B/16', or family:size with a family of"
+            f" {list(FAMILY_VARIANTS)}, e.g. 'dinov2:g/14'"
         )
-    config: dict[str, Any] = dict(VARIANTS[name])
     if patch:
         try:
-            sizes = tuple(int(s) for s in patch.split("x"))
+            patch_sizes = tuple(int(s) for s in patch.split("x"))
         except ValueError:
-            sizes = ()
-        if len(sizes) not in (1, 2) or min(sizes) < 1:
+            patch_sizes = ()
+        if len(patch_sizes) not in (1, 2) or min(patch_sizes) < 1:
             raise ValueError(
                 f"unknown variant {variant!r}: the patch after '/' must be a positive integer"
                 " or PxQ, e.g. 'B/16' or 'B/16x8'"
             )
-        config["patch_size"] = sizes[0] if len(sizes) == 1 else sizes
+        config["patch_size"] = patch_sizes[0] if len(patch_sizes) == 1 else patch_sizes
     return config
 
 
@@ -1071,6 +1108,7 @@ def attention_weights(
 
 __all__: Sequence[str] = (
     "VARIANTS",
+    "FAMILY_VARIANTS",
     "VisionTransformer",
     "PatchEmbed",
     "ClassToken",

@@ -220,3 +220,22 @@ def test_jaxvit_to_peer(family, tmp_path):
     for size in (NATIVE, OTHER):
         x = images(size, seed=2)
         _compare(name, "jaxvit -> peer", size, outputs(fresh, x), outputs(peer, x))
+
+
+def test_an_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    (tmp_path / "swin").mkdir()
+    (tmp_path / "swin" / "config.json").write_text(json.dumps({"model_type": "swin"}))
+    save_torch_safetensors({"x": torch.zeros(1)}, tmp_path / "swin" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model_type='swin'.*supported model types: \['deit', 'dinov2',"):
+        jaxvit.load_for_inference(tmp_path / "swin")
+
+
+def test_dinov2_classifier_and_deit_without_teacher_are_refused_by_name(tmp_path):
+    from transformers import DeiTForImageClassification, Dinov2ForImageClassification
+
+    Dinov2ForImageClassification(Dinov2Config(**TINY, num_labels=3)).save_pretrained(tmp_path / "dino")
+    with pytest.raises(ValueError, match="Dinov2ForImageClassification's head reads the class token"):
+        jaxvit.load_for_inference(tmp_path / "dino")
+    DeiTForImageClassification(DeiTConfig(**TINY, intermediate_size=64)).save_pretrained(tmp_path / "deit")
+    with pytest.raises(ValueError, match="DeiTForImageClassification .* is not supported"):
+        jaxvit.load_for_inference(tmp_path / "deit")
