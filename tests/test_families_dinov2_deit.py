@@ -11,6 +11,7 @@ position embedding there). The measured differences are printed at the end
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -220,6 +221,66 @@ def test_jaxvit_to_peer(family, tmp_path):
     for size in (NATIVE, OTHER):
         x = images(size, seed=2)
         _compare(name, "jaxvit -> peer", size, outputs(fresh, x), outputs(peer, x))
+
+
+# Models that start in jaxvit (random weights, a position-embedding slot for the class token that
+# is not zero, a SwiGLU width of jaxvit's choosing), written for a peer: (fields, format, peer)
+JAXVIT_ORIGIN = {
+    "dinov2 registers swiglu -> hf": (
+        dict(num_classes=0, num_registers=2, layer_scale_init=0.1, mlp_type="swiglu", mlp_dim=88),
+        "hf",
+        Dinov2WithRegistersModel,
+    ),
+    "dinov2 layerscale -> hf": (dict(num_classes=0, layer_scale_init=0.1), "hf", Dinov2Model),
+    "deit distilled -> hf": (
+        dict(num_classes=5, distill_token=True),
+        "hf",
+        DeiTForImageClassificationWithTeacher,
+    ),
+    "dinov2 registers swiglu -> timm": (
+        dict(num_classes=0, num_registers=2, layer_scale_init=0.1, mlp_type="swiglu", mlp_dim=88),
+        "timm",
+        "vit_small_patch14_reg4_dinov2",
+    ),
+    "deit distilled -> timm": (
+        dict(num_classes=5, distill_token=True),
+        "timm",
+        "deit_tiny_distilled_patch16_224",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JAXVIT_ORIGIN))
+def test_a_jaxvit_model_written_for_a_peer_computes_the_same(case, tmp_path):
+    fields, fmt, peer_kind = JAXVIT_ORIGIN[case]
+    model = jaxvit.create_model(
+        None, width=32, depth=2, num_heads=2, patch_size=4, **{"mlp_dim": 128, **fields}
+    )
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1, NATIVE, NATIVE, 3)))
+    rng = np.random.default_rng(len(case))
+    params = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(0.1 * rng.normal(size=a.shape), jnp.float32), shapes["params"]
+    )
+    if fmt == "hf":
+        path = jaxvit.export(params, tmp_path / "out", "hf", model=model)
+        peer = peer_kind.from_pretrained(path).eval()
+        outputs = hf_deit_outputs if model.distill_token else hf_dinov2_outputs
+    else:
+        path = jaxvit.export(params, tmp_path / "out.safetensors", "timm", model=model)
+        with safe_open(str(path), "np") as f:
+            kwargs = json.loads(f.metadata()["timm_kwargs"])
+        if kwargs.get("mlp_layer") == "SwiGLUPacked":
+            kwargs["mlp_layer"] = SwiGLUPacked
+        peer = timm.create_model(peer_kind, pretrained=False, dynamic_img_size=True, **kwargs).eval()
+        peer.load_state_dict(load_torch_safetensors(path), strict=True)
+        outputs = timm_outputs
+    for size in (NATIVE, OTHER):
+        # at another size jaxvit resizes as the peer does, told by the written file
+        sized = params if size == NATIVE else jaxvit.load_pretrained(path, model, size)
+        x = images(size, seed=3)
+        _compare(
+            case.split(" -> ")[0], f"jaxvit -> {fmt}", size, jaxvit_outputs(model, sized, x), outputs(peer, x)
+        )
 
 
 def test_an_unsupported_model_type_lists_the_supported_ones(tmp_path):

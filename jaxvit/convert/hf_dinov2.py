@@ -229,6 +229,8 @@ def write(
                 flat[f"encoder/block_{i}/{name}/scale"] = np.ones((model.width,), np.float32)
     rules = SWIGLU_RULES if model.mlp_type == "swiglu" else RULES
     out = layouts.rename_back(layouts.split_attention(flat, model.num_heads, "flat", "heads"), rules, "hf")
+    # The files on the Hub carry the (pre-training) mask token; a zero one keeps loaders from reporting it missing.
+    out["embeddings.mask_token"] = np.zeros((1, model.width), np.float32)
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "config.json", "w") as f:
         json.dump(_export_config(model, size), f, indent=2)
