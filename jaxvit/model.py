@@ -47,7 +47,7 @@ DType = Any
 PatchSize = int | tuple[int, int]
 
 POOLINGS = ("tok", "gap", "map")
-POSEMBS = ("learn", "sincos2d")
+POSEMBS = ("learn", "sincos2d", "rope", "none")
 MLP_TYPES = ("mlp", "swiglu")
 RESAMPLE_METHODS = ("bilinear", "bicubic")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
@@ -404,7 +404,8 @@ class PositionEmbedding(nn.Module):
 
     ``kind="learn"`` holds a parameter ``(1, P + h*w, D)`` drawn from
     normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front;
-    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots).
+    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots);
+    ``"rope"`` (rotary, applied in attention) and ``"none"`` add nothing here.
     """
 
     grid: tuple[int, int]
@@ -429,6 +430,8 @@ class PositionEmbedding(nn.Module):
                         " jaxvit.resample_posemb (load_pretrained does this for you)"
                     )
             posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+        elif self.kind in ("rope", "none"):
+            return tokens.astype(self.dtype)  # rope rotates queries and keys in attention instead
         elif self.kind == "sincos2d":
             posemb = posemb_sincos_2d(
                 (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens
@@ -492,6 +495,45 @@ def _per_projection_init(init: Any, parts: int) -> Any:
     return fused
 
 
+def rope_2d_tables(
+    grid: tuple[int, int], head_dim: int, theta: float = 100.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """DINOv3's 2-D rotary embedding: ``(cos, sin)``, each ``(h*w, head_dim)`` float32, rows in ``(h w)`` order.
+
+    Patch centres are placed on ``[-1, 1]`` along each axis (``(i + 0.5) / n *
+    2 - 1``), whatever the grid, so any image size works. The angle of a
+    coordinate ``c`` at frequency ``theta ** (-4k / head_dim)``, ``k < head_dim
+    / 4``, is ``2 pi c`` times it; the ``y`` angles then the ``x`` angles fill
+    half the channels, repeated for the other half (the pairing of
+    ``rotate_half``). Computed in float32 in the order transformers' DINOv3
+    does, so the tables agree to the last bit or so.
+    """
+    if head_dim % 4:
+        raise ValueError(f"posemb='rope' needs a head dimension divisible by 4, got {head_dim}")
+    h, w = grid
+    inv_freq = (1.0 / theta ** np.arange(0, 1, 4 / head_dim, dtype=np.float32)).astype(np.float32)
+    ys = (np.arange(0.5, h, dtype=np.float32) / np.float32(h)).astype(np.float32)
+    xs = (np.arange(0.5, w, dtype=np.float32) / np.float32(w)).astype(np.float32)
+    coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(h * w, 2)
+    coords = (np.float32(2.0) * coords - np.float32(1.0)).astype(np.float32)
+    angles = (np.float32(2 * math.pi) * coords[:, :, None] * inv_freq[None, None, :]).astype(np.float32)
+    angles = np.tile(angles.reshape(h * w, -1), 2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, num_prefix_tokens: int) -> Array:
+    """Rotates the patch tokens of ``x`` ``(N, T, H, Dh)``; the ``num_prefix_tokens`` in front stay as they are.
+
+    ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = [-x2, x1]`` of the
+    two halves of ``Dh``; ``cos``, ``sin`` ``(T - P, Dh)`` from ``rope_2d_tables``.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    first, second = jnp.split(patches, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    return jnp.concatenate([prefix, patches * cos + rotated * sin], axis=1)
+
+
 class SelfAttention(nn.Module):
     """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
 
@@ -501,11 +543,17 @@ class SelfAttention(nn.Module):
     them); on CPU, and whenever the weights are needed (the ``"attention"``
     collection is mutable, or attention dropout is active), through
     ``ops.explicit_attention`` (``jaxvit.ops.set_attention_impl`` chooses).
+    ``rope_grid`` (DINOv3): queries and keys of the patch tokens, which
+    follow ``rope_prefix_tokens`` prefix tokens and form that grid, are
+    rotated (``apply_rope``) before attention.
     """
 
     num_heads: int
     attention_dropout: float = 0.0
     deterministic: bool = True
+    rope_grid: tuple[int, int] | None = None
+    rope_prefix_tokens: int = 0
+    rope_theta: float = 100.0
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
@@ -520,6 +568,11 @@ class SelfAttention(nn.Module):
         qkv = nn.Dense(3 * d, name="qkv", **{**dense, "kernel_init": qkv_init})(x).reshape(
             n, t, 3, self.num_heads, head_dim
         )
+        if self.rope_grid is not None:
+            cos, sin = rope_2d_tables(self.rope_grid, head_dim, self.rope_theta)
+            q, k, v = (qkv[:, :, i] for i in range(3))
+            q, k = (apply_rope(a, cos, sin, self.rope_prefix_tokens) for a in (q, k))
+            qkv = jnp.stack([q, k, v], axis=2)
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights or ops.use_explicit_attention():
@@ -639,6 +692,9 @@ class EncoderBlock(nn.Module):
     layer_norm_eps: float = 1e-6
     layer_scale_init: float | None = None
     mlp_type: str = "mlp"
+    rope_grid: tuple[int, int] | None = None
+    rope_prefix_tokens: int = 0
+    rope_theta: float = 100.0
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -664,7 +720,13 @@ class EncoderBlock(nn.Module):
 
         y = nn.LayerNorm(name="norm1", **norm)(x)
         y = SelfAttention(
-            num_heads=self.num_heads, attention_dropout=self.attention_dropout, name="attn", **common
+            num_heads=self.num_heads,
+            attention_dropout=self.attention_dropout,
+            rope_grid=self.rope_grid,
+            rope_prefix_tokens=self.rope_prefix_tokens,
+            rope_theta=self.rope_theta,
+            name="attn",
+            **common,
         )(y)
         x = residual(x, y, "ls1")
         y = nn.LayerNorm(name="norm2", **norm)(x)
@@ -692,6 +754,7 @@ class Encoder(nn.Module):
     compiles one block; ``scan_to_unrolled`` / ``unrolled_to_scan`` convert
     between that layout and ``block_0 ... block_{depth-1}``.
     Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
+    ``rope_grid`` turns on DINOv3's rotary position embedding in every block.
     """
 
     depth: int
@@ -704,6 +767,9 @@ class Encoder(nn.Module):
     layer_norm_eps: float = 1e-6
     layer_scale_init: float | None = None
     mlp_type: str = "mlp"
+    rope_grid: tuple[int, int] | None = None
+    rope_prefix_tokens: int = 0
+    rope_theta: float = 100.0
     scan: bool = False
     remat_policy: str = "none"
     dtype: DType = jnp.float32
@@ -730,6 +796,9 @@ class Encoder(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             layer_scale_init=self.layer_scale_init,
             mlp_type=self.mlp_type,
+            rope_grid=self.rope_grid,
+            rope_prefix_tokens=self.rope_prefix_tokens,
+            rope_theta=self.rope_theta,
             deterministic=not train,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -890,7 +959,9 @@ class VisionTransformer(nn.Module):
     (DINOv2 registers), ``layer_scale_init`` (LayerScale on both residual
     branches), ``mlp_type="swiglu"`` (DINOv2-g's MLP; ``mlp_dim`` is then the
     width of each half, see ``swiglu_hidden_size``), ``distill_token``
-    (DeiT's distillation token and second classifier).
+    (DeiT's distillation token and second classifier), ``posemb="rope"``
+    (DINOv3's 2-D rotary embedding of the patch tokens' queries and keys,
+    base ``rope_theta``) and ``posemb="none"``.
     """
 
     num_classes: int = 1000
@@ -914,6 +985,7 @@ class VisionTransformer(nn.Module):
     layer_scale_init: float | None = None
     mlp_type: str = "mlp"
     distill_token: bool = False
+    rope_theta: float = 100.0
     scan: bool = False
     remat_policy: str = "none"
     dtype: DType = jnp.float32
@@ -942,6 +1014,10 @@ class VisionTransformer(nn.Module):
         check_heads(self.width, self.num_heads)
         if self.posemb == "sincos2d":
             check_sincos_width(self.width)
+        if self.posemb == "rope" and (self.width // self.num_heads) % 4:
+            raise ValueError(
+                f"posemb='rope' needs a head dimension divisible by 4, got {self.width // self.num_heads}"
+            )
         if min(to_pair(self.patch_size)) < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
 
@@ -1026,6 +1102,9 @@ class VisionTransformer(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             layer_scale_init=self.layer_scale_init,
             mlp_type=self.mlp_type,
+            rope_grid=grid if self.posemb == "rope" else None,
+            rope_prefix_tokens=self.num_prefix_tokens,
+            rope_theta=self.rope_theta,
             scan=self.scan,
             remat_policy=self.remat_policy,
             name="encoder",

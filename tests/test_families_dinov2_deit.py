@@ -1,4 +1,4 @@
-"""Parity with transformers and timm for DINOv2, DINOv2 with registers, DeiT (distilled) and DeiT-3.
+"""Parity with transformers and timm for DINOv2 (with registers), DINOv3, DeiT (distilled) and DeiT-3.
 
 Each peer is built once per module with random weights, every weight then
 perturbed (``+ 0.02 * randn``) so that zero-initialised tokens, biases and
@@ -28,6 +28,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
 )
 
 import jaxvit
@@ -39,10 +41,13 @@ MEASURED: list[tuple[str, str, str, str, float, float]] = []
 
 
 def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Adds 0.02 * randn to every parameter and floating buffer, in place; eval mode."""
+    """Adds 0.02 * randn to every weight (the floating entries of the state dict), in place; eval mode.
+
+    Buffers outside the state dict (DINOv3's rotary frequencies) are computed, not weights.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in list(module.named_parameters()) + list(module.named_buffers()):
+        for p in module.state_dict(keep_vars=True).values():
             if p.is_floating_point():
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
     return module.eval()
@@ -127,6 +132,20 @@ FAMILIES = {
         lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY, num_register_tokens=3)),
         hf_dinov2_outputs,
         Dinov2WithRegistersModel,
+    ),
+    "hf dinov3 (swiglu, registers)": (
+        lambda: DINOv3ViTModel(
+            DINOv3ViTConfig(
+                **TINY, intermediate_size=48, use_gated_mlp=True, hidden_act="silu", num_register_tokens=2
+            )
+        ),
+        hf_dinov2_outputs,
+        DINOv3ViTModel,
+    ),
+    "hf dinov3": (
+        lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, intermediate_size=64, rope_theta=50.0)),
+        hf_dinov2_outputs,
+        DINOv3ViTModel,
     ),
     "hf deit distilled": (
         lambda: DeiTForImageClassificationWithTeacher(
@@ -232,6 +251,12 @@ JAXVIT_ORIGIN = {
         Dinov2WithRegistersModel,
     ),
     "dinov2 layerscale -> hf": (dict(num_classes=0, layer_scale_init=0.1), "hf", Dinov2Model),
+    # random weights give the key a bias, which DINOv3 lacks by default: written with key_bias=True
+    "dinov3 key bias registers -> hf": (
+        dict(num_classes=0, posemb="rope", num_registers=2, layer_scale_init=0.1),
+        "hf",
+        DINOv3ViTModel,
+    ),
     "deit distilled -> hf": (
         dict(num_classes=5, distill_token=True),
         "hf",

@@ -25,16 +25,24 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.convert import big_vision, hf_deit, hf_dinov2, hf_vit, timm, vision_transformer
+from jaxvit.convert import big_vision, hf_deit, hf_dinov2, hf_dinov3, hf_vit, timm, vision_transformer
 from jaxvit.convert.checkpoint import Preprocessing
 
 # Asked in this order: the first format that claims a file reads it.
-FORMATS: tuple[ModuleType, ...] = (big_vision, vision_transformer, hf_deit, hf_dinov2, hf_vit, timm)
+FORMATS: tuple[ModuleType, ...] = (
+    big_vision,
+    vision_transformer,
+    hf_deit,
+    hf_dinov2,
+    hf_dinov3,
+    hf_vit,
+    timm,
+)
 
 EXPORTS: dict[str, ModuleType] = {f.EXPORT_FORMAT: f for f in FORMATS if hasattr(f, "EXPORT_FORMAT")}
 
 # Hugging Face families: folders are told apart by config.json's model_type.
-HF_FORMATS: tuple[ModuleType, ...] = (hf_deit, hf_dinov2, hf_vit)
+HF_FORMATS: tuple[ModuleType, ...] = (hf_dinov3, hf_deit, hf_dinov2, hf_vit)
 HF_MODEL_TYPES: dict[str, ModuleType] = {
     "vit": hf_vit,
     **{t: f for f in HF_FORMATS for t in getattr(f, "HF_MODEL_TYPES", ())},
