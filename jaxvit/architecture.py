@@ -70,6 +70,7 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
             params["head/pre_logits/kernel"].shape[-1] if "head/pre_logits/kernel" in params else None
         ),
     )
+    fields.update(ckpt.implied_fields)
     fields.update(overrides)
     if "num_heads" not in fields:
         fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)

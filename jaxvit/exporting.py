@@ -79,10 +79,10 @@ def export(
     flat = flat_params(params)
     size = _image_size(flat, model, image_size)
     check_keys(flat, {}, target_shapes(model, size), "the params to export")
-    writer = registry.hf_writer(model) if format == "hf" else registry.EXPORTS[format]
-    if model.representation_size and not writer.HAS_PRE_LOGITS:
+    writer = registry.writer(format, model)
+    if model.representation_size and not getattr(writer, "HAS_PRE_LOGITS", False):
         raise ValueError(f"format={format!r} has no pre_logits layer: the model has representation_size set")
-    if model.posemb == "sincos2d" and not writer.HAS_SINCOS:
+    if model.posemb == "sincos2d" and not getattr(writer, "HAS_SINCOS", False):
         # The peer has no fixed sin-cos option; a learned table with these values computes the same.
         p, q = to_pair(model.patch_size)
         flat["pos_embed/embedding"] = sincos_table(model, (size[0] // p, size[1] // q))

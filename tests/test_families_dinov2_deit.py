@@ -168,6 +168,20 @@ FAMILIES = {
         timm_outputs,
         "vit_small_patch14_reg4_dinov2",
     ),
+    "timm dinov3 (swiglu)": (
+        lambda: timm.create_model(
+            "vit_small_plus_patch16_dinov3", pretrained=False, num_classes=0, global_pool="token", **TIMM_TINY
+        ),
+        timm_outputs,
+        "vit_small_plus_patch16_dinov3",
+    ),
+    "timm dinov3 qkv bias": (
+        lambda: timm.create_model(
+            "vit_small_patch16_dinov3_qkvb", pretrained=False, num_classes=3, global_pool="token", **TIMM_TINY
+        ),
+        timm_outputs,
+        "vit_small_patch16_dinov3_qkvb",
+    ),
     "timm deit distilled": (
         lambda: timm.create_model(
             "deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, **TIMM_TINY
@@ -199,7 +213,9 @@ def family(request, tmp_path_factory):
         save_torch_safetensors(peer.state_dict(), path)
     # a timm state dict does not say its head count; this one's is not the usual width / 64
     overrides = dict(num_heads=4) if name == "timm dinov2 (swiglu)" else {}
-    bundle = jaxvit.load_for_inference(path, **overrides)
+    # a timm DINOv3 file has no position table to tell its resolution (any works); say it
+    size = NATIVE if name.startswith("timm dinov3") else None
+    bundle = jaxvit.load_for_inference(path, image_size=size, **overrides)
     return name, peer, outputs, back, path, bundle
 
 
@@ -267,6 +283,19 @@ JAXVIT_ORIGIN = {
         "timm",
         "vit_small_patch14_reg4_dinov2",
     ),
+    "dinov3 swiglu registers -> timm": (
+        dict(
+            num_classes=0,
+            posemb="rope",
+            num_registers=2,
+            layer_scale_init=0.1,
+            mlp_type="swiglu",
+            mlp_dim=40,
+            layer_norm_eps=1e-5,
+        ),
+        "timm",
+        "vit_small_patch16_dinov3",
+    ),
     "deit distilled -> timm": (
         dict(num_classes=5, distill_token=True),
         "timm",
@@ -286,12 +315,17 @@ def test_a_jaxvit_model_written_for_a_peer_computes_the_same(case, tmp_path):
     params = jax.tree_util.tree_map(
         lambda a: jnp.asarray(0.1 * rng.normal(size=a.shape), jnp.float32), shapes["params"]
     )
+    if fmt == "timm" and model.posemb == "rope":
+        # timm's DINOv3 fixes the key bias at zero (its export refuses any other); so does jaxvit's init
+        for i in range(model.depth):
+            bias = params["encoder"][f"block_{i}"]["attn"]["qkv"]["bias"]
+            params["encoder"][f"block_{i}"]["attn"]["qkv"]["bias"] = bias.at[32:64].set(0.0)
     if fmt == "hf":
         path = jaxvit.export(params, tmp_path / "out", "hf", model=model)
         peer = peer_kind.from_pretrained(path).eval()
         outputs = hf_deit_outputs if model.distill_token else hf_dinov2_outputs
     else:
-        path = jaxvit.export(params, tmp_path / "out.safetensors", "timm", model=model)
+        path = jaxvit.export(params, tmp_path / "out.safetensors", "timm", model=model, image_size=NATIVE)
         with safe_open(str(path), "np") as f:
             kwargs = json.loads(f.metadata()["timm_kwargs"])
         if kwargs.get("mlp_layer") == "SwiGLUPacked":

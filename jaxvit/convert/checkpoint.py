@@ -58,7 +58,9 @@ class Checkpoint:
     wrote. ``posemb_resample`` / ``posemb_antialias``: how the checkpoint's
     own code resizes its position embedding for another image size (see
     ``jaxvit.resample_posemb``), so that features at a new size equal the
-    peer's there.
+    peer's there. ``implied_fields``: model fields the format implies but
+    the shapes cannot tell (e.g. a rotary position embedding and its
+    LayerNorm epsilon), used when the model is told from the shapes.
     """
 
     path: str
@@ -71,6 +73,7 @@ class Checkpoint:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     posemb_resample: str = "bilinear"
     posemb_antialias: bool = False
+    implied_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def posemb_prefix(self) -> int:

@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.convert import big_vision, hf_deit, hf_dinov2, hf_dinov3, hf_vit, timm, vision_transformer
+from jaxvit.convert import (
+    big_vision,
+    hf_deit,
+    hf_dinov2,
+    hf_dinov3,
+    hf_vit,
+    timm,
+    timm_dinov3,
+    vision_transformer,
+)
 from jaxvit.convert.checkpoint import Preprocessing
 
 # Asked in this order: the first format that claims a file reads it.
@@ -36,6 +45,7 @@ FORMATS: tuple[ModuleType, ...] = (
     hf_dinov2,
     hf_dinov3,
     hf_vit,
+    timm_dinov3,
     timm,
 )
 
@@ -61,6 +71,15 @@ def hf_format(config: Mapping[str, Any], path: object = "") -> ModuleType:
             f" supported model types: {sorted(HF_MODEL_TYPES)}"
         )
     return HF_MODEL_TYPES[model_type]
+
+
+def writer(format: str, model: Any) -> ModuleType:
+    """The format module that ``export(format=...)`` writes ``model`` with: the family's own layout."""
+    if format == "hf":
+        return hf_writer(model)
+    if format == "timm" and timm_dinov3.writes(model):
+        return timm_dinov3
+    return EXPORTS[format]
 
 
 def hf_writer(model: Any) -> ModuleType:
