@@ -75,7 +75,7 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     if "num_heads" not in fields:
         fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)
     model = create_model(None, **fields)
-    size = (224, 224)
+    size = (224, 224) if ckpt.grid is None else (ckpt.grid[0] * kp, ckpt.grid[1] * kq)
     if "pos_embed/embedding" in params:
         grid_len = params["pos_embed/embedding"].shape[1] - ckpt.num_prefix_tokens
         grid = ckpt.grid or square_grid(grid_len)

@@ -530,7 +530,17 @@ def test_every_registered_format_has_what_the_registry_promises():
             callable(fmt.write) and isinstance(fmt.HAS_PRE_LOGITS, bool) and isinstance(fmt.HAS_SINCOS, bool)
         )
     assert sorted(registry.EXPORTS) == ["hf", "npz", "timm"]
-    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf_deit", "hf_dinov2", "hf", "timm", "workdir")
+    assert jaxvit.inference.ORIGINS == (
+        "big_vision",
+        "vt",
+        "hf_deit",
+        "hf_dinov2",
+        "hf_dinov3",
+        "hf",
+        "timm_dinov3",
+        "timm",
+        "workdir",
+    )
     assert registry.format_for("state_dict", {"blocks.0.norm1.weight": np.zeros(2)}).NAME == "timm"
     with pytest.raises(ValueError, match="unknown origin 'nope'"):
         registry.by_origin("nope")

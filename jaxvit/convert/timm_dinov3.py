@@ -24,16 +24,18 @@ import numpy as np
 
 from jaxvit.convert import files, layouts
 from jaxvit.convert.checkpoint import (
-    IMAGENET_TIMM,
     Checkpoint,
     Flat,
+    Preprocessing,
     grid_from_config,
     model_fields,
     strip_prefix,
 )
 
 NAME = "timm_dinov3"
-PREPROCESSING = IMAGENET_TIMM
+# timm's DINOv3 configs: the whole image to 256 x 256, bicubic, ImageNet statistics.
+PREPROCESSING = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0, "bicubic")
+DEFAULT_IMAGE_SIZE = 256
 IMPLIED_FIELDS = dict(posemb="rope", rope_theta=100.0, layer_norm_eps=1e-5)
 RULES = tuple(
     layouts.torch_rules("patch_embed.proj", "patch_embed", "conv")
@@ -104,6 +106,10 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     params, unmatched = layouts.rename(arrays, RULES)
     config = json.loads(metadata["jaxvit_model"]) if "jaxvit_model" in metadata else {}
     saved = config.get("model", {})
+    grid = grid_from_config({**saved, **config})
+    kernel = params.get("patch_embed/kernel")
+    if grid is None and kernel is not None:  # no table to tell it: timm's DINOv3 resolution
+        grid = (DEFAULT_IMAGE_SIZE // kernel.shape[0], DEFAULT_IMAGE_SIZE // kernel.shape[1])
     return Checkpoint(
         path=str(path),
         origin=NAME,
@@ -111,7 +117,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         unmatched=unmatched,
         num_prefix_tokens=0,
         num_heads=saved.get("num_heads"),
-        grid=grid_from_config({**saved, **config}),
+        grid=grid,
         config=config,
         implied_fields=dict(IMPLIED_FIELDS),
     )
