@@ -94,6 +94,10 @@ FAMILY_VARIANTS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, Any]]] = {
     # family: (sizes, fields every size of it has; patch_size is the default patch)
     "dinov2": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5)),
     "dinov2-reg4": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5, num_registers=4)),
+    "dinov3": (
+        {name: _DINOV2_SIZES[name] for name in ("S", "B", "L")},
+        dict(patch_size=16, layer_scale_init=1e-5, num_registers=4, posemb="rope", layer_norm_eps=1e-5),
+    ),
     "deit": (_DEIT_SIZES, dict(patch_size=16)),
     "deit-distilled": (_DEIT_SIZES, dict(patch_size=16, distill_token=True)),
     "deit3": (_DEIT3_SIZES, dict(patch_size=16, layer_scale_init=1e-6)),

@@ -192,6 +192,7 @@ def test_family_variants_keep_dinov2_giant_apart_from_big_vision_g():
     assert jaxvit.decode_variant("dinov2-reg4:S")["num_registers"] == 4
     assert jaxvit.decode_variant("deit-distilled:Ti")["distill_token"] is True
     assert jaxvit.decode_variant("deit3:B/16")["layer_scale_init"] == 1e-6
+    assert jaxvit.decode_variant("dinov3:B")["posemb"] == "rope"
     with pytest.raises(ValueError, match="family:size must be one of.*dinov2"):
         jaxvit.decode_variant("dinov2:Ti/14")
     # the counts in the README's table
