@@ -249,3 +249,41 @@ def test_intermediate_features_equal_timm_forward_intermediates(
     assert pairs[0][1].shape == (2, 1 + 4, 32)
     with pytest.raises(ValueError, match="block index 3 is out of range for depth=3"):
         jaxvit.intermediate_features(bundle.model, {"params": bundle.params}, IMAGES, layers=[3])
+
+
+# -- rotary position embedding ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_rope_tables_equal_transformers_dinov3(grid):
+    from transformers import DINOv3ViTConfig
+    from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTRopePositionEmbedding
+
+    config = DINOv3ViTConfig(hidden_size=64, num_attention_heads=2, patch_size=4, rope_theta=50.0)
+    rope = DINOv3ViTRopePositionEmbedding(config).eval()
+    with torch.no_grad():
+        cos, sin = rope(torch.zeros(1, 3, 4 * grid[0], 4 * grid[1]))
+    ours = jaxvit.model.rope_2d_tables(grid, 32, 50.0)
+    np.testing.assert_allclose(ours[0], cos.numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours[1], sin.numpy(), atol=1e-6)
+
+
+def test_a_key_bias_is_invisible_without_rope_and_visible_with_it():
+    """Why a loaded DINOv3 gets a zero key bias (exact) rather than any constant: rotation breaks the invariance."""
+    outputs = {}
+    for posemb in ("learn", "rope"):
+        model = tiny(posemb=posemb, num_classes=0)
+        variables = random_variables(model)
+        qkv = variables["params"]["encoder"]["block_0"]["attn"]["qkv"]
+        base = run(model, variables)[0]
+        qkv["bias"] = qkv["bias"].at[32:64].add(1.0)  # the key's part
+        outputs[posemb] = float(jnp.max(jnp.abs(run(model, variables)[0] - base)))
+    assert outputs["learn"] < 1e-5 < 1e-2 < outputs["rope"], outputs
+
+
+def test_rope_and_none_have_no_position_table_and_rope_needs_head_dim_by_4():
+    for posemb in ("rope", "none"):
+        params = tiny(posemb=posemb, num_registers=1).init(jax.random.key(0), IMAGES[:1])["params"]
+        assert "pos_embed" not in params
+    with pytest.raises(ValueError, match="posemb='rope' needs a head dimension divisible by 4, got 6"):
+        tiny(posemb="rope", width=36, num_heads=6)
