@@ -287,3 +287,23 @@ def test_rope_and_none_have_no_position_table_and_rope_needs_head_dim_by_4():
         assert "pos_embed" not in params
     with pytest.raises(ValueError, match="posemb='rope' needs a head dimension divisible by 4, got 6"):
         tiny(posemb="rope", width=36, num_heads=6)
+
+
+def test_formula_flops_count_every_prefix_token_and_both_swiglu_halves():
+    from jaxvit.summary import formula_flops, xla_flops
+
+    # the bound of the plain model's test (tests/test_summary.py): XLA adds only elementwise work
+    model = jaxvit.create_model(
+        None,
+        num_classes=5,
+        width=64,
+        depth=2,
+        num_heads=2,
+        mlp_dim=128,
+        patch_size=4,
+        num_registers=2,
+        distill_token=True,
+        mlp_type="swiglu",
+    )
+    formula = sum(formula_flops(model, 32).values())
+    assert formula <= xla_flops(model, 32) <= 1.05 * formula
