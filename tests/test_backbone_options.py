@@ -307,3 +307,12 @@ def test_formula_flops_count_every_prefix_token_and_both_swiglu_halves():
     )
     formula = sum(formula_flops(model, 32).values())
     assert formula <= xla_flops(model, 32) <= 1.05 * formula
+
+
+def test_attention_maps_leave_registers_and_the_distillation_token_off_the_grid():
+    from jaxvit.visualize import attention_maps_for_image
+
+    model = tiny(num_registers=2, distill_token=True)
+    image = np.random.default_rng(0).uniform(size=(16, 16, 3)).astype(np.float32)
+    maps = attention_maps_for_image(model, random_variables(model)["params"], image)
+    assert maps["rollout"].shape == (4, 4) and maps["head_maps"].shape == (2, 4, 4)
