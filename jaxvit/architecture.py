@@ -49,6 +49,9 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
         return model, to_pair(ckpt.config.get("image_size", 224))
     kp, kq, channels, width = params["patch_embed/kernel"].shape
     class_token = "cls_token/token" in params
+    fc1, fc2 = params.get("encoder/block_0/mlp/fc1/kernel"), params.get("encoder/block_0/mlp/fc2/kernel")
+    # A packed SwiGLU's fc1 is twice as wide as fc2's input: gate and value side by side.
+    swiglu = fc1 is not None and fc2 is not None and fc1.shape[-1] == 2 * fc2.shape[0]
     pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
     first_attn = "encoder/block_0/attn/"
     fields: dict[str, Any] = dict(
@@ -56,9 +59,12 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
         patch_size=kp if kp == kq else (kp, kq),
         width=width,
         depth=depth_of(params),
-        mlp_dim=params["encoder/block_0/mlp/fc1/kernel"].shape[-1]
-        if "encoder/block_0/mlp/fc1/kernel" in params
-        else None,
+        mlp_dim=(fc2.shape[0] if swiglu else fc1.shape[-1]) if fc1 is not None else None,
+        mlp_type="swiglu" if swiglu else "mlp",
+        num_registers=params["registers/tokens"].shape[1] if "registers/tokens" in params else 0,
+        distill_token="dist_token/token" in params,
+        # The weights hold the learned scales; the initial value only matters for training anew.
+        layer_scale_init=1e-5 if "encoder/block_0/ls1/scale" in params else None,
         num_channels=channels,
         class_token=class_token,
         pool=pool,
@@ -75,11 +81,12 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
         fields.update(fmt.guess_fields(ckpt))
     if "head/classifier/kernel" in params:
         fields["head_bias"] = "head/classifier/bias" in params
+    fields.update(ckpt.implied_fields)
     fields.update(overrides)
     if "num_heads" not in fields:
         fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)
     model = create_model(None, **fields)
-    size = (224, 224)
+    size = (224, 224) if ckpt.grid is None else (ckpt.grid[0] * kp, ckpt.grid[1] * kq)
     if "pos_embed/embedding" in params:
         grid_len = params["pos_embed/embedding"].shape[1] - ckpt.num_prefix_tokens
         grid = ckpt.grid or square_grid(grid_len)

@@ -554,7 +554,10 @@ def test_bad_images_raise_before_compiling(tiny_variables, shape, dtype, message
     [
         (dict(width=30, num_heads=4), "width 30 is not divisible by num_heads=4"),
         (dict(pool="cls"), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map'\)"),
-        (dict(posemb="sincos"), r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d'\)"),
+        (
+            dict(posemb="sincos"),
+            r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d', 'rope', 'none'\)",
+        ),
         (dict(remat_policy="all"), "unknown remat_policy 'all'.*nothing_saveable"),
         (dict(class_token=False), "pool='tok' needs class_token=True"),
         (dict(posemb="sincos2d", width=18, num_heads=2), "width divisible by 4"),
