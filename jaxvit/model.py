@@ -15,7 +15,7 @@ The file follows the four steps of the model:
    distillation token).
 
 ``VisionTransformer`` composes them; ``create_model("B/16")`` builds one by
-name. Every module threads ``dtype`` (compute) and ``param_dtype`` down to each
+name (the sizes are in ``jaxvit/variants.py``). Every module threads ``dtype`` (compute) and ``param_dtype`` down to each
 layer it creates. Pure functions (``patchify``, ``posemb_sincos_2d``,
 ``resample_posemb``, ...) sit beside the module that uses them.
 """
@@ -40,7 +40,8 @@ from jaxvit import ops
 # Kept importable from here for code written against jaxvit 0.1; they live in
 # jaxvit.convert.scan and jaxvit.ops now.
 from jaxvit.convert.scan import scan_to_unrolled, unrolled_to_scan  # noqa: F401
-from jaxvit.ops import explicit_attention, use_explicit_attention  # noqa: F401
+from jaxvit.ops import explicit_attention, resize_matrix, use_explicit_attention  # noqa: F401
+from jaxvit.variants import FAMILY_VARIANTS, VARIANTS, decode_variant  # noqa: F401
 
 Array = jax.Array
 DType = Any
@@ -66,52 +67,6 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "checkpoint_dots_with_no_batch_dims",
 )
-
-# width, depth, mlp_dim, num_heads, as in "How to train your ViT" and big_vision. CLIP's
-# towers use the same sizes (ViT-L/14 is "L/14", OpenCLIP's bigG/14 is "G/14").
-VARIANTS: dict[str, dict[str, int]] = {
-    "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
-    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
-    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
-    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
-    "e": dict(width=1792, depth=56, mlp_dim=15360, num_heads=16),
-    # SigLIP's shape-optimised sizes ("Getting ViT in Shape").
-    "So150m": dict(width=880, depth=18, mlp_dim=2320, num_heads=16),
-    "So400m": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
-}
-
-
-# Today's backbone families: "family:size/patch", e.g. "dinov2:g/14". A family's
-# sizes live in its own table, so DINOv2's giant ("dinov2:g", 1536 wide, SwiGLU)
-# cannot be mistaken for big_vision's "g" (1408 wide); a bare size is always
-# big_vision's. Each family also sets the options its checkpoints have.
-_DINOV2_SIZES: dict[str, dict[str, Any]] = {
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    # SwiGLU of nominal width 4 * 1536, two thirds of it rounded up to 8: 4096 (swiglu_hidden_size)
-    "g": dict(width=1536, depth=40, mlp_dim=4096, num_heads=24, mlp_type="swiglu"),
-}
-_DEIT_SIZES = {name: VARIANTS[name] for name in ("Ti", "S", "B")}
-_DEIT3_SIZES = {name: VARIANTS[name] for name in ("S", "M", "B", "L", "H")}
-FAMILY_VARIANTS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, Any]]] = {
-    # family: (sizes, fields every size of it has; patch_size is the default patch)
-    "dinov2": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5)),
-    "dinov2-reg4": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5, num_registers=4)),
-    "dinov3": (
-        {name: _DINOV2_SIZES[name] for name in ("S", "B", "L")},
-        dict(patch_size=16, layer_scale_init=1e-5, num_registers=4, posemb="rope", layer_norm_eps=1e-5),
-    ),
-    "deit": (_DEIT_SIZES, dict(patch_size=16)),
-    "deit-distilled": (_DEIT_SIZES, dict(patch_size=16, distill_token=True)),
-    "deit3": (_DEIT3_SIZES, dict(patch_size=16, layer_scale_init=1e-6)),
-}
-
 
 # One function per validation rule, so a bad value gets the same message
 # wherever it arrives: VisionTransformer.check_config runs them all before
@@ -182,47 +137,6 @@ def to_pair(size: int | Sequence[int]) -> tuple[int, int]:
         return (size, size)
     h, w = size
     return (int(h), int(w))
-
-
-def decode_variant(variant: str) -> dict[str, Any]:
-    """``"B/16"`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``.
-
-    A name without a patch (``"B"``) gives the sizes alone. Non-square patches
-    are written ``"B/16x8"``. A family in front (``"dinov2:g/14"``,
-    ``"deit-distilled:S"``, see ``FAMILY_VARIANTS``) takes the size from that
-    family's table and adds the family's options and default patch.
-    """
-    family, _, sized = variant.rpartition(":")
-    name, _, patch = sized.partition("/")
-    if family:
-        if family not in FAMILY_VARIANTS or name not in FAMILY_VARIANTS[family][0]:
-            known = {f: list(sizes) for f, (sizes, _) in FAMILY_VARIANTS.items()}
-            raise ValueError(
-                f"unknown variant {variant!r}: family:size must be one of {known}, optionally followed by"
-                " /patch, e.g. 'dinov2:g/14'"
-            )
-        sizes, options = FAMILY_VARIANTS[family]
-        config: dict[str, Any] = {**options, **sizes[name]}
-    elif name in VARIANTS:
-        config = dict(VARIANTS[name])
-    else:
-        raise ValueError(
-            f"unknown variant {variant!r}: the size must be one of {list(VARIANTS)}"
-            f" optionally followed by /patch, e.g. 'B/16', or family:size with a family of"
-            f" {list(FAMILY_VARIANTS)}, e.g. 'dinov2:g/14'"
-        )
-    if patch:
-        try:
-            patch_sizes = tuple(int(s) for s in patch.split("x"))
-        except ValueError:
-            patch_sizes = ()
-        if len(patch_sizes) not in (1, 2) or min(patch_sizes) < 1:
-            raise ValueError(
-                f"unknown variant {variant!r}: the patch after '/' must be a positive integer"
-                " or PxQ, e.g. 'B/16' or 'B/16x8'"
-            )
-        config["patch_size"] = patch_sizes[0] if len(patch_sizes) == 1 else patch_sizes
-    return config
 
 
 # ---------------------------------------------------------------------------
@@ -342,51 +256,6 @@ def square_grid(num_tokens: int) -> tuple[int, int] | None:
     return (side, side) if side and side * side == num_tokens else None
 
 
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    """The cubic convolution kernel with parameter ``a`` (-0.75 in torch's plain bicubic, -0.5 with antialias)."""
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((x - 5) * x + 8) * x * a - 4 * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
-
-
-def _triangle(x: np.ndarray) -> np.ndarray:
-    return np.maximum(0.0, 1.0 - np.abs(x))
-
-
-def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
-    """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
-
-    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
-    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
-    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
-    widened by the scale when shrinking, cut at the border and renormalised.
-    """
-    scale = in_size / out_size
-    weights = np.zeros((out_size, in_size))
-    if not antialias:
-        if method != "bicubic":
-            raise ValueError("resize_matrix without antialias is for method='bicubic'")
-        source = scale * (np.arange(out_size) + 0.5) - 0.5
-        base = np.floor(source)
-        t = source - base
-        for tap in range(-1, 3):
-            index = np.clip(base + tap, 0, in_size - 1).astype(int)
-            np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
-        return weights
-    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
-        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
-        total = row.sum()
-        weights[i, lo:hi] = row / total if total != 0 else row
-    return weights
-
-
 def resample_posemb(
     posemb: Array,
     new_grid: tuple[int, int],
@@ -429,8 +298,8 @@ def resample_posemb(
     if method == "bilinear" and not antialias:
         resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
     else:
-        rows = resize_matrix(old_grid[0], h, method, antialias)
-        cols = resize_matrix(old_grid[1], w, method, antialias)
+        rows = ops.resize_matrix(old_grid[0], h, method, antialias)
+        cols = ops.resize_matrix(old_grid[1], w, method, antialias)
         resized = np.einsum("Hh,hwd,Ww->HWd", rows, np.asarray(image, np.float64), cols)
     resized = jnp.asarray(resized).reshape(1, h * w, d).astype(posemb.dtype)
     return jnp.concatenate([prefix, resized], axis=1)

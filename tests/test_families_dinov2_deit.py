@@ -348,7 +348,10 @@ def test_an_unsupported_model_type_lists_the_supported_ones(tmp_path):
     (tmp_path / "swin").mkdir()
     (tmp_path / "swin" / "config.json").write_text(json.dumps({"model_type": "swin"}))
     save_torch_safetensors({"x": torch.zeros(1)}, tmp_path / "swin" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model_type='swin'.*supported model types: \['clip', 'clip_vision_model', 'deit', 'dinov2',"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_type='swin'.*supported model types: \['clip', 'clip_vision_model', 'deit', 'dinov2',",
+    ):
         jaxvit.load_for_inference(tmp_path / "swin")
 
 
