@@ -1,6 +1,7 @@
 """jaxvit: a Vision Transformer in JAX/Flax linen."""
 
 from jaxvit.exporting import export
+from jaxvit.features import intermediate_features
 from jaxvit.inference import InferenceBundle, load_for_inference
 from jaxvit.model import (
     VARIANTS,
@@ -69,6 +70,7 @@ __all__ = [
     "decode_variant",
     "drop_path",
     "formula_flops",
+    "intermediate_features",
     "patchify",
     "plot_curves",
     "posemb_sincos_2d",

@@ -70,6 +70,12 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         return model, to_pair(ckpt.config.get("image_size", 224))
     kp, kq, channels, width = _shape(params, "patch_embed/kernel", 4, ckpt.path)
     class_token = "cls_token/token" in params
+    fc1, fc2 = params.get("encoder/block_0/mlp/fc1/kernel"), params.get("encoder/block_0/mlp/fc2/kernel")
+    for key, kernel in (("fc1", fc1), ("fc2", fc2)):
+        if kernel is not None:
+            _shape(params, f"encoder/block_0/mlp/{key}/kernel", 2, ckpt.path)
+    # A packed SwiGLU's fc1 is twice as wide as fc2's input: gate and value side by side.
+    swiglu = fc1 is not None and fc2 is not None and fc1.shape[-1] == 2 * fc2.shape[0]
     pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
     first_attn = "encoder/block_0/attn/"
     fields: dict[str, Any] = dict(
@@ -79,9 +85,12 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         patch_size=kp if kp == kq else (kp, kq),
         width=width,
         depth=depth_of(params),
-        mlp_dim=_shape(params, "encoder/block_0/mlp/fc1/kernel", 2, ckpt.path)[-1]
-        if "encoder/block_0/mlp/fc1/kernel" in params
-        else None,
+        mlp_dim=(fc2.shape[0] if swiglu else fc1.shape[-1]) if fc1 is not None else None,
+        mlp_type="swiglu" if swiglu else "mlp",
+        num_registers=params["registers/tokens"].shape[1] if "registers/tokens" in params else 0,
+        distill_token="dist_token/token" in params,
+        # The weights hold the learned scales; the initial value only matters for training anew.
+        layer_scale_init=1e-5 if "encoder/block_0/ls1/scale" in params else None,
         num_channels=channels,
         class_token=class_token,
         pool=pool,
@@ -100,11 +109,12 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         fields.update(fmt.guess_fields(ckpt))
     if "head/classifier/kernel" in params:
         fields["head_bias"] = "head/classifier/bias" in params
+    fields.update(ckpt.implied_fields)
     fields.update(overrides)
     if "num_heads" not in fields:
         fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)
     model = create_model(None, **fields)
-    size = (224, 224)
+    size = (224, 224) if ckpt.grid is None else (ckpt.grid[0] * kp, ckpt.grid[1] * kq)
     if "pos_embed/embedding" in params:
         grid_len = _shape(params, "pos_embed/embedding", 3, ckpt.path)[1] - ckpt.num_prefix_tokens
         grid = ckpt.grid or square_grid(grid_len)

@@ -43,7 +43,7 @@ def _image_size(flat: Flat, model: VisionTransformer, image_size: ImageSize | No
     posemb = flat.get("pos_embed/embedding")
     if posemb is None:
         return (224, 224)
-    grid = square_grid(posemb.shape[1] - int(model.class_token))
+    grid = square_grid(posemb.shape[1] - model.num_posemb_prefix_tokens)
     if grid is None:
         raise ValueError(
             f"the position embedding {posemb.shape} is not a square grid: pass image_size=(h, w)"
@@ -66,7 +66,10 @@ def export(
     timm's ``_load_weights`` reads). ``"timm"``: a timm ``VisionTransformer``
     state dict as safetensors; its metadata holds the matching timm kwargs
     (``timm_kwargs``) and the jaxvit model fields. ``"hf"``: a folder with
-    ``config.json`` + ``model.safetensors`` for ``ViTForImageClassification``
+    ``config.json`` + ``model.safetensors`` for the model's family in
+    transformers: ``DeiTForImageClassificationWithTeacher`` / ``DeiTModel``
+    with a distillation token, ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+    with LayerScale, registers or SwiGLU, else ``ViTForImageClassification``
     (``labels`` name the classes). ``image_size`` defaults to the position
     embedding's square grid. Scanned or unrolled params both work.
     """

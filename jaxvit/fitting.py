@@ -128,9 +128,12 @@ def check_declared(
             )
     fc1 = params.get("encoder/block_0/mlp/fc1/kernel")
     mlp_dim = model.mlp_dim or 4 * model.width
-    if "mlp_dim" not in given and fc1 is not None and fc1.shape[-1] != mlp_dim:
+    # A packed SwiGLU's fc1 holds gate and value side by side.
+    fc1_width = 2 * mlp_dim if getattr(model, "mlp_type", "mlp") == "swiglu" else mlp_dim
+    if "mlp_dim" not in given and fc1 is not None and fc1.shape[-1] != fc1_width:
         problems.append(
-            f"the config declares mlp_dim={mlp_dim} but encoder/block_0/mlp/fc1/kernel is {fc1.shape}"
+            f"the config declares mlp_dim={mlp_dim} ({getattr(model, 'mlp_type', 'mlp')}) but"
+            f" encoder/block_0/mlp/fc1/kernel is {fc1.shape}"
         )
     pre = params.get("head/pre_logits/kernel")
     if (
@@ -157,7 +160,7 @@ def check_declared(
 
 def sincos_table(model: VisionTransformer, grid: tuple[int, int]) -> np.ndarray:
     """The fixed sin-cos position embedding ``model`` adds, with its class slot: ``(1, P + h*w, D)``."""
-    return np.asarray(posemb_sincos_2d(grid, model.width, num_prefix_tokens=int(model.class_token)))
+    return np.asarray(posemb_sincos_2d(grid, model.width, num_prefix_tokens=model.num_posemb_prefix_tokens))
 
 
 def _fit_posemb(
@@ -172,15 +175,22 @@ def _fit_posemb(
     if key not in flat:
         return flat
     posemb = flat[key]
-    prefix = int(model.class_token)
-    if ckpt.num_prefix_tokens == 0 and prefix == 1:
-        # The checkpoint adds its embedding to the patches before the class token goes in
-        # front; adding a zero in the class slot after is the same computation.
-        posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
-    elif ckpt.num_prefix_tokens == 1 and prefix == 0:
+    prefix = model.num_posemb_prefix_tokens
+    if ckpt.num_prefix_tokens == 0 and prefix > 0:
+        # The checkpoint adds its embedding to the patches before the prefix tokens go in
+        # front (big_vision, timm's no_embed_class); adding zeros in their slots after is the same.
+        posemb = np.concatenate([np.zeros_like(posemb[:, :prefix]), posemb], axis=1)
+    elif ckpt.num_prefix_tokens == prefix + model.num_registers and model.num_registers:
+        # Registers with position-embedding slots: a constant added to a token is part of the token.
+        slots = posemb[:, prefix : prefix + model.num_registers]
+        if "registers/tokens" in flat:
+            flat = {**flat, "registers/tokens": flat["registers/tokens"] + slots}
+        posemb = np.concatenate([posemb[:, :prefix], posemb[:, prefix + model.num_registers :]], axis=1)
+    elif ckpt.num_prefix_tokens != prefix:
         raise ValueError(
-            f"{ckpt.path}: the position embedding {posemb.shape} has a class-token slot but the model"
-            " has class_token=False"
+            f"{ckpt.path}: the position embedding {posemb.shape} has {ckpt.num_prefix_tokens} slot(s) in"
+            f" front of the grid but the model has {prefix} (class_token={model.class_token},"
+            f" distill_token={model.distill_token})"
         )
     if key not in target:
         table = sincos_table(model, grid) if model.posemb == "sincos2d" else None
@@ -204,18 +214,23 @@ def _fit_posemb(
                 f"{ckpt.path}: checkpoint grid {old_grid} does not match the position embedding"
                 f" {posemb.shape} ({old_len} grid tokens)"
             )
-        method, antialias = ckpt.posemb_resample
         log.info(
-            "resampling the position embedding of %s from a %dx%d grid to %dx%d (%s%s, as its origin does;"
-            " class slot kept)",
+            "resampling the position embedding of %s from a %dx%d grid to %dx%d (%s%s, class slot kept)",
             ckpt.path,
             *old_grid,
             *grid,
-            method,
-            ", antialiased" if antialias else "",
+            ckpt.posemb_resample,
+            ", antialiased" if ckpt.posemb_antialias else "",
         )
         posemb = np.asarray(
-            resample_posemb(posemb, grid, tuple(old_grid), prefix, method=method, antialias=antialias)
+            resample_posemb(
+                posemb,
+                grid,
+                tuple(old_grid),
+                prefix,
+                method=ckpt.posemb_resample,
+                antialias=ckpt.posemb_antialias,
+            )
         )
     return {**flat, key: posemb}
 
@@ -230,27 +245,30 @@ def _fit_head(
         log.info(
             "dropping the pre_logits layer %s of %s: the model has no representation_size", shape, ckpt.path
         )
-    kernel_key, bias_key = "head/classifier/kernel", "head/classifier/bias"
-    if kernel_key in target:
-        want = tuple(target[kernel_key].shape)
-        have = flat.get(kernel_key)
-        if have is None or tuple(have.shape) != want:
-            why = "it has no classifier" if have is None else f"its classifier is {tuple(have.shape)}"
-            log.info(
-                "new zero-initialised head %s for %d classes: %s of %s",
-                want,
-                model.num_classes,
-                why,
-                ckpt.path,
-            )
-            flat[kernel_key] = np.zeros(want, np.float32)
+    for name in ("classifier", "dist_classifier"):
+        kernel_key, bias_key = f"head/{name}/kernel", f"head/{name}/bias"
+        if kernel_key in target:
+            want = tuple(target[kernel_key].shape)
+            have = flat.get(kernel_key)
+            if have is None or tuple(have.shape) != want:
+                why = f"it has no {name}" if have is None else f"its {name} is {tuple(have.shape)}"
+                log.info(
+                    "new zero-initialised head%s %s for %d classes: %s of %s",
+                    "" if name == "classifier" else f" {name}",
+                    want,
+                    model.num_classes,
+                    why,
+                    ckpt.path,
+                )
+                flat[kernel_key] = np.zeros(want, np.float32)
+                flat.pop(bias_key, None)
+                if bias_key in target:
+                    flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
+        elif kernel_key in flat:
+            shape = flat.pop(kernel_key).shape
             flat.pop(bias_key, None)
-            if bias_key in target:
-                flat[bias_key] = np.full(want[-1:], model.head_bias_init, np.float32)
-    elif kernel_key in flat:
-        shape = flat.pop(kernel_key).shape
-        flat.pop(bias_key, None)
-        log.info("dropping the classifier %s of %s: the model has num_classes=0", shape, ckpt.path)
+            why = "num_classes=0" if not model.num_classes else "no distillation token"
+            log.info("dropping the %s %s of %s: the model has %s", name, shape, ckpt.path, why)
     return flat
 
 

@@ -78,7 +78,7 @@ def _resize_posemb_tree(
     posemb = params["pos_embed"]["embedding"]
     log.info("resampling the position embedding from %s to %s pixels", old, new)
     resized = resample_posemb(
-        posemb, (new[0] // p, new[1] // q), (old[0] // p, old[1] // q), int(model.class_token)
+        posemb, (new[0] // p, new[1] // q), (old[0] // p, old[1] // q), model.num_posemb_prefix_tokens
     )
     return {**params, "pos_embed": {**params["pos_embed"], "embedding": resized}}
 

@@ -3,15 +3,19 @@
 The file follows the four steps of the model:
 
 1. ``PatchEmbed``: a strided conv, computed as ``patchify`` + one matmul.
-2. ``ClassToken`` and ``PositionEmbedding``: the learnable class token in front
-   and a learned or fixed 2-D sin-cos position embedding.
-3. ``Encoder``: pre-LayerNorm blocks (``SelfAttention`` + ``MlpBlock``), with
+2. ``ClassToken`` and ``PositionEmbedding``: the learnable class token (and
+   DeiT's distillation token) in front, a learned or fixed 2-D sin-cos
+   position embedding, then ``RegisterTokens`` (DINOv2's registers, which get
+   no position embedding).
+3. ``Encoder``: pre-LayerNorm blocks (``SelfAttention`` + ``MlpBlock`` or
+   ``SwiGLUMlp``, each branch optionally scaled by ``LayerScale``), with
    optional ``nn.scan`` over the blocks and ``nn.remat``.
 4. ``Head``: pooling (class token, mean, or attention pooling), an optional
-   representation layer, and the classifier.
+   representation layer, and the classifier (two, averaged, with a
+   distillation token).
 
 ``VisionTransformer`` composes them; ``create_model("B/16")`` builds one by
-name. Every module threads ``dtype`` (compute) and ``param_dtype`` down to each
+name (the sizes are in ``jaxvit/variants.py``). Every module threads ``dtype`` (compute) and ``param_dtype`` down to each
 layer it creates. Pure functions (``patchify``, ``posemb_sincos_2d``,
 ``resample_posemb``, ...) sit beside the module that uses them.
 """
@@ -36,17 +40,25 @@ from jaxvit import ops
 # Kept importable from here for code written against jaxvit 0.1; they live in
 # jaxvit.convert.scan and jaxvit.ops now.
 from jaxvit.convert.scan import scan_to_unrolled, unrolled_to_scan  # noqa: F401
-from jaxvit.ops import explicit_attention, use_explicit_attention  # noqa: F401
+from jaxvit.ops import explicit_attention, resize_matrix, use_explicit_attention  # noqa: F401
+from jaxvit.variants import FAMILY_VARIANTS, VARIANTS, decode_variant  # noqa: F401
 
 Array = jax.Array
 DType = Any
 PatchSize = int | tuple[int, int]
 
 POOLINGS = ("tok", "gap", "map")
-POSEMBS = ("learn", "sincos2d")
+# How an encoder with unrolled parameters (scan=False) runs its blocks: "auto" runs them as
+# one lax.scan over the stacked parameters when training and unrolled otherwise.
+BLOCK_LOOPS = ("auto", "scan", "unrolled")
+POSEMBS = ("learn", "sincos2d", "rope", "none")
+MLP_TYPES = ("mlp", "swiglu")
+RESAMPLE_METHODS = ("bilinear", "bicubic")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
-# factories and belong in user code.
+# factories and belong in user code. "auto" is dots_with_no_batch_dims_saveable
+# wherever the blocks run as one scan and "none" where they run unrolled.
 REMAT_POLICIES = (
+    "auto",
     "none",
     "nothing_saveable",
     "everything_saveable",
@@ -55,25 +67,6 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
     "checkpoint_dots_with_no_batch_dims",
 )
-
-# width, depth, mlp_dim, num_heads, as in "How to train your ViT" and big_vision. CLIP's
-# towers use the same sizes (ViT-L/14 is "L/14", OpenCLIP's bigG/14 is "G/14").
-VARIANTS: dict[str, dict[str, int]] = {
-    "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
-    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
-    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
-    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
-    "e": dict(width=1792, depth=56, mlp_dim=15360, num_heads=16),
-    # SigLIP's shape-optimised sizes ("Getting ViT in Shape").
-    "So150m": dict(width=880, depth=18, mlp_dim=2320, num_heads=16),
-    "So400m": dict(width=1152, depth=27, mlp_dim=4304, num_heads=16),
-}
-
 
 # One function per validation rule, so a bad value gets the same message
 # wherever it arrives: VisionTransformer.check_config runs them all before
@@ -123,6 +116,14 @@ def check_pool_has_token(pool: str, class_token: bool) -> None:
         raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
 
 
+def check_distill_pool(pool: str) -> None:
+    """Raises ``ValueError`` unless a model with a distillation token pools its tokens (``pool="tok"``)."""
+    if pool != "tok":
+        raise ValueError(
+            f"distill_token=True reads the class and distillation tokens: needs pool='tok', got {pool!r}"
+        )
+
+
 def _sow(module: nn.Module, collection: str, name: str, value: Array) -> None:
     # init makes every collection mutable; sowing there would leave
     # intermediates inside the returned variables.
@@ -136,33 +137,6 @@ def to_pair(size: int | Sequence[int]) -> tuple[int, int]:
         return (size, size)
     h, w = size
     return (int(h), int(w))
-
-
-def decode_variant(variant: str) -> dict[str, Any]:
-    """``"B/16"`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``.
-
-    A name without a patch (``"B"``) gives the sizes alone. Non-square patches
-    are written ``"B/16x8"``.
-    """
-    name, _, patch = variant.partition("/")
-    if name not in VARIANTS:
-        raise ValueError(
-            f"unknown variant {variant!r}: the size must be one of {list(VARIANTS)}"
-            " optionally followed by /patch, e.g. 'B/16'"
-        )
-    config: dict[str, Any] = dict(VARIANTS[name])
-    if patch:
-        try:
-            sizes = tuple(int(s) for s in patch.split("x"))
-        except ValueError:
-            sizes = ()
-        if len(sizes) not in (1, 2) or min(sizes) < 1:
-            raise ValueError(
-                f"unknown variant {variant!r}: the patch after '/' must be a positive integer"
-                " or PxQ, e.g. 'B/16' or 'B/16x8'"
-            )
-        config["patch_size"] = sizes[0] if len(sizes) == 1 else sizes
-    return config
 
 
 # ---------------------------------------------------------------------------
@@ -282,54 +256,6 @@ def square_grid(num_tokens: int) -> tuple[int, int] | None:
     return (side, side) if side and side * side == num_tokens else None
 
 
-RESAMPLE_METHODS = ("bilinear", "bicubic")
-
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    """The cubic convolution kernel with parameter ``a`` (-0.75 in torch's plain bicubic, -0.5 with antialias)."""
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((x - 5) * x + 8) * x * a - 4 * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
-
-
-def _triangle(x: np.ndarray) -> np.ndarray:
-    return np.maximum(0.0, 1.0 - np.abs(x))
-
-
-def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
-    """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
-
-    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
-    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
-    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
-    widened by the scale when shrinking, cut at the border and renormalised.
-    """
-    scale = in_size / out_size
-    weights = np.zeros((out_size, in_size))
-    if not antialias:
-        if method != "bicubic":
-            raise ValueError("resize_matrix without antialias is for method='bicubic'")
-        source = scale * (np.arange(out_size) + 0.5) - 0.5
-        base = np.floor(source)
-        t = source - base
-        for tap in range(-1, 3):
-            index = np.clip(base + tap, 0, in_size - 1).astype(int)
-            np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
-        return weights
-    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
-        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
-        total = row.sum()
-        weights[i, lo:hi] = row / total if total != 0 else row
-    return weights
-
-
 def resample_posemb(
     posemb: Array,
     new_grid: tuple[int, int],
@@ -349,7 +275,7 @@ def resample_posemb(
     transformers (bicubic) and timm (bicubic, antialias) resample theirs:
     ``jax.image.resize``'s cubic kernel differs from torch's.
     """
-    check_choice("method", method, RESAMPLE_METHODS)
+    check_choice("resample method", method, RESAMPLE_METHODS)
     posemb = jnp.asarray(posemb)
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise ValueError(f"posemb must have shape (1, tokens, width), got {posemb.shape}")
@@ -372,8 +298,8 @@ def resample_posemb(
     if method == "bilinear" and not antialias:
         resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
     else:
-        rows = resize_matrix(old_grid[0], h, method, antialias)
-        cols = resize_matrix(old_grid[1], w, method, antialias)
+        rows = ops.resize_matrix(old_grid[0], h, method, antialias)
+        cols = ops.resize_matrix(old_grid[1], w, method, antialias)
         resized = np.einsum("Hh,hwd,Ww->HWd", rows, np.asarray(image, np.float64), cols)
     resized = jnp.asarray(resized).reshape(1, h * w, d).astype(posemb.dtype)
     return jnp.concatenate([prefix, resized], axis=1)
@@ -384,7 +310,8 @@ class PositionEmbedding(nn.Module):
 
     ``kind="learn"`` holds a parameter ``(1, P + h*w, D)`` drawn from
     normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front;
-    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots).
+    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots);
+    ``"rope"`` (rotary, applied in attention) and ``"none"`` add nothing here.
     """
 
     grid: tuple[int, int]
@@ -409,6 +336,8 @@ class PositionEmbedding(nn.Module):
                         " jaxvit.resample_posemb (load_pretrained does this for you)"
                     )
             posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+        elif self.kind in ("rope", "none"):
+            return tokens.astype(self.dtype)  # rope rotates queries and keys in attention instead
         elif self.kind == "sincos2d":
             posemb = posemb_sincos_2d(
                 (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens
@@ -416,6 +345,35 @@ class PositionEmbedding(nn.Module):
         else:
             check_choice("posemb", self.kind, POSEMBS)
         return tokens.astype(self.dtype) + posemb.astype(self.dtype)
+
+
+class RegisterTokens(nn.Module):
+    """``(N, P + S, D) -> (N, P + R + S, D)``: ``R`` learnable registers after the ``P`` prefix tokens.
+
+    DINOv2's registers ("Vision Transformers Need Registers"): extra tokens
+    with no position embedding of their own, inserted after the class token
+    once the position embedding is added, so the order is ``[cls,
+    registers..., patches]`` as in transformers and timm. Initialised from
+    normal(1e-6), as DINOv2 does.
+    """
+
+    num_tokens: int
+    num_prefix_tokens: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        n, t, d = tokens.shape
+        registers = self.param(
+            "tokens", nn.initializers.normal(stddev=1e-6), (1, self.num_tokens, d), self.param_dtype
+        )
+        registers = jnp.broadcast_to(registers.astype(self.dtype), (n, self.num_tokens, d))
+        tokens = tokens.astype(self.dtype)
+        p = self.num_prefix_tokens
+        out = jnp.concatenate([tokens[:, :p], registers, tokens[:, p:]], axis=1)
+        chex.assert_shape(out, (n, t + self.num_tokens, d))
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -443,6 +401,45 @@ def _per_projection_init(init: Any, parts: int) -> Any:
     return fused
 
 
+def rope_2d_tables(
+    grid: tuple[int, int], head_dim: int, theta: float = 100.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """DINOv3's 2-D rotary embedding: ``(cos, sin)``, each ``(h*w, head_dim)`` float32, rows in ``(h w)`` order.
+
+    Patch centres are placed on ``[-1, 1]`` along each axis (``(i + 0.5) / n *
+    2 - 1``), whatever the grid, so any image size works. The angle of a
+    coordinate ``c`` at frequency ``theta ** (-4k / head_dim)``, ``k < head_dim
+    / 4``, is ``2 pi c`` times it; the ``y`` angles then the ``x`` angles fill
+    half the channels, repeated for the other half (the pairing of
+    ``rotate_half``). Computed in float32 in the order transformers' DINOv3
+    does, so the tables agree to the last bit or so.
+    """
+    if head_dim % 4:
+        raise ValueError(f"posemb='rope' needs a head dimension divisible by 4, got {head_dim}")
+    h, w = grid
+    inv_freq = (1.0 / theta ** np.arange(0, 1, 4 / head_dim, dtype=np.float32)).astype(np.float32)
+    ys = (np.arange(0.5, h, dtype=np.float32) / np.float32(h)).astype(np.float32)
+    xs = (np.arange(0.5, w, dtype=np.float32) / np.float32(w)).astype(np.float32)
+    coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(h * w, 2)
+    coords = (np.float32(2.0) * coords - np.float32(1.0)).astype(np.float32)
+    angles = (np.float32(2 * math.pi) * coords[:, :, None] * inv_freq[None, None, :]).astype(np.float32)
+    angles = np.tile(angles.reshape(h * w, -1), 2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, num_prefix_tokens: int) -> Array:
+    """Rotates the patch tokens of ``x`` ``(N, T, H, Dh)``; the ``num_prefix_tokens`` in front stay as they are.
+
+    ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = [-x2, x1]`` of the
+    two halves of ``Dh``; ``cos``, ``sin`` ``(T - P, Dh)`` from ``rope_2d_tables``.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    first, second = jnp.split(patches, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    return jnp.concatenate([prefix, patches * cos + rotated * sin], axis=1)
+
+
 class SelfAttention(nn.Module):
     """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
 
@@ -452,12 +449,18 @@ class SelfAttention(nn.Module):
     them); on CPU, and whenever the weights are needed (the ``"attention"``
     collection is mutable, or attention dropout is active), through
     ``ops.explicit_attention`` (``jaxvit.ops.set_attention_impl`` chooses).
+    ``rope_grid`` (DINOv3): queries and keys of the patch tokens, which
+    follow ``rope_prefix_tokens`` prefix tokens and form that grid, are
+    rotated (``apply_rope``) before attention.
     """
 
     num_heads: int
     attention_dropout: float = 0.0
     qkv_bias: bool = True
     deterministic: bool = True
+    rope_grid: tuple[int, int] | None = None
+    rope_prefix_tokens: int = 0
+    rope_theta: float = 100.0
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
@@ -472,6 +475,11 @@ class SelfAttention(nn.Module):
         qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv", **{**dense, "kernel_init": qkv_init})(
             x
         ).reshape(n, t, 3, self.num_heads, head_dim)
+        if self.rope_grid is not None:
+            cos, sin = rope_2d_tables(self.rope_grid, head_dim, self.rope_theta)
+            q, k, v = (qkv[:, :, i] for i in range(3))
+            q, k = (apply_rope(a, cos, sin, self.rope_prefix_tokens) for a in (q, k))
+            qkv = jnp.stack([q, k, v], axis=2)
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights or ops.use_explicit_attention():
@@ -522,8 +530,66 @@ class MlpBlock(nn.Module):
         return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
 
 
+def swiglu_hidden_size(mlp_dim: int) -> int:
+    """DINOv2's SwiGLU width for a nominal MLP width: two thirds, rounded up to a multiple of 8.
+
+    ``(int(mlp_dim * 2 / 3) + 7) // 8 * 8``, as transformers' ``Dinov2SwiGLUFFN``
+    and timm's ``vit_giant_patch14_dinov2`` compute it: 6144 -> 4096 for
+    DINOv2-g. ``SwiGLUMlp`` takes the result as its ``mlp_dim``.
+    """
+    return (int(mlp_dim * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUMlp(nn.Module):
+    """``(N, T, D) -> (N, T, D)``: ``fc2(silu(gate) * value)`` with ``gate, value = split(fc1(x))``.
+
+    DINOv2-g's packed layout: one ``fc1`` ``(D, 2*mlp_dim)`` whose first half
+    is the gate (through SiLU) and second half the value, as in transformers'
+    ``weights_in`` (``gate_proj`` then ``up_proj``) and timm's
+    ``SwiGLUPacked`` (``gate_last=False``); ``fc2`` is ``(mlp_dim, D)``.
+    """
+
+    mlp_dim: int
+    dropout: float = 0.0
+    deterministic: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = dict(
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        gate, value = jnp.split(nn.Dense(2 * self.mlp_dim, name="fc1", **dense)(x), 2, axis=-1)
+        y = jax.nn.silu(gate) * value
+        y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
+
+
+class LayerScale(nn.Module):
+    """``(..., D) -> (..., D)``: a learned per-channel scale ``(D,)`` on a residual branch (CaiT, DeiT-3, DINOv2)."""
+
+    init_value: float = 1e-5
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.initializers.constant(self.init_value), (x.shape[-1],), self.param_dtype
+        )
+        return x.astype(self.dtype) * scale.astype(self.dtype)
+
+
 class EncoderBlock(nn.Module):
     """``(N, T, D) -> (N, T, D)``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    ``layer_scale_init`` scales each branch by a learned ``(D,)`` vector
+    (``ls1``, ``ls2``) before the residual; ``mlp_type="swiglu"`` uses
+    ``SwiGLUMlp`` (``mlp_dim`` is then the width of each half).
 
     Called as ``block(x, drop_path_rate) -> (x, None)``, the form ``nn.scan``
     wants; the rate is an array so scanned blocks can each have their own.
@@ -537,6 +603,11 @@ class EncoderBlock(nn.Module):
     activation: str = "gelu"
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    mlp_type: str = "mlp"
+    rope_grid: tuple[int, int] | None = None
+    rope_prefix_tokens: int = 0
+    rope_theta: float = 100.0
     gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     deterministic: bool = True
     dtype: DType = jnp.float32
@@ -548,7 +619,14 @@ class EncoderBlock(nn.Module):
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
 
-        def residual(x: Array, y: Array) -> Array:
+        def residual(x: Array, y: Array, scale_name: str) -> Array:
+            if self.layer_scale_init is not None:
+                y = LayerScale(
+                    init_value=self.layer_scale_init,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=scale_name,
+                )(y)
             y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
             if self.use_drop_path and not self.deterministic:
                 y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
@@ -559,19 +637,26 @@ class EncoderBlock(nn.Module):
             num_heads=self.num_heads,
             attention_dropout=self.attention_dropout,
             qkv_bias=self.qkv_bias,
+            rope_grid=self.rope_grid,
+            rope_prefix_tokens=self.rope_prefix_tokens,
+            rope_theta=self.rope_theta,
             name="attn",
             **common,
         )(y)
-        x = residual(x, y)
+        x = residual(x, y, "ls1")
         y = nn.LayerNorm(name="norm2", **norm)(x)
-        y = MlpBlock(
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            activation=resolve_activation(self.activation, self.gelu_approximate),
-            name="mlp",
-            **common,
-        )(y)
-        x = residual(x, y)
+        check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        if self.mlp_type == "swiglu":
+            y = SwiGLUMlp(mlp_dim=self.mlp_dim, dropout=self.dropout, name="mlp", **common)(y)
+        else:
+            y = MlpBlock(
+                mlp_dim=self.mlp_dim,
+                dropout=self.dropout,
+                activation=resolve_activation(self.activation, self.gelu_approximate),
+                name="mlp",
+                **common,
+            )(y)
+        x = residual(x, y, "ls2")
         _sow(self, "intermediates", "out", x)
         return x, None
 
@@ -585,6 +670,7 @@ class Encoder(nn.Module):
     compiles one block; ``scan_to_unrolled`` / ``unrolled_to_scan`` convert
     between that layout and ``block_0 ... block_{depth-1}``.
     Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
+    ``rope_grid`` turns on DINOv3's rotary position embedding in every block.
     """
 
     depth: int
@@ -597,8 +683,14 @@ class Encoder(nn.Module):
     qkv_bias: bool = True
     pre_norm: bool = False
     layer_norm_eps: float = 1e-6
+    layer_scale_init: float | None = None
+    mlp_type: str = "mlp"
+    rope_grid: tuple[int, int] | None = None
+    rope_prefix_tokens: int = 0
+    rope_theta: float = 100.0
     scan: bool = False
-    remat_policy: str = "none"
+    remat_policy: str = "auto"
+    block_loop: str = "auto"
     gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -607,16 +699,10 @@ class Encoder(nn.Module):
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         chex.assert_rank(x, 3)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_choice("block_loop", self.block_loop, BLOCK_LOOPS)
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.pre_norm:
             x = nn.LayerNorm(name="norm_pre", **norm)(x)
-        block_cls = EncoderBlock
-        if self.remat_policy != "none":
-            block_cls = nn.remat(
-                EncoderBlock,
-                policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                prevent_cse=not self.scan,
-            )
         kw = dict(
             mlp_dim=self.mlp_dim,
             num_heads=self.num_heads,
@@ -626,12 +712,18 @@ class Encoder(nn.Module):
             activation=resolve_activation(self.activation, self.gelu_approximate),
             qkv_bias=self.qkv_bias,
             layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
+            mlp_type=self.mlp_type,
+            rope_grid=self.rope_grid,
+            rope_prefix_tokens=self.rope_prefix_tokens,
+            rope_theta=self.rope_theta,
             deterministic=not train,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
         rates = jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)
         if self.scan:
+            block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=True), prevent_cse=False)
             stack = nn.scan(
                 block_cls,
                 variable_axes={"params": 0, "intermediates": 0, "attention": 0},
@@ -640,10 +732,62 @@ class Encoder(nn.Module):
                 length=self.depth,
             )
             x, _ = stack(name="blocks", **kw)(x, rates)
+        elif self._loop_over_stacked_blocks(train):
+            x = self._scan_unrolled_blocks(x, rates, train, kw)
         else:
+            block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=False), prevent_cse=True)
             for i in range(self.depth):
                 x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i])
         return nn.LayerNorm(name="norm", **norm)(x)
+
+    def _remat_policy(self, scanned: bool) -> str:
+        if self.remat_policy == "auto":
+            return "dots_with_no_batch_dims_saveable" if scanned else "none"
+        return self.remat_policy
+
+    @staticmethod
+    def _remat(block_cls: Any, policy: str, prevent_cse: bool) -> Any:
+        if policy == "none":
+            return block_cls
+        return nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=prevent_cse)
+
+    def _loop_over_stacked_blocks(self, train: bool) -> bool:
+        # Sown collections and init need the blocks as submodules of their own.
+        if self.block_loop == "unrolled" or self.is_initializing() or self.depth < 2:
+            return False
+        if self.is_mutable_collection("intermediates") or self.is_mutable_collection("attention"):
+            return False
+        return self.block_loop == "scan" or train
+
+    def _scan_unrolled_blocks(self, x: Array, rates: Array, train: bool, kw: dict[str, Any]) -> Array:
+        """The ``block_{i}`` parameters stacked and run as one ``lax.scan``: XLA compiles one block,
+        and the backward pass keeps a third of the memory (benchmarks/README.md). Same parameters,
+        same values as the unrolled loop."""
+        params = self.variables["params"]
+        missing = [f"block_{i}" for i in range(self.depth) if f"block_{i}" not in params]
+        if missing:
+            raise ValueError(
+                f"the encoder's params lack {missing[:3]}: expected block_0..block_{self.depth - 1}"
+            )
+        stacked = jax.tree_util.tree_map(
+            lambda *a: jnp.stack(a), *(params[f"block_{i}"] for i in range(self.depth))
+        )
+        block = EncoderBlock(**kw)
+        needs_rng = train and (self.dropout > 0 or self.attention_dropout > 0 or self.drop_path_rate > 0)
+        keys = (
+            jax.random.split(self.make_rng("dropout"), self.depth) if needs_rng else jnp.zeros((self.depth,))
+        )
+
+        def one_block(x: Array, inputs: tuple[Any, Array, Array]) -> tuple[Array, None]:
+            block_params, rate, key = inputs
+            rngs = {"dropout": key} if needs_rng else {}
+            return block.apply({"params": block_params}, x, rate, rngs=rngs)[0], None
+
+        policy = self._remat_policy(scanned=True)
+        if policy != "none":
+            one_block = jax.checkpoint(one_block, policy=getattr(jax.checkpoint_policies, policy))
+        x, _ = jax.lax.scan(one_block, x, (stacked, rates, keys))
+        return x
 
 
 # ---------------------------------------------------------------------------
@@ -691,15 +835,21 @@ class Head(nn.Module):
     """``(N, P + S, D) -> (N, num_classes)``, or ``(N, D')`` features when ``num_classes=0``.
 
     ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
-    ``S`` patch tokens, ``"map"`` attention pooling. ``representation_size``
-    adds ``Dense + tanh`` (``pre_logits``) before the zero-init classifier;
+    ``S`` patch tokens (after all ``P`` prefix tokens: class, distillation,
+    registers), ``"map"`` attention pooling. ``representation_size`` adds
+    ``Dense + tanh`` (``pre_logits``) before the zero-init classifier;
     ``use_classifier_bias=False`` leaves out its bias (a projection such as
-    CLIP's ``visual_projection``).
+    CLIP's ``visual_projection``). ``distill_token`` (DeiT; ``pool="tok"``):
+    token 1 is the distillation token, with its own ``dist_classifier``; the
+    logits are the mean of both classifiers' and the features the mean of both
+    tokens, as timm's distilled models and transformers'
+    ``DeiTForImageClassificationWithTeacher`` give them at inference.
     """
 
     num_classes: int
     pool: str = "tok"
     num_prefix_tokens: int = 1
+    distill_token: bool = False
     representation_size: int | None = None
     num_heads: int = 1
     mlp_dim: int | None = None
@@ -721,6 +871,10 @@ class Head(nn.Module):
                 "Head.bias_init is deprecated: use classifier_bias", DeprecationWarning, stacklevel=2
             )
             classifier_bias = self.bias_init
+        dist = None
+        if self.distill_token:
+            check_distill_pool(self.pool)
+            dist = x[:, 1]
         if self.pool == "tok":
             check_pool_has_token(self.pool, self.num_prefix_tokens >= 1)
             x = x[:, 0]
@@ -744,18 +898,20 @@ class Head(nn.Module):
                 self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
             )(x)
             x = jnp.tanh(x)
-        _sow(self, "intermediates", "features", x)
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                use_bias=self.use_classifier_bias,
-                kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(classifier_bias),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="classifier",
-            )(x)
-        return x
+        classifier = dict(
+            use_bias=self.use_classifier_bias,
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.constant(classifier_bias),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        _sow(self, "intermediates", "features", x if dist is None else (x + dist) / 2)
+        if not self.num_classes:
+            return x if dist is None else (x + dist) / 2
+        logits = nn.Dense(self.num_classes, name="classifier", **classifier)(x)
+        if dist is not None:
+            logits = (logits + nn.Dense(self.num_classes, name="dist_classifier", **classifier)(dist)) / 2
+        return logits
 
 
 # ---------------------------------------------------------------------------
@@ -768,9 +924,18 @@ class VisionTransformer(nn.Module):
 
     Intermediate outputs come through ``sow``: ``mutable=["intermediates"]``
     returns the patch tokens, each block's output, the encoder output
-    ``encoded`` (all tokens after the final LayerNorm) and the pooled
-    ``features`` (what the classifier sees); ``mutable=["attention"]`` returns every block's
+    ``encoded`` (all tokens after the final LayerNorm, in the order ``[cls,
+    dist, registers..., patches]``) and the pooled ``features`` (what the
+    classifier sees); ``mutable=["attention"]`` returns every block's
     attention weights ``(N, heads, T, T)`` (see ``attention_weights``).
+
+    Options of today's backbones, all off by default: ``num_registers``
+    (DINOv2 registers), ``layer_scale_init`` (LayerScale on both residual
+    branches), ``mlp_type="swiglu"`` (DINOv2-g's MLP; ``mlp_dim`` is then the
+    width of each half, see ``swiglu_hidden_size``), ``distill_token``
+    (DeiT's distillation token and second classifier), ``posemb="rope"``
+    (DINOv3's 2-D rotary embedding of the patch tokens' queries and keys,
+    base ``rope_theta``) and ``posemb="none"``.
     """
 
     num_classes: int = 1000
@@ -794,9 +959,15 @@ class VisionTransformer(nn.Module):
     head_bias: bool = True
     layer_norm_eps: float = 1e-6
     head_bias_init: float = 0.0
+    num_registers: int = 0
+    layer_scale_init: float | None = None
+    mlp_type: str = "mlp"
+    distill_token: bool = False
+    rope_theta: float = 100.0
     gelu_approximate: bool = False  # deprecated: activation="gelu_tanh", until jaxvit 0.3
     scan: bool = False
-    remat_policy: str = "none"
+    remat_policy: str = "auto"
+    block_loop: str = "auto"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -805,8 +976,19 @@ class VisionTransformer(nn.Module):
         check_choice("pool", self.pool, POOLINGS)
         check_choice("posemb", self.posemb, POSEMBS)
         check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        check_choice("block_loop", self.block_loop, BLOCK_LOOPS)
         resolve_activation(self.activation, self.gelu_approximate)
         check_pool_has_token(self.pool, self.class_token)
+        check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        if self.distill_token:
+            check_distill_pool(self.pool)
+            if not self.class_token or self.representation_size:
+                raise ValueError(
+                    "distill_token=True needs class_token=True and no representation_size, got"
+                    f" class_token={self.class_token}, representation_size={self.representation_size}"
+                )
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
         if self.width < 1 or self.depth < 0 or self.num_heads < 1:
             raise ValueError(
                 f"width, depth, num_heads must be positive, got {self.width}, {self.depth}, {self.num_heads}"
@@ -814,8 +996,22 @@ class VisionTransformer(nn.Module):
         check_heads(self.width, self.num_heads)
         if self.posemb == "sincos2d":
             check_sincos_width(self.width)
+        if self.posemb == "rope" and (self.width // self.num_heads) % 4:
+            raise ValueError(
+                f"posemb='rope' needs a head dimension divisible by 4, got {self.width // self.num_heads}"
+            )
         if min(to_pair(self.patch_size)) < 1:
             raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches: class, distillation and register tokens."""
+        return int(self.class_token) + int(self.distill_token) + self.num_registers
+
+    @property
+    def num_posemb_prefix_tokens(self) -> int:
+        """Prefix slots of the position embedding: the class and distillation tokens (registers get none)."""
+        return int(self.class_token) + int(self.distill_token)
 
     def patch_grid(self, images: Any) -> tuple[int, int]:
         """The patch grid ``(h, w)`` of ``images`` ``(N, H, W, C)``; ``ValueError`` unless they fit the model.
@@ -863,15 +1059,26 @@ class VisionTransformer(nn.Module):
         )(images)
         _sow(self, "intermediates", "patch_tokens", x)
 
-        num_prefix = 0
+        if self.distill_token:  # goes in first, so it ends up behind the class token
+            x = ClassToken(name="dist_token", **common)(x)
         if self.class_token:
             x = ClassToken(name="cls_token", **common)(x)
-            num_prefix = 1
         x = PositionEmbedding(
-            grid=grid, kind=self.posemb, num_prefix_tokens=num_prefix, name="pos_embed", **common
+            grid=grid,
+            kind=self.posemb,
+            num_prefix_tokens=self.num_posemb_prefix_tokens,
+            name="pos_embed",
+            **common,
         )(x)
+        if self.num_registers:
+            x = RegisterTokens(
+                num_tokens=self.num_registers,
+                num_prefix_tokens=self.num_posemb_prefix_tokens,
+                name="registers",
+                **common,
+            )(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        chex.assert_shape(x, (n, num_prefix + grid[0] * grid[1], self.width))
+        chex.assert_shape(x, (n, self.num_prefix_tokens + grid[0] * grid[1], self.width))
 
         mlp_dim = self.mlp_dim or 4 * self.width
         x = Encoder(
@@ -885,8 +1092,14 @@ class VisionTransformer(nn.Module):
             qkv_bias=self.qkv_bias,
             pre_norm=self.pre_norm,
             layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
+            mlp_type=self.mlp_type,
+            rope_grid=grid if self.posemb == "rope" else None,
+            rope_prefix_tokens=self.num_prefix_tokens,
+            rope_theta=self.rope_theta,
             scan=self.scan,
             remat_policy=self.remat_policy,
+            block_loop=self.block_loop,
             name="encoder",
             **common,
         )(x, train=train)
@@ -895,7 +1108,8 @@ class VisionTransformer(nn.Module):
         out = Head(
             num_classes=self.num_classes,
             pool=self.pool,
-            num_prefix_tokens=num_prefix,
+            num_prefix_tokens=self.num_prefix_tokens,
+            distill_token=self.distill_token,
             representation_size=self.representation_size,
             num_heads=self.num_heads,
             mlp_dim=mlp_dim,
@@ -967,10 +1181,16 @@ def attention_weights(
 
 __all__: Sequence[str] = (
     "VARIANTS",
+    "FAMILY_VARIANTS",
     "VisionTransformer",
     "PatchEmbed",
     "ClassToken",
     "PositionEmbedding",
+    "RegisterTokens",
+    "LayerScale",
+    "SwiGLUMlp",
+    "swiglu_hidden_size",
+    "resize_matrix",
     "SelfAttention",
     "MlpBlock",
     "EncoderBlock",

@@ -6,7 +6,8 @@ Reading goes in three steps:
    and lets the first format of ``jaxvit.convert.registry`` that claims them
    rename the keys into jaxvit's names: google-research/vision_transformer /
    AugReg ``.npz``, big_vision ``.npz`` (also scanned), a timm state dict
-   (safetensors or ``.pth``), or a Hugging Face ViT folder.
+   (safetensors or ``.pth``), or a Hugging Face folder (ViT, DeiT, DINOv2,
+   DINOv2 with registers; told apart by ``config.json``'s ``model_type``).
 2. ``fit_to_model(checkpoint, model, image_size)`` (``jaxvit.fitting``)
    checks it against the model's parameter shapes, fuses attention, adapts
    the position embedding (class slot, grid) and the head.

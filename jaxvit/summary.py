@@ -88,11 +88,12 @@ def matmul_flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 
 
-def block_flops(tokens: int, width: int, mlp_dim: int) -> dict[str, int]:
+def block_flops(tokens: int, width: int, mlp_dim: int, mlp_type: str = "mlp") -> dict[str, int]:
     """FLOPs of one encoder block on ``tokens`` tokens, per matmul.
 
     Attention over all heads together is ``tokens x tokens x width`` for the
     logits and the same for the weighted values, whatever the head count.
+    A SwiGLU's ``fc1`` computes gate and value: twice ``mlp_dim`` outputs.
     """
     t, d, m = tokens, width, mlp_dim
     return {
@@ -100,7 +101,7 @@ def block_flops(tokens: int, width: int, mlp_dim: int) -> dict[str, int]:
         "attn_logits": matmul_flops(t, t, d),
         "attn_values": matmul_flops(t, d, t),
         "out": matmul_flops(t, d, d),
-        "fc1": matmul_flops(t, m, d),
+        "fc1": matmul_flops(t, 2 * m if mlp_type == "swiglu" else m, d),
         "fc2": matmul_flops(t, d, m),
     }
 
@@ -125,11 +126,11 @@ def formula_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 
     if height % p or width_px % q:
         raise ValueError(f"image size {height}x{width_px} is not divisible by the patch size {p}x{q}")
     patches = (height // p) * (width_px // q)
-    tokens = patches + (1 if model.class_token else 0)
+    tokens = patches + model.num_prefix_tokens  # class, distillation and register tokens
     d = model.width
     mlp_dim = model.mlp_dim or 4 * d
     flops = {"patch_embed": matmul_flops(patches, d, p * q * model.num_channels)}
-    per_block = sum(block_flops(tokens, d, mlp_dim).values())
+    per_block = sum(block_flops(tokens, d, mlp_dim, model.mlp_type).values())
     if model.scan:
         flops["encoder/blocks"] = model.depth * per_block
     else:
@@ -142,6 +143,8 @@ def formula_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 
         features = model.representation_size
     if model.num_classes:
         flops["head/classifier"] = matmul_flops(1, model.num_classes, features)
+        if model.distill_token:
+            flops["head/dist_classifier"] = matmul_flops(1, model.num_classes, features)
     return flops
 
 
@@ -218,7 +221,7 @@ def summarize(
     if missing:
         raise RuntimeError(f"FLOPs counted for modules the parameters do not have: {missing}")
     p, q = to_pair(model.patch_size)
-    tokens = (size[0] // p) * (size[1] // q) + (1 if model.class_token else 0)
+    tokens = (size[0] // p) * (size[1] // q) + model.num_prefix_tokens
     return Summary(
         model=model,
         image_size=size,

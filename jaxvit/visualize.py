@@ -435,7 +435,7 @@ def attention_maps_for_image(
         raise ValueError("the model has no encoder blocks, so no attention to show")
     variables = {"params": params}
     weights = attention_weights(model, variables, batch)
-    prefix = 1 if model.class_token else 0
+    prefix = model.num_prefix_tokens  # class, distillation and register tokens: not on the grid
     rollout = attention_rollout(weights, prefix, head_fusion=head_fusion, discard_ratio=discard_ratio)
     logits = model.apply(variables, batch, train=False)
     probs = jax.nn.softmax(logits[0]) if model.num_classes else jnp.zeros((0,))

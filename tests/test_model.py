@@ -554,7 +554,10 @@ def test_bad_images_raise_before_compiling(tiny_variables, shape, dtype, message
     [
         (dict(width=30, num_heads=4), "width 30 is not divisible by num_heads=4"),
         (dict(pool="cls"), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map'\)"),
-        (dict(posemb="sincos"), r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d'\)"),
+        (
+            dict(posemb="sincos"),
+            r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d', 'rope', 'none'\)",
+        ),
         (dict(remat_policy="all"), "unknown remat_policy 'all'.*nothing_saveable"),
         (dict(class_token=False), "pool='tok' needs class_token=True"),
         (dict(posemb="sincos2d", width=18, num_heads=2), "width divisible by 4"),
@@ -740,3 +743,40 @@ def test_attention_impl_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"unknown attention impl 'flash': expected one of \('auto'"):
         ops.set_attention_impl("flash")
     assert ops.get_attention_impl() == "auto"
+
+
+def test_unrolled_parameters_train_as_one_scan_with_the_same_values_and_gradients():
+    """block_loop='auto' scans the stacked block_i params when training; the numbers are the unrolled loop's."""
+    model = tiny(depth=3)
+    x = images()
+    params = perturb(model.init(jax.random.key(0), x)["params"])
+    assert "block_2" in params["encoder"] and "blocks" not in params["encoder"]
+
+    def loss_and_grads(m, train):
+        return jax.value_and_grad(lambda p: jnp.sum(m.apply({"params": p}, x, train=train) ** 2))(params)
+
+    reference = loss_and_grads(model.clone(block_loop="unrolled", remat_policy="none"), True)
+    # fp32 summation order differs between the loop and the scan: 2e-6 at most here
+    chex.assert_trees_all_close(loss_and_grads(model, True), reference, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(
+        loss_and_grads(model.clone(remat_policy="none"), True), reference, rtol=1e-4, atol=1e-5
+    )
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=True))(params))
+    assert jaxpr.count("scan[") == 1 and "remat" in jaxpr  # one loop, with the dots-only remat
+    assert "scan[" not in str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params))  # inference
+
+
+def test_scanned_training_with_dropout_draws_per_block_and_keeps_intermediates_unrolled():
+    model = tiny(depth=2, dropout=0.2, drop_path_rate=0.2, num_classes=0)  # features: the head starts at zero
+    x = images()
+    params = model.init(jax.random.key(0), x)["params"]
+    run = lambda key: model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(key)})
+    assert not np.allclose(run(1), run(2)) and np.array_equal(run(1), run(1))
+    out, state = model.apply(
+        {"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["intermediates"]
+    )
+    assert "block_1" in state["intermediates"]["encoder"]  # collected: the blocks ran as submodules
+    with pytest.raises(
+        ValueError, match=r"unknown block_loop 'fast': expected one of \('auto', 'scan', 'unrolled'\)"
+    ):
+        tiny(block_loop="fast")

@@ -534,8 +534,22 @@ def test_every_registered_format_has_what_the_registry_promises():
             )
         assert all(callable(fmt.exports) for fmt in writers[:-1])
     assert sorted(registry.EXPORTS) == ["hf", "npz", "timm"]
-    assert jaxvit.inference.ORIGINS == ("big_vision", "vt", "hf_clip", "hf_siglip", "hf", "timm", "workdir")
-    with pytest.raises(ValueError, match="model_type='bert'.*supported model types.*'clip'.*'siglip'.*'vit'"):
+    assert jaxvit.inference.ORIGINS == (
+        "big_vision",
+        "vt",
+        "hf_clip",
+        "hf_siglip",
+        "hf_deit",
+        "hf_dinov2",
+        "hf_dinov3",
+        "hf",
+        "timm_dinov3",
+        "timm",
+        "workdir",
+    )
+    with pytest.raises(
+        ValueError, match="model_type='bert'.*supported model types.*'clip'.*'dinov2'.*'siglip'.*'vit'"
+    ):
         registry.hf_format({"model_type": "bert"})
     assert registry.format_for("state_dict", {"blocks.0.norm1.weight": np.zeros(2)}).NAME == "timm"
     with pytest.raises(ValueError, match="unknown origin 'nope'"):

@@ -64,8 +64,12 @@ class Checkpoint:
     position embedding (0 for big_vision, which adds it before the class
     token goes in front). ``grid``, ``num_heads``: when the checkpoint says
     them. ``config``: Hugging Face ``config.json`` or the metadata ``export``
-    wrote. ``posemb_resample``: ``(method, antialias)`` of ``resample_posemb``
-    that gives what the origin's own code computes at another resolution.
+    wrote. ``posemb_resample`` / ``posemb_antialias``: how the checkpoint's
+    own code resizes its position embedding for another image size (see
+    ``jaxvit.resample_posemb``), so that features at a new size equal the
+    peer's there. ``implied_fields``: model fields the format implies but
+    the shapes cannot tell (e.g. a rotary position embedding and its
+    LayerNorm epsilon), used when the model is told from the shapes.
     """
 
     path: str
@@ -76,7 +80,9 @@ class Checkpoint:
     grid: tuple[int, int] | None = None
     num_heads: int | None = None
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    posemb_resample: tuple[str, bool] = ("bilinear", False)
+    posemb_resample: str = "bilinear"
+    posemb_antialias: bool = False
+    implied_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def posemb_prefix(self) -> int:

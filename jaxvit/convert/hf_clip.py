@@ -35,13 +35,12 @@ from jaxvit.convert.hf_vit import HIDDEN_ACT, HIDDEN_ACT_OF
 from jaxvit.model import VisionTransformer, create_model, resolve_activation, to_pair
 
 NAME = "hf_clip"
+HF_MODEL_TYPES = ("clip_vision_model", "clip")
 MODEL_TYPES = ("clip_vision_model", "clip")
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 PREPROCESSING = CLIP_HF
-# transformers' interpolate_pos_encoding: F.interpolate(mode="bicubic", align_corners=False)
-POSEMB_RESAMPLE = ("bicubic", False)
 TOWER = "vision_model."
 PROJECTION = "visual_projection.weight"
 RULES = tuple(
@@ -117,7 +116,9 @@ def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
         num_heads=tower.get("num_attention_heads"),
         grid=grid_from_config(tower),
         config=tower,
-        posemb_resample=POSEMB_RESAMPLE,
+        # transformers' interpolate_pos_encoding: F.interpolate(mode="bicubic", align_corners=False)
+        posemb_resample="bicubic",
+        posemb_antialias=False,
     )
 
 

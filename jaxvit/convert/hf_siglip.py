@@ -25,13 +25,12 @@ from jaxvit.convert.hf_vit import HIDDEN_ACT, HIDDEN_ACT_OF
 from jaxvit.model import VisionTransformer, create_model, resolve_activation, to_pair
 
 NAME = "hf_siglip"
+HF_MODEL_TYPES = ("siglip_vision_model", "siglip")
 MODEL_TYPES = ("siglip_vision_model", "siglip")
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 PREPROCESSING = SIGLIP_HF
-# transformers' interpolate_pos_encoding: F.interpolate(mode="bicubic", align_corners=False)
-POSEMB_RESAMPLE = ("bicubic", False)
 TOWER = "vision_model."
 _IN_PROJ = "head.attention.in_proj_"
 RULES = tuple(
@@ -121,7 +120,9 @@ def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
         num_heads=tower.get("num_attention_heads"),
         grid=grid_from_config(tower),
         config=tower,
-        posemb_resample=POSEMB_RESAMPLE,
+        # transformers' interpolate_pos_encoding: F.interpolate(mode="bicubic", align_corners=False)
+        posemb_resample="bicubic",
+        posemb_antialias=False,
     )
 
 

@@ -19,6 +19,7 @@ from jaxvit.convert.checkpoint import INCEPTION, Checkpoint, Flat, grid_from_con
 from jaxvit.model import VisionTransformer, create_model, resolve_activation, to_pair
 
 NAME = "hf"
+HF_MODEL_TYPES = ("vit",)
 MODEL_TYPES = ("vit",)
 HAS_PRE_LOGITS = False
 HAS_SINCOS = False
@@ -88,16 +89,6 @@ def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
     return kind == "state_dict" and _is_state_dict(list(arrays))
 
 
-def read_folder(folder: Path) -> tuple[Flat, dict[str, Any]]:
-    """Deprecated place of ``files.read_hf_folder`` (until jaxvit 0.3)."""
-    return files.read_hf_folder(folder)
-
-
-def checked_config(config: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
-    """Deprecated place of ``validate.hf_config``."""
-    return validate.hf_config(config, where)
-
-
 def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     """A Hugging Face ViT state dict (and its ``config.json``, if any) -> a ``Checkpoint``."""
     stripped = {(k[4:] if k.startswith("vit.") else k): v for k, v in arrays.items()}
@@ -122,7 +113,7 @@ def model_from_config(
     ``ViTForImageClassification`` gets ``num_classes=len(id2label)``; other
     architectures (``ViTModel``) give features (``num_classes=0``).
     """
-    config = checked_config(config, source)
+    config = validate.hf_config(config, source)
     act = config.get("hidden_act", "gelu")
     if act not in HIDDEN_ACT:
         raise ValueError(
@@ -167,7 +158,8 @@ def labels(ckpt: Checkpoint) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequence[str] | None) -> dict:
+def export_config(model: VisionTransformer, size: tuple[int, int], labels: Sequence[str] | None) -> dict:
+    """The ``config.json`` of a Hugging Face ViT with ``model``'s architecture at ``size``."""
     names = list(labels) if labels else [f"LABEL_{i}" for i in range(model.num_classes)]
     return {
         "architectures": ["ViTForImageClassification"],
@@ -207,6 +199,6 @@ def write(
     out = {(k if k.startswith("classifier.") else f"vit.{k}"): v for k, v in out.items()}
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "config.json", "w") as f:
-        json.dump(_export_config(model, size, labels), f, indent=2)
+        json.dump(export_config(model, size, labels), f, indent=2)
     files.write_safetensors(out, path / "model.safetensors")
     return path

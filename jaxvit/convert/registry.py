@@ -3,21 +3,23 @@
 A format module has ``NAME`` (the origin it reports), ``PREPROCESSING`` (how
 its images were prepared), ``claims(kind, arrays)`` (whether a file of
 ``kind`` "npz" or "state_dict" with these keys is its own) and
-``read(path, arrays, metadata) -> Checkpoint``. Optional: ``EXPORT_FORMAT``,
-``write(flat, model, size, path, labels)``, ``HAS_PRE_LOGITS`` and
-``HAS_SINCOS`` (whether the layout can hold a ``pre_logits`` layer and leave
-out a fixed sin-cos table) for ``jaxvit.export``, and ``exports(model)`` when
-several modules share an ``EXPORT_FORMAT`` (the first that takes the model
-writes it); ``build_model(ckpt, **overrides)`` when the file says its
-architecture (otherwise it is told from the shapes); ``labels(ckpt)``;
-``preprocessing(ckpt)`` when one format holds families prepared differently;
-``guess_fields(ckpt)`` for model fields the weights cannot tell.
+``read(path, arrays, metadata) -> Checkpoint``. Optional:
 
-Hugging Face folders are not claimed by their keys: ``config.json``'s
-``model_type`` picks the module (``HF_MODEL_TYPES``).
+- ``EXPORT_FORMAT`` and ``write(flat, model, size, path, labels)`` for
+  ``jaxvit.export``, with ``exports(model)`` when several modules write one
+  format (``EXPORT_ORDER``: the first that takes the model writes it; the
+  generic layout comes last), and ``HAS_PRE_LOGITS`` / ``HAS_SINCOS``
+  (whether the layout holds a ``pre_logits`` layer and can leave out a fixed
+  sin-cos table);
+- ``HF_MODEL_TYPES``: the ``config.json`` ``model_type``s of the Hugging Face
+  folders it reads (folders are told apart by their config, not their keys);
+- ``build_model(ckpt, **overrides)`` when the file says its architecture
+  (otherwise it is told from the shapes), ``guess_fields(ckpt)`` for model
+  fields the weights cannot tell, ``labels(ckpt)``, and
+  ``preprocessing(ckpt)`` when one format holds families prepared differently.
 
-Adding a format means adding its module and a row to ``FORMATS`` (and its
-model types to ``HF_MODEL_TYPES``).
+Adding a format means adding its module and a row to ``FORMATS`` (and to
+``EXPORT_ORDER`` if it writes).
 """
 
 from __future__ import annotations
@@ -29,28 +31,54 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.convert import big_vision, hf_clip, hf_siglip, hf_vit, timm, vision_transformer
+from jaxvit.convert import (
+    big_vision,
+    hf_clip,
+    hf_deit,
+    hf_dinov2,
+    hf_dinov3,
+    hf_siglip,
+    hf_vit,
+    timm,
+    timm_dinov3,
+    vision_transformer,
+)
 from jaxvit.convert.checkpoint import Preprocessing
 
 # Asked in this order: the first format that claims a file reads it.
-FORMATS: tuple[ModuleType, ...] = (big_vision, vision_transformer, hf_clip, hf_siglip, hf_vit, timm)
+FORMATS: tuple[ModuleType, ...] = (
+    big_vision,
+    vision_transformer,
+    hf_clip,
+    hf_siglip,
+    hf_deit,
+    hf_dinov2,
+    hf_dinov3,
+    hf_vit,
+    timm_dinov3,
+    timm,
+)
+
+# The writers of each export format, asked in this order; the last takes any model.
+EXPORT_ORDER: tuple[ModuleType, ...] = (
+    vision_transformer,
+    hf_clip,
+    hf_siglip,
+    hf_dinov3,
+    hf_deit,
+    hf_dinov2,
+    hf_vit,
+    timm_dinov3,
+    timm,
+)
+EXPORTERS: dict[str, tuple[ModuleType, ...]] = {}
+for _fmt in EXPORT_ORDER:
+    EXPORTERS[_fmt.EXPORT_FORMAT] = (*EXPORTERS.get(_fmt.EXPORT_FORMAT, ()), _fmt)
+# the generic writer of each export format (it names what it cannot write)
+EXPORTS: dict[str, ModuleType] = {name: mods[-1] for name, mods in EXPORTERS.items()}
 
 # config.json's model_type -> the format that reads the folder.
-HF_MODEL_TYPES: dict[str, ModuleType] = {
-    "vit": hf_vit,
-    "clip_vision_model": hf_clip,
-    "clip": hf_clip,
-    "siglip_vision_model": hf_siglip,
-    "siglip": hf_siglip,
-}
-
-# export format -> the modules that write it, asked in this order
-EXPORTERS: dict[str, tuple[ModuleType, ...]] = {}
-for _fmt in FORMATS:
-    if hasattr(_fmt, "EXPORT_FORMAT"):
-        EXPORTERS[_fmt.EXPORT_FORMAT] = (*EXPORTERS.get(_fmt.EXPORT_FORMAT, ()), _fmt)
-# the last module of each export format takes any model (and names what it cannot write)
-EXPORTS: dict[str, ModuleType] = {name: mods[-1] for name, mods in EXPORTERS.items()}
+HF_MODEL_TYPES: dict[str, ModuleType] = {t: f for f in FORMATS for t in getattr(f, "HF_MODEL_TYPES", ())}
 
 
 def format_for(kind: str, arrays: Mapping[str, np.ndarray]) -> ModuleType:
@@ -62,7 +90,10 @@ def format_for(kind: str, arrays: Mapping[str, np.ndarray]) -> ModuleType:
 
 
 def hf_format(config: Mapping[str, Any], path: str | Path = "the folder") -> ModuleType:
-    """The format module of a Hugging Face folder, by its ``config.json``'s ``model_type``."""
+    """The format module of a Hugging Face folder, by its ``config.json``'s ``model_type``.
+
+    Raises ``ValueError`` listing the supported model types for any other.
+    """
     model_type = config.get("model_type", "vit")
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(
@@ -73,7 +104,7 @@ def hf_format(config: Mapping[str, Any], path: str | Path = "the folder") -> Mod
 
 
 def exporter(format: str, model: Any) -> ModuleType:
-    """The module that writes ``model`` in ``format`` (for "hf": the family whose class fits the model)."""
+    """The module that writes ``model`` in ``format``: the first family whose layout takes it."""
     candidates = EXPORTERS[format]
     for fmt in candidates[:-1]:
         if fmt.exports(model):

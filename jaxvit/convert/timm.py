@@ -7,9 +7,14 @@ metadata; foreign files get a head count guessed from the width and the
 preprocessing of their family, told from the keys: CLIP towers
 (``vit_*_clip_*``, a ``norm_pre``) CLIP's statistics, SigLIP towers
 (``vit_*_siglip_*``, attention pooling without class token) mean = std =
-0.5, others timm's ImageNet defaults. At another resolution the position
-embedding is resampled as timm's ``dynamic_img_size`` and its checkpoint
-filter do it: bicubic with antialias.
+0.5, others timm's ImageNet defaults.
+
+The layout also holds DINOv2 (``reg_token``, LayerScale ``ls1.gamma`` /
+``ls2.gamma``, the packed SwiGLU ``mlp.fc1`` of ``SwiGLUPacked``, gate
+first) and DeiT (``dist_token``, ``head_dist``). With ``no_embed_class``
+(DeiT-3, DINOv2 with registers) the position embedding has no slots for the
+prefix tokens. timm resizes it bicubically with antialiasing
+(``resample_abs_pos_embed``), and so does jaxvit for these files.
 """
 
 from __future__ import annotations
@@ -44,11 +49,16 @@ PREPROCESSING = IMAGENET_TIMM
 # timm's pretrained_cfg of its CLIP and SigLIP towers (crop_pct 0.9, bicubic)
 CLIP_TIMM = Preprocessing(CLIP_MEAN, CLIP_STD, 0.9, "bicubic")
 SIGLIP_TIMM = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.9, "bicubic")
-# timm's resample_abs_pos_embed defaults
-POSEMB_RESAMPLE = ("bicubic", True)
 RULES = tuple(
     layouts.torch_rules("patch_embed.proj", "patch_embed", "conv")
-    + [layouts.Rule("cls_token", "cls_token/token"), layouts.Rule("pos_embed", "pos_embed/embedding")]
+    + [
+        layouts.Rule("cls_token", "cls_token/token"),
+        layouts.Rule("dist_token", "dist_token/token"),
+        layouts.Rule("reg_token", "registers/tokens"),
+        layouts.Rule("pos_embed", "pos_embed/embedding"),
+        layouts.Rule("blocks.{i}.ls1.gamma", "encoder/block_{i}/ls1/scale"),
+        layouts.Rule("blocks.{i}.ls2.gamma", "encoder/block_{i}/ls2/scale"),
+    ]
     + layouts.torch_rules("norm_pre", "encoder/norm_pre", "ln")
     + layouts.torch_block_rules(
         "blocks.{i}",
@@ -63,6 +73,7 @@ RULES = tuple(
     )
     + layouts.torch_rules("norm", "encoder/norm", "ln")
     + layouts.torch_rules("head", "head/classifier", "linear")
+    + layouts.torch_rules("head_dist", "head/dist_classifier", "linear")
     + [layouts.Rule("attn_pool.latent", "head/map/probe")]
     + layouts.torch_rules("attn_pool.q", "head/map/attn/query", "linear")
     + layouts.torch_rules("attn_pool.kv", "head/map/attn/kv", "linear")
@@ -93,26 +104,18 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         # timm always has these biases; an export of a model without them wrote zeros
         if saved.get(field) is False and key in params and not np.any(params[key]):
             del params[key]
-    has_cls = "cls_token/token" in params
-    num_prefix = int(has_cls)
-    posemb = params.get("pos_embed/embedding")
-    if (
-        posemb is not None
-        and has_cls
-        and not square_grid(posemb.shape[1] - 1)
-        and square_grid(posemb.shape[1])
-    ):
-        num_prefix = 0  # timm's no_embed_class: the class token gets no position embedding
+    grid = grid_from_config({**saved, **config})
     return Checkpoint(
         path=str(path),
         origin=NAME,
         params=params,
         unmatched=unmatched,
-        num_prefix_tokens=num_prefix,
+        num_prefix_tokens=_posemb_prefix_slots(params, grid),
         num_heads=saved.get("num_heads"),
-        grid=grid_from_config({**saved, **config}),
+        grid=grid,
         config=config,
-        posemb_resample=POSEMB_RESAMPLE,
+        posemb_resample="bicubic",
+        posemb_antialias=True,
     )
 
 
@@ -171,10 +174,49 @@ def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
 # A registered timm model whose fixed arguments (the LayerNorm epsilon, which kwargs
 # cannot set) match; timm_kwargs set everything else.
 TIMM_MODEL_OF_EPS = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
+TIMM_DISTILLED_MODEL = "deit_base_distilled_patch16_224"
 
 
-def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
-    """The ``timm.create_model("vit_...", **kwargs)`` arguments of the same architecture."""
+def _posemb_prefix_slots(params: Flat, grid: tuple[int, int] | None) -> int:
+    """How many prefix tokens have a slot in the position embedding (0 for timm's ``no_embed_class``).
+
+    Told by the grid when the metadata gives it, else by which count leaves a square grid.
+    """
+    posemb = params.get("pos_embed/embedding")
+    if posemb is None:
+        return 0
+    length = posemb.shape[1]
+    if grid is not None:
+        return length - grid[0] * grid[1]
+    embedded = int("cls_token/token" in params) + int("dist_token/token" in params)
+    registers = params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
+    for slots in (embedded, embedded + registers, 0):
+        if square_grid(length - slots):
+            return slots
+    return embedded
+
+
+def no_embed_class(flat: Flat, model: Any) -> bool:
+    """Whether to write the model for timm's ``no_embed_class`` (no position-embedding slots in front).
+
+    So timm's DINOv2 with registers is built; and so are DeiT-3 and the like,
+    whose slots in front hold zeros when they came from such a file.
+    """
+    prefix = model.num_posemb_prefix_tokens
+    posemb = flat.get("pos_embed/embedding")
+    if model.num_registers:
+        return True
+    return bool(prefix) and posemb is not None and not np.any(posemb[:, :prefix])
+
+
+def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = False) -> dict[str, Any]:
+    """The ``timm.create_model(name, **kwargs)`` arguments of the same architecture.
+
+    ``name`` is a ``vit_*`` model, or a ``deit_*_distilled_*`` one for a model
+    with a distillation token. A SwiGLU model gets ``mlp_layer="SwiGLUPacked"``
+    and ``act_layer="silu"``: pass ``timm.layers.SwiGLUPacked`` for the string.
+    """
+    mlp_dim = model.mlp_dim or 4 * model.width
     kwargs: dict[str, Any] = dict(
         img_size=list(size),
         patch_size=model.patch_size,
@@ -183,7 +225,7 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
         embed_dim=model.width,
         depth=model.depth,
         num_heads=model.num_heads,
-        mlp_ratio=(model.mlp_dim or 4 * model.width) / model.width,
+        mlp_ratio=mlp_dim / model.width,
         class_token=model.class_token,
         global_pool={"tok": "token", "gap": "avg", "map": "map"}[model.pool],
         fc_norm=False,
@@ -195,21 +237,36 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
     activation = resolve_activation(model.activation, model.gelu_approximate)
     if activation != "gelu":
         kwargs["act_layer"] = activation  # timm's names are the same
+    if model.mlp_type == "swiglu":
+        # timm's packed fc1 is int(width * mlp_ratio) wide; the half step keeps int() from rounding down.
+        kwargs.update(mlp_ratio=(2 * mlp_dim + 0.5) / model.width, mlp_layer="SwiGLUPacked", act_layer="silu")
+    if model.layer_scale_init is not None:
+        kwargs["init_values"] = model.layer_scale_init
+    if model.num_registers:
+        kwargs["reg_tokens"] = model.num_registers
+    if without_prefix_slots:
+        kwargs["no_embed_class"] = True
     return kwargs
 
 
 def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Sequence[str] | None) -> Path:
     """jaxvit params (flat, unrolled) -> a timm state dict as safetensors at ``path``.
 
-    The metadata holds ``timm_model`` and ``timm_kwargs`` (``timm.create_model(timm_model,
-    **timm_kwargs)`` builds the matching model) and the jaxvit model fields, image size and labels.
+    The metadata holds ``timm_model`` and ``timm_kwargs``
+    (``timm.create_model(timm_model, **timm_kwargs)`` builds the matching
+    model), ``timm_class`` (``VisionTransformer`` or, with a distillation
+    token, ``VisionTransformerDistilled``) and the jaxvit model fields, image
+    size and labels. For ``no_embed_class`` the prefix tokens'
+    position-embedding slots are added to the tokens (the same sum, done once).
     """
     if model.pre_norm and model.patch_bias:
         raise ValueError(
             "timm's VisionTransformer with norm_pre (pre_norm=True) has no patch-embedding bias;"
             " the model has pre_norm=True, patch_bias=True"
         )
-    if model.layer_norm_eps not in TIMM_MODEL_OF_EPS:
+    if model.layer_norm_eps not in TIMM_MODEL_OF_EPS or (
+        model.distill_token and model.layer_norm_eps != 1e-6
+    ):
         raise ValueError(
             f"timm's ViTs have LayerNorm epsilon 1e-6 (1e-5 for the CLIP towers); the model has"
             f" layer_norm_eps={model.layer_norm_eps}"
@@ -220,15 +277,24 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
         flat["head/classifier/bias"] = np.zeros(flat["head/classifier/kernel"].shape[-1], np.float32)
     if not model.patch_bias and not model.pre_norm:
         flat["patch_embed/bias"] = np.zeros(model.width, np.float32)
+    without_slots = no_embed_class(flat, model)
+    if without_slots and "pos_embed/embedding" in flat:
+        posemb = flat["pos_embed/embedding"]
+        prefix_names = ["cls_token/token"] * model.class_token + ["dist_token/token"] * model.distill_token
+        for slot, name in enumerate(prefix_names):
+            flat[name] = flat[name] + posemb[:, slot : slot + 1]
+        flat["pos_embed/embedding"] = posemb[:, len(prefix_names) :]
     out = layouts.rename_back(
         layouts.split_attention(flat, model.num_heads, "fused", "flat_kv"), RULES, "timm"
     )
+    saved = {"model": model_fields(model), "image_size": list(size), "labels": list(labels or [])}
     metadata = {
-        "jaxvit_model": json.dumps(
-            {"model": model_fields(model), "image_size": list(size), "labels": list(labels or [])}
-        ),
-        "timm_kwargs": json.dumps(timm_kwargs(model, size)),
-        "timm_model": TIMM_MODEL_OF_EPS[model.layer_norm_eps],
+        "jaxvit_model": json.dumps(saved),
+        "timm_kwargs": json.dumps(timm_kwargs(model, size, without_slots)),
+        "timm_class": "VisionTransformerDistilled" if model.distill_token else "VisionTransformer",
+        "timm_model": TIMM_DISTILLED_MODEL
+        if model.distill_token
+        else TIMM_MODEL_OF_EPS[model.layer_norm_eps],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_safetensors(out, path, metadata)

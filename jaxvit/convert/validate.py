@@ -347,6 +347,7 @@ _INT_FIELDS = {
     "num_heads": (1, MAX_WIDTH, False),
     "num_channels": (1, MAX_CHANNELS, False),
     "representation_size": (1, MAX_WIDTH, True),
+    "num_registers": (0, MAX_DEPTH, False),
 }
 _FLOAT_FIELDS = {
     "dropout": (0.0, 1.0, False),
@@ -354,9 +355,20 @@ _FLOAT_FIELDS = {
     "drop_path_rate": (0.0, 1.0, False),
     "layer_norm_eps": (0.0, 1.0, True),
     "head_bias_init": (None, None, False),
+    "layer_scale_init": (None, None, False),
+    "rope_theta": (0.0, None, True),
 }
-_BOOL_FIELDS = ("class_token", "gelu_approximate", "scan", "pre_norm", "patch_bias", "qkv_bias", "head_bias")
-_STR_FIELDS = ("posemb", "pool", "remat_policy", "variant", "activation")
+_BOOL_FIELDS = (
+    "distill_token",
+    "class_token",
+    "gelu_approximate",
+    "scan",
+    "pre_norm",
+    "patch_bias",
+    "qkv_bias",
+    "head_bias",
+)
+_STR_FIELDS = ("posemb", "pool", "remat_policy", "variant", "activation", "mlp_type", "block_loop")
 
 
 def model_fields(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -371,7 +383,7 @@ def model_fields(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
         if key in fields:
             out[key] = int_field(fields, key, where, lo=lo, hi=hi, allow_none=allow_none)
     for key, (lo, hi, lo_open) in _FLOAT_FIELDS.items():
-        if key in fields and not (key == "head_bias_init" and fields[key] is None):
+        if key in fields and not (key in ("head_bias_init", "layer_scale_init") and fields[key] is None):
             out[key] = float_field(fields, key, where, lo=lo, hi=hi, lo_open=lo_open)
     for key in _BOOL_FIELDS:
         if key in fields:
