@@ -200,6 +200,8 @@ def test_check_config_raises_exactly_for_broken_rules(
         broken.append(f"width {width} is not divisible by num_heads={heads}")
     if posemb == "sincos2d" and width % 4:
         broken.append(f"posemb='sincos2d' needs a width divisible by 4, got {width}")
+    if posemb == "rope" and width >= 1 and heads >= 1 and not width % heads and (width // heads) % 4:
+        broken.append(f"posemb='rope' needs a head dimension divisible by 4, got {width // heads}")
     if min(patch) < 1:
         broken.append(re.escape(f"patch_size must be positive, got {patch}"))
     if not broken:
