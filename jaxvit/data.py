@@ -27,6 +27,7 @@ from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from jaxvit import augment
+from jaxvit.convert import validate
 from jaxvit.model import to_pair
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,8 @@ def decode_image(file: str | BinaryIO, channels: int, name: str) -> np.ndarray:
     """
     try:
         with Image.open(file) as img:
+            # The header's size is checked before a pixel is decoded.
+            validate.check_image_pixels(*img.size, f"image {name!r}")
             return augment.from_pil(augment.to_8bit(img), channels)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot decode image {name!r}: {err}") from err

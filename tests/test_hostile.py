@@ -285,6 +285,15 @@ def measure(call):
     return {"error": error, "seconds": seconds, "growth": growth, "exact": exact}
 """
 
+
+def test_training_images_are_bounded_too(good, tmp_path):
+    from jaxvit import data
+
+    path = _huge_png(good, tmp_path)
+    with pytest.raises(ValueError, match=r"cannot decode image .*huge\.png.*12000x12000 pixels is more than"):
+        data.decode_image(str(path), 3, str(path))
+
+
 _PROBE = (
     _MEASURE
     + r"""
