@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from jaxvit import train_lib
+from jaxvit import optim, train_lib
 from jaxvit.model import VisionTransformer, create_model
 
 # Model fields set by the variant name unless overridden; None means "from the variant".
@@ -89,6 +89,7 @@ def step_config_from_config(config: ml_collections.ConfigDict) -> train_lib.Step
         ),
         ema_decay=config.ema_decay,
         grad_accum_steps=config.grad_accum_steps,
+        freeze=optim.freeze_patterns(config.get("freeze")),
     )
 
 
@@ -153,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"  # cosine | linear | constant
     c.optimizer.warmup_steps = 0
     c.optimizer.end_factor = 0.0
+    # BEiT/timm layer-wise decay: block i learns at lr * layer_decay ** (depth - i), the
+    # embeddings at lr * layer_decay ** (depth + 1), the final norm and head at lr; 1 is off
+    c.optimizer.layer_decay = 1.0
     c.ema_decay = 0.0  # > 0 keeps an EMA of the weights and evaluates it
 
     c.mesh = ml_collections.ConfigDict()
@@ -169,7 +173,66 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
 
     c.init_from = ""  # a pretrained checkpoint (see jaxvit.load_pretrained) for fine-tuning
+    # True: the model is the one init_from was made for (jaxvit.architecture.model_from_checkpoint),
+    # with num_classes, num_channels and image_size of this config and TRAINING_FIELDS of c.model
+    c.model_from_checkpoint = False
+    # parameters that get no update: a regex (or a sequence of them) over parameter paths such as
+    # "encoder/block_0/mlp/fc1/kernel", naming a parameter or a module; "backbone" = all but head/
+    c.freeze = ml_collections.FieldReference((), field_type=object)
     return c
+
+
+# Model fields that change how a model trains or computes, not its weights: with
+# ``model_from_checkpoint`` they come from ``config.model``, everything else from the checkpoint.
+TRAINING_FIELDS = (
+    "dropout",
+    "attention_dropout",
+    "drop_path_rate",
+    "scan",
+    "remat_policy",
+    "block_loop",
+    "dtype",
+    "param_dtype",
+)
+
+
+def model_from_init_checkpoint(config: ml_collections.ConfigDict) -> tuple[VisionTransformer, Any]:
+    """``(model, checkpoint)`` for ``model_from_checkpoint=True``: the model ``config.init_from`` was
+    made for, with the config's ``num_classes``, ``num_channels`` and ``TRAINING_FIELDS``."""
+    from jaxvit.architecture import model_from_checkpoint  # the converters: imported only when used
+    from jaxvit.pretrained import read_checkpoint
+
+    if not config.init_from:
+        raise ValueError("model_from_checkpoint=True needs init_from=<a pretrained checkpoint>, got ''")
+    ckpt = read_checkpoint(config.init_from)
+    training = {k: config.model[k] for k in TRAINING_FIELDS}
+    for key in ("dtype", "param_dtype"):
+        training[key] = jnp.dtype(training[key])
+    model, _ = model_from_checkpoint(
+        ckpt, num_classes=config.num_classes, num_channels=config.num_channels, **training
+    )
+    return model, ckpt
+
+
+def with_model_fields(
+    config: ml_collections.ConfigDict, model: VisionTransformer
+) -> ml_collections.ConfigDict:
+    """A locked copy of ``config`` whose ``model`` block holds every field of ``model`` (no variant),
+    so that ``model_from_config`` of it (or of the workdir's ``config.json``) rebuilds ``model``."""
+    fields: dict[str, Any] = {"variant": None}
+    for f in dataclasses.fields(VisionTransformer):
+        if f.name in _TOP_LEVEL:
+            continue
+        value = getattr(model, f.name)
+        fields[f.name] = jnp.dtype(value).name if f.name in ("dtype", "param_dtype") else value
+    if fields.pop("gelu_approximate"):  # its deprecated spelling would warn on every rebuild
+        fields["activation"] = "gelu_tanh"
+    fields["gelu_approximate"] = False
+    as_dict = config.to_dict()
+    as_dict["model"] = fields
+    resolved = ml_collections.ConfigDict(as_dict)
+    resolved.lock()
+    return resolved
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

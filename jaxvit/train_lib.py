@@ -20,6 +20,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxvit import optim
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -138,6 +140,7 @@ class StepConfig:
     mix: MixConfig = MixConfig()
     ema_decay: float = 0.0
     grad_accum_steps: int = 1
+    freeze: tuple[str, ...] = ()  # patterns of parameters that get no gradient (optim.frozen_mask)
 
 
 def train_step(
@@ -166,7 +169,7 @@ def train_step(
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
         return jnp.mean(cross_entropy(logits, targets)), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, logits), grads = _loss_and_grads(loss_fn, state.params, cfg.freeze)
     grad_norm = optax.tree.norm(grads)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -199,6 +202,28 @@ def train_step(
         "finite": finite.astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def _loss_and_grads(loss_fn: Any, params: Any, freeze: tuple[str, ...]) -> tuple[Any, Any]:
+    """``value_and_grad(loss_fn)(params)``, differentiating only the parameters ``freeze`` leaves
+    trainable: the frozen ones get zero gradients, and nothing flows back through them."""
+    if not freeze:
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    frozen = jax.tree_util.tree_leaves(optim.frozen_mask(params, freeze))
+
+    def loss_of_trained(trained: list[jax.Array]) -> Any:
+        it = iter(trained)
+        return loss_fn(
+            treedef.unflatten([leaf if f else next(it) for leaf, f in zip(leaves, frozen, strict=True)])
+        )
+
+    trained = [leaf for leaf, f in zip(leaves, frozen, strict=True) if not f]
+    out, grads = jax.value_and_grad(loss_of_trained, has_aux=True)(trained)
+    it = iter(grads)
+    return out, treedef.unflatten(
+        [jnp.zeros_like(leaf) if f else next(it) for leaf, f in zip(leaves, frozen, strict=True)]
+    )
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -234,6 +234,8 @@ def validate_config(config: Any, num_devices: int) -> VisionTransformer:
         raise ValueError("best_metric='eval/loss' needs best_mode='min'")
     if config.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {config.num_classes}")
+    if config.get("model_from_checkpoint") and not config.init_from:
+        raise ValueError("model_from_checkpoint=True needs init_from=<a pretrained checkpoint>, got ''")
     model = model_from_config(config.to_dict())
     size = to_pair(config.image_size)
     p, q = to_pair(model.patch_size)
@@ -272,7 +274,7 @@ class _CompiledSteps:
 def _compile_steps(config: Any, model: VisionTransformer, init_rng: jax.Array) -> _CompiledSteps:
     """The optimizer, mesh and step settings of ``config``, jitted into train and eval steps."""
     mesh = train_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
-    tx, schedule = optim.make_optimizer(config, config.total_steps)
+    tx, schedule = optim.make_optimizer(config, config.total_steps, depth=model.depth)
     image_shape = (*to_pair(config.image_size), config.num_channels)
     init_state = functools.partial(
         train_lib.create_train_state, model, tx, init_rng, image_shape, config.ema_decay > 0
@@ -299,19 +301,28 @@ def _checkpointer(config: Any, workdir: str) -> checkpointing.Checkpointer:
     )
 
 
-def _initial_state(config: Any, model: VisionTransformer, compiled: _CompiledSteps) -> train_lib.TrainState:
-    """A fresh state, placed sharded; with ``init_from``, holding a pretrained checkpoint's parameters."""
+def _initial_state(
+    config: Any, model: VisionTransformer, compiled: _CompiledSteps, ckpt: Any = None
+) -> train_lib.TrainState:
+    """A fresh state, placed sharded; with ``init_from``, holding a pretrained checkpoint's parameters.
+
+    ``ckpt`` is ``init_from`` already read (``read_checkpoint``), when it was.
+    """
     state = jax.jit(compiled.init_state, out_shardings=compiled.state_shardings)()
     if config.init_from:
-        state = jax.device_put(_init_params_from(config, model, state), compiled.state_shardings)
+        state = jax.device_put(_init_params_from(config, model, state, ckpt), compiled.state_shardings)
     return state
 
 
-def _init_params_from(config: Any, model, state: train_lib.TrainState) -> train_lib.TrainState:
+def _init_params_from(
+    config: Any, model: VisionTransformer, state: train_lib.TrainState, ckpt: Any = None
+) -> train_lib.TrainState:
     """Fine-tuning hook: replace the fresh parameters with a pretrained checkpoint's."""
     from jaxvit import pretrained  # the converters; imported only when used
 
-    params = pretrained.load_pretrained(config.init_from, model, image_size=config.image_size)
+    if ckpt is None:
+        ckpt = pretrained.read_checkpoint(config.init_from)
+    params = pretrained.fit_to_model(ckpt, model, config.image_size)
     params = jax.tree_util.tree_map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
     ema = jax.tree_util.tree_map(jnp.copy, params) if state.ema_params is not None else None
     return state.replace(params=params, ema_params=ema)
@@ -416,6 +427,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     SIGTERM stopped the run after saving.
     """
     check_workdir(workdir)
+    ckpt = None
+    if config.get("model_from_checkpoint"):
+        # The architecture is the checkpoint's; the config (and config.json) record it field by field.
+        model, ckpt = configs.model_from_init_checkpoint(config)
+        config = configs.with_model_fields(config, model)
+        log.info("model from %s: %s", config.init_from, model)
     model = validate_config(config, jax.device_count())
     train_source, test_source = _data_sources(config)
     layout = data.BatchLayout(config.batch_size, jax.process_index(), jax.process_count())
@@ -435,7 +452,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             state, train_rng, data_state, start_step = restored
             log.info("resuming from step %d", start_step)
         else:
-            state, data_state, start_step = _initial_state(config, model, compiled), None, 0
+            state, data_state, start_step = _initial_state(config, model, compiled, ckpt), None, 0
         batches = _train_batches(config, train_source, layout, preprocess, data_state)
         meter = TrainMetricsAccumulator(config.batch_size, start_step)
         with (
