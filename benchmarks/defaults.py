@@ -172,8 +172,14 @@ LOOPS = {"jaxvit": run_jaxvit, "jaxvit/train.py": run_train_py, "timm": run_timm
 
 
 def child(args: argparse.Namespace) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = LOOPS[args.child](args)
-    result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["max_rss_mib"] = usage.ru_maxrss / 1024
+    # what the process cost the CPU and the kernel: build, compile and all timed calls
+    result["user_s"] = usage.ru_utime - before.ru_utime
+    result["system_s"] = usage.ru_stime - before.ru_stime
+    result["minor_faults"] = usage.ru_minflt - before.ru_minflt
     print("RESULT " + json.dumps(result))
 
 
@@ -235,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
             row[f"{what} img/s"] = common.median(ips)
             row[f"{what} / timm"] = f"{common.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         row["max RSS MiB"] = common.median([r[loop]["max_rss_mib"] for r in rounds])
+        row["user / system s"] = "{:.0f} / {:.1f}".format(
+            common.median([r[loop]["user_s"] for r in rounds]),
+            common.median([r[loop]["system_s"] for r in rounds]),
+        )
+        row["minor faults (k)"] = common.median([r[loop]["minor_faults"] for r in rounds]) / 1000
         rows.append(row)
     result = {"machine": machine, "matmul_peak_gflops": peaks, "rows": rows, "rounds": rounds}
     if args.json:

@@ -5,8 +5,9 @@ Data:   1,797 digits, stratified 80/20 split fixed by data.split_seed; the 360
         test images are never trained on. Random shifts of up to one pixel.
 Model:  width 64, depth 4, 4 heads, patch 2 -> 16 tokens, learned position
         embedding, mean pooling (no class token), 136,010 parameters.
-Result: 97.8% test accuracy (seed 0; 98.3% with --config.seed=2) after 4,000 steps,
-        58-61 s on a 2-core x86-64 CPU (AMD EPYC, jax 0.10.2, CPU backend).
+Result: 98.6% test accuracy (seed 0) after 4,000 steps, 94 s of training (101 s
+        wall) on a 2-core Intel Xeon CPU (jax 0.10.2, CPU backend), 2026-11-25;
+        the same in bf16 compute (--config.model.dtype=bfloat16): 98.6%, 116 s.
 """
 
 from jaxvit.configs import base_config, model_config
