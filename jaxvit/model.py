@@ -500,6 +500,16 @@ class SelfAttention(nn.Module):
         return nn.Dense(d, name="out", **dense)(out.reshape(n, t, d))
 
 
+def _mlp_dense(dtype: DType, param_dtype: DType) -> dict[str, Any]:
+    # The MLP init of the references: xavier kernels, near-zero biases.
+    return dict(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6),
+    )
+
+
 class MlpBlock(nn.Module):
     """``(N, T, D) -> (N, T, D)``: Dense -> activation -> dropout -> Dense.
 
@@ -517,12 +527,7 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
+        dense = _mlp_dense(self.dtype, self.param_dtype)
         y = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
         y = ops.activation(y, resolve_activation(self.activation, self.gelu_approximate))
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
@@ -557,12 +562,7 @@ class SwiGLUMlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dense = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6),
-        )
+        dense = _mlp_dense(self.dtype, self.param_dtype)
         gate, value = jnp.split(nn.Dense(2 * self.mlp_dim, name="fc1", **dense)(x), 2, axis=-1)
         y = jax.nn.silu(gate) * value
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)

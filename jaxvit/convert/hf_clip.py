@@ -50,20 +50,7 @@ RULES = tuple(
         layouts.Rule("embeddings.position_embedding.weight", "pos_embed/embedding", "table"),
     ]
     + layouts.torch_rules("pre_layrnorm", "encoder/norm_pre", "ln")
-    + layouts.torch_block_rules(
-        "encoder.layers.{i}",
-        {
-            "norm1": "layer_norm1",
-            "attn/query": "self_attn.q_proj",
-            "attn/key": "self_attn.k_proj",
-            "attn/value": "self_attn.v_proj",
-            "attn/out": "self_attn.out_proj",
-            "norm2": "layer_norm2",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
-    )
-    + layouts.torch_rules("post_layernorm", "encoder/norm", "ln")
+    + layouts.CLIP_ENCODER_RULES
     + [layouts.Rule(PROJECTION, "head/classifier/kernel", "linear")]
 )
 # buffers some transformers versions saved; not parameters

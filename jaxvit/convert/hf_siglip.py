@@ -36,20 +36,7 @@ _IN_PROJ = "head.attention.in_proj_"
 RULES = tuple(
     layouts.torch_rules("embeddings.patch_embedding", "patch_embed", "conv")
     + [layouts.Rule("embeddings.position_embedding.weight", "pos_embed/embedding", "table")]
-    + layouts.torch_block_rules(
-        "encoder.layers.{i}",
-        {
-            "norm1": "layer_norm1",
-            "attn/query": "self_attn.q_proj",
-            "attn/key": "self_attn.k_proj",
-            "attn/value": "self_attn.v_proj",
-            "attn/out": "self_attn.out_proj",
-            "norm2": "layer_norm2",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
-    )
-    + layouts.torch_rules("post_layernorm", "encoder/norm", "ln")
+    + layouts.CLIP_ENCODER_RULES
     + [layouts.Rule("head.probe", "head/map/probe")]
     + layouts.torch_rules("head.attention.q_proj", "head/map/attn/query", "linear")
     + layouts.torch_rules("head.attention.k_proj", "head/map/attn/key", "linear")

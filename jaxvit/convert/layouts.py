@@ -193,6 +193,23 @@ def flax_checkpoint(
     )
 
 
+# The encoder of transformers' CLIP-style vision towers (CLIP, SigLIP): blocks under
+# encoder.layers.{i} and a final post_layernorm.
+CLIP_ENCODER_RULES: list[Rule] = torch_block_rules(
+    "encoder.layers.{i}",
+    {
+        "norm1": "layer_norm1",
+        "attn/query": "self_attn.q_proj",
+        "attn/key": "self_attn.k_proj",
+        "attn/value": "self_attn.v_proj",
+        "attn/out": "self_attn.out_proj",
+        "norm2": "layer_norm2",
+        "mlp/fc1": "mlp.fc1",
+        "mlp/fc2": "mlp.fc2",
+    },
+) + torch_rules("post_layernorm", "encoder/norm", "ln")
+
+
 # Why some checkpoint keys have no jaxvit counterpart; shown with the error.
 UNSUPPORTED_HINTS = {
     "fc_norm": "timm's fc_norm (a LayerNorm after pooling) has no jaxvit counterpart: jaxvit's 'gap'"
