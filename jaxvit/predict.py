@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = predict(bundle, paths, args.batch_size, args.top_k)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # as train.py, visualize and summary: bad input, not a crash
     print(json.dumps(results, indent=2) if args.json else format_text(results))
     return 0
 

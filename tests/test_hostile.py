@@ -752,7 +752,7 @@ def test_the_command_lines_print_one_error_line(good, tmp_path, capsys):
     from jaxvit import summary, visualize
 
     bad = _hf(good, tmp_path, num_attention_heads="2")
-    assert predict.main(["--checkpoint", str(bad), str(good["image"])]) == 1
+    assert predict.main(["--checkpoint", str(bad), str(good["image"])]) == 2
     assert visualize.main(["attention", str(good["image"]), "--checkpoint", str(bad), "--out", "x.png"]) == 2
     assert summary.main(["S/16", "--no-xla", "--depth", "abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -142,7 +142,7 @@ def test_hf_labels_and_text_output(setup, capsys):
 def test_corrupt_image_names_the_file(setup, capsys, tmp_path):
     _, _, paths, _ = setup
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    assert predict.main(["--checkpoint", str(paths["npz"]), str(tmp_path / "broken.png")]) == 1
+    assert predict.main(["--checkpoint", str(paths["npz"]), str(tmp_path / "broken.png")]) == 2
     err = capsys.readouterr().err
     assert "cannot read image" in err and "broken.png" in err
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
@@ -153,7 +153,7 @@ def test_labels_file_of_wrong_length(setup, capsys, tmp_path):
     _, _, paths, root = setup
     (tmp_path / "labels.txt").write_text("one\ntwo\n")
     argv = ["--checkpoint", str(paths["npz"]), "--labels", str(tmp_path / "labels.txt"), str(root / "images")]
-    assert predict.main(argv) == 1
+    assert predict.main(argv) == 2
     assert "has 2 labels but the model has 7 classes" in capsys.readouterr().err
 
 

@@ -313,7 +313,7 @@ def test_no_readable_checkpoint_anywhere(reference, tmp_path):
 def test_predict_on_an_unreadable_workdir_is_an_error_message(reference, tmp_path, capsys):
     workdir = _unreadable_copy(reference, tmp_path)
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    assert predict.main(["--checkpoint", str(workdir), str(tmp_path / "x.png")]) == 1
+    assert predict.main(["--checkpoint", str(workdir), str(tmp_path / "x.png")]) == 2
     assert "error: no readable checkpoint in" in capsys.readouterr().err
 
 
@@ -472,10 +472,10 @@ def test_predict_command_on_awkward_files(reference, tmp_path, capsys):
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
 
     bad = _truncated_jpeg(tmp_path / "truncated.jpg")
-    assert predict.main(["--checkpoint", reference.workdir, paths[0], bad]) == 1
+    assert predict.main(["--checkpoint", reference.workdir, paths[0], bad]) == 2
     assert f"error: cannot read image {bad}: image file is truncated" in capsys.readouterr().err
     (tmp_path / "empty.png").write_bytes(b"")
-    assert predict.main(["--checkpoint", reference.workdir, str(tmp_path / "empty.png")]) == 1
+    assert predict.main(["--checkpoint", reference.workdir, str(tmp_path / "empty.png")]) == 2
     assert f"error: cannot read image {tmp_path / 'empty.png'}" in capsys.readouterr().err
-    assert predict.main(["--checkpoint", reference.workdir, str(tmp_path / "missing.png")]) == 1
+    assert predict.main(["--checkpoint", reference.workdir, str(tmp_path / "missing.png")]) == 2
     assert f"error: image {tmp_path / 'missing.png'} does not exist" in capsys.readouterr().err
