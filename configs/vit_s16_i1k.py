@@ -20,8 +20,8 @@ Measured (CPU only, no ImageNet, so no accuracy): one input worker reads,
         decodes and augments (Inception crop, flip, RandAugment(2, 10)) about 220
         images/s of 500x375 JPEGs from packed shards on a 2-core Intel Xeon, about
         as fast as from loose files and as timm's loader (benchmarks/input_pipeline.py);
-        a training step of this model runs at about 5.7 img/s on that CPU (batch 32,
-        benchmarks/defaults.py), so there one worker keeps up, and data.workers=8 is
+        a ViT-S/16 training step runs at about 5.7 img/s on that CPU (batch 32,
+        jaxvit's default loop in benchmarks/defaults.py), so there one worker keeps up, and data.workers=8 is
         sized for an accelerator host. The test suite builds this exact
         config and runs a few steps on synthetic 224x224x3, 1000-class data with a
         small batch (--config.dataset=synthetic --config.batch_size=8).
