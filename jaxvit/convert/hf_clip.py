@@ -53,8 +53,6 @@ RULES = tuple(
     + layouts.CLIP_ENCODER_RULES
     + [layouts.Rule(PROJECTION, "head/classifier/kernel", "linear")]
 )
-# buffers some transformers versions saved; not parameters
-_BUFFERS = ("embeddings.position_ids",)
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
@@ -77,16 +75,9 @@ def vision_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def tower_arrays(arrays: Mapping[str, np.ndarray], path: Path | str) -> Flat:
     """The image tower's arrays without the ``vision_model.`` prefix (the projection kept)."""
-    kept = {}
-    for key, value in arrays.items():
-        if key.startswith(TOWER):
-            key = key[len(TOWER) :]
-        elif key != PROJECTION and any(k.startswith(TOWER) for k in arrays):
-            continue  # the text tower, logit_scale
-        if key not in _BUFFERS:
-            kept[key] = value
-    if len(kept) < len(arrays):
-        log.info("%s: reading the image tower, leaving out %d other entries", path, len(arrays) - len(kept))
+    kept, left_out = layouts.image_tower(arrays, keep=(PROJECTION,))
+    if left_out:
+        log.info("%s: reading the image tower, leaving out %d other entries", path, left_out)
     return kept
 
 

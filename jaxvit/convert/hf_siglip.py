@@ -46,7 +46,6 @@ RULES = tuple(
     + layouts.torch_rules("head.mlp.fc1", "head/map/mlp/fc1", "linear")
     + layouts.torch_rules("head.mlp.fc2", "head/map/mlp/fc2", "linear")
 )
-_BUFFERS = ("embeddings.position_ids",)
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
@@ -89,14 +88,9 @@ def vision_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     """A SigLIP image tower's state dict (and its ``config.json``, if any) -> a ``Checkpoint``."""
     tower = vision_config(config) if config else {}
-    has_tower = any(k.startswith(TOWER) for k in arrays)
-    kept = {
-        (k[len(TOWER) :] if has_tower else k): v
-        for k, v in arrays.items()
-        if (k.startswith(TOWER) or not has_tower) and k.removeprefix(TOWER) not in _BUFFERS
-    }
-    if len(kept) < len(arrays):
-        log.info("%s: reading the image tower, leaving out %d other entries", path, len(arrays) - len(kept))
+    kept, left_out = layouts.image_tower(arrays)
+    if left_out:
+        log.info("%s: reading the image tower, leaving out %d other entries", path, left_out)
     params, unmatched = layouts.rename(split_in_proj(kept), RULES)
     return Checkpoint(
         path=str(path),

@@ -210,6 +210,28 @@ CLIP_ENCODER_RULES: list[Rule] = torch_block_rules(
 ) + torch_rules("post_layernorm", "encoder/norm", "ln")
 
 
+def image_tower(arrays: Mapping[str, np.ndarray], keep: Iterable[str] = ()) -> tuple[Flat, int]:
+    """The image tower of a transformers CLIP-style state dict, without its ``vision_model.`` prefix.
+
+    A two-tower file (``CLIPModel``, ``SiglipModel``) also holds the text
+    tower and ``logit_scale``: only the ``vision_model.`` keys and those named
+    in ``keep`` (e.g. CLIP's ``visual_projection.weight``) are kept. The
+    ``position_ids`` buffer some transformers versions saved is dropped.
+    Returns ``(arrays, how many entries were left out)``.
+    """
+    tower = "vision_model."
+    has_tower = any(k.startswith(tower) for k in arrays)
+    kept: Flat = {}
+    for key, value in arrays.items():
+        if key.startswith(tower):
+            key = key[len(tower) :]
+        elif has_tower and key not in keep:
+            continue
+        if key != "embeddings.position_ids":
+            kept[key] = value
+    return kept, len(arrays) - len(kept)
+
+
 # Why some checkpoint keys have no jaxvit counterpart; shown with the error.
 UNSUPPORTED_HINTS = {
     "fc_norm": "timm's fc_norm (a LayerNorm after pooling) has no jaxvit counterpart: jaxvit's 'gap'"
