@@ -193,6 +193,21 @@ def flax_checkpoint(
     )
 
 
+# The encoder of timm's ViTs (VisionTransformer and DINOv3's Eva alike): blocks under
+# blocks.{i} with a fused qkv, and a final norm.
+TIMM_ENCODER_RULES: list[Rule] = torch_block_rules(
+    "blocks.{i}",
+    {
+        "norm1": "norm1",
+        "attn/qkv": "attn.qkv",
+        "attn/out": "attn.proj",
+        "norm2": "norm2",
+        "mlp/fc1": "mlp.fc1",
+        "mlp/fc2": "mlp.fc2",
+    },
+) + torch_rules("norm", "encoder/norm", "ln")
+
+
 # The encoder of transformers' CLIP-style vision towers (CLIP, SigLIP): blocks under
 # encoder.layers.{i} and a final post_layernorm.
 CLIP_ENCODER_RULES: list[Rule] = torch_block_rules(

@@ -60,18 +60,7 @@ RULES = tuple(
         layouts.Rule("blocks.{i}.ls2.gamma", "encoder/block_{i}/ls2/scale"),
     ]
     + layouts.torch_rules("norm_pre", "encoder/norm_pre", "ln")
-    + layouts.torch_block_rules(
-        "blocks.{i}",
-        {
-            "norm1": "norm1",
-            "attn/qkv": "attn.qkv",
-            "attn/out": "attn.proj",
-            "norm2": "norm2",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
-    )
-    + layouts.torch_rules("norm", "encoder/norm", "ln")
+    + layouts.TIMM_ENCODER_RULES
     + layouts.torch_rules("head", "head/classifier", "linear")
     + layouts.torch_rules("head_dist", "head/dist_classifier", "linear")
     + [layouts.Rule("attn_pool.latent", "head/map/probe")]

@@ -48,18 +48,7 @@ RULES = tuple(
         layouts.Rule("blocks.{i}.gamma_1", "encoder/block_{i}/ls1/scale"),
         layouts.Rule("blocks.{i}.gamma_2", "encoder/block_{i}/ls2/scale"),
     ]
-    + layouts.torch_block_rules(
-        "blocks.{i}",
-        {
-            "norm1": "norm1",
-            "attn/qkv": "attn.qkv",
-            "attn/out": "attn.proj",
-            "norm2": "norm2",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
-    )
-    + layouts.torch_rules("norm", "encoder/norm", "ln")
+    + layouts.TIMM_ENCODER_RULES
     + layouts.torch_rules("head", "head/classifier", "linear")
 )
 _QKV = re.compile(r"(blocks\.\d+\.attn)\.qkv\.weight")
