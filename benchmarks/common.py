@@ -207,3 +207,19 @@ def describe_machine(machine: dict) -> str:
         f" XLA dots in {machine.get('xla_dots', '?')}, load {machine['load_average_1m']:.2f} at start,"
         f" GLIBC_TUNABLES={machine['glibc_tunables'] or '(unset)'}"
     )
+
+
+def matmul_peaks() -> dict[str, float]:
+    """Best of 10 fp32 2048^3 matmuls, in GFLOP/s, for JAX and PyTorch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    ta = torch.randn(n, n)
+    times = interleaved(
+        {"jax": lambda: mm(a).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}, repeats=10
+    )
+    return {k: 2 * n**3 / min(v) / 1e9 for k, v in times.items()}

@@ -192,22 +192,6 @@ def run_child(loop: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def matmul_peaks() -> dict[str, float]:
-    """Best of 10 fp32 2048^3 matmuls, in GFLOP/s, for JAX and PyTorch."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    ta = torch.randn(n, n)
-    times = common.interleaved(
-        {"jax": lambda: mm(a).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}, repeats=10
-    )
-    return {k: 2 * n**3 / min(v) / 1e9 for k, v in times.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,9 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     loops = args.loops.split(",") + (["vit_jax"] if args.vit_jax and "vit_jax" not in args.loops else [])
     machine = common.machine_info(len(os.sched_getaffinity(0)))
-    peaks = [matmul_peaks()]
+    peaks = [common.matmul_peaks()]
     rounds = [{loop: run_child(loop, argv) for loop in loops} for _ in range(args.rounds)]
-    peaks.append(matmul_peaks())
+    peaks.append(common.matmul_peaks())
 
     rows = []
     for loop in loops:

@@ -116,7 +116,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "A/B min..max": f"{min(ratios):.2f}..{max(ratios):.2f}",
             }
         )
-    return {"config": vars(args), "machine": common.machine_info(args.threads), "rows": rows, "times_s": raw}
+    machine = common.machine_info(args.threads)
+    return {
+        "config": vars(args),
+        "machine": machine,
+        "matmul_peak_gflops": common.matmul_peaks(),
+        "rows": rows,
+        "times_s": raw,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch}, {args.image_size} px, patch {args.patch}, width {args.width}, fp32,"
         f" {common.describe_machine(result['machine'])}"
     )
+    peak = result["matmul_peak_gflops"]
+    print(f"fp32 2048^3 matmul peak in this run (GFLOP/s): jax {peak['jax']:.0f}, torch {peak['torch']:.0f}")
     print(common.markdown_table(result["rows"]))
 
 
