@@ -194,9 +194,11 @@ def main() -> None:
         )
     cpu = common.cpu_model()
     cores = len(os.sched_getaffinity(0))
+    peak = common.matmul_peaks()  # so this table can be set beside the step-time tables of the same host
     caption = (
         f"{num_images} JPEGs 500x375 q90, batch {args.batch}, 224 px, RRC + flip + RandAugment(2, 10),"
         f" in-process (one worker's job), {cpu}, {cores} cores, load {machine_load:.2f} at start,"
+        f" fp32 2048^3 matmul peak jax {peak['jax']:.0f} / torch {peak['torch']:.0f} GFLOP/s,"
         f" {time.strftime('%Y-%m-%d')}"
     )
     print(caption)
