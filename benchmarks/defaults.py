@@ -10,7 +10,10 @@ with random weights, compiles (or warms up) with one step, then times
 
 * ``jaxvit``: ``jaxvit.create_model(variant)`` with every default,
   ``jax.jit(jax.value_and_grad(loss))`` and ``optax.adamw``, no donation: the
-  loop the README shows.
+  loop most users write first.
+* ``jaxvit/donated``: the same, with the parameters and optimizer state
+  donated (``donate_argnums=(0, 1)``): the step the README's "Your own
+  training loop" shows.
 * ``jaxvit/train.py``: ``train.py``'s own compiled step (``trainer``'s
   ``_compile_steps``: sharded, donated) on a
   shipped config as it is (``--config``; by default ``configs/vit_s16_i1k.py``,
@@ -29,6 +32,7 @@ same round.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -55,7 +59,7 @@ def _timed(fn: Any, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _jax_usual_loop(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _jax_usual_loop(model: Any, args: argparse.Namespace, donate: bool = False) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -72,7 +76,7 @@ def _jax_usual_loop(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)})
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
     def train_step(params, opt_state, images, labels):
         loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -95,6 +99,12 @@ def run_jaxvit(args: argparse.Namespace) -> dict[str, Any]:
     import jaxvit
 
     return _jax_usual_loop(jaxvit.create_model(args.variant, num_classes=NUM_CLASSES), args)
+
+
+def run_jaxvit_donated(args: argparse.Namespace) -> dict[str, Any]:
+    import jaxvit
+
+    return _jax_usual_loop(jaxvit.create_model(args.variant, num_classes=NUM_CLASSES), args, donate=True)
 
 
 def run_vit_jax(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +178,13 @@ def run_timm(args: argparse.Namespace) -> dict[str, Any]:
     return {"train_s": _timed(train, args.steps), "infer_s": _timed(infer, args.steps)}
 
 
-LOOPS = {"jaxvit": run_jaxvit, "jaxvit/train.py": run_train_py, "timm": run_timm, "vit_jax": run_vit_jax}
+LOOPS = {
+    "jaxvit": run_jaxvit,
+    "jaxvit/donated": run_jaxvit_donated,
+    "jaxvit/train.py": run_train_py,
+    "timm": run_timm,
+    "vit_jax": run_vit_jax,
+}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -202,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "vit_s16_i1k.py"))
     ap.add_argument("--vit-jax", help="a clone of google-research/vision_transformer, to compare against")
     ap.add_argument(
-        "--loops", default="jaxvit,jaxvit/train.py,timm", help="comma-separated, from " + str(list(LOOPS))
+        "--loops",
+        default="jaxvit,jaxvit/donated,jaxvit/train.py,timm",
+        help="comma-separated, from " + str(list(LOOPS)),
     )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
