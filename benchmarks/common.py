@@ -223,3 +223,15 @@ def matmul_peaks() -> dict[str, float]:
         {"jax": lambda: mm(a).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}, repeats=10
     )
     return {k: 2 * n**3 / min(v) / 1e9 for k, v in times.items()}
+
+
+# jaxvit's size names -> timm's, for vit_<size>_patch<p>_224
+TIMM_NAMES = {"Ti": "tiny", "S": "small", "M": "medium", "B": "base", "L": "large", "H": "huge"}
+
+
+def timm_name(variant: str) -> str:
+    """``"Ti/16"`` -> ``"vit_tiny_patch16_224"``."""
+    size, _, patch = variant.partition("/")
+    if size not in TIMM_NAMES or not patch.isdigit():
+        raise ValueError(f"no timm model for variant {variant!r}: expected one of {list(TIMM_NAMES)}/<patch>")
+    return f"vit_{TIMM_NAMES[size]}_patch{patch}_224"

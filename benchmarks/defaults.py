@@ -39,14 +39,14 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 1000
-TIMM_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large"}
 VIT_JAX_NAMES = {"Ti/16": "ViT-Ti_16", "S/16": "ViT-S_16", "B/16": "ViT-B_16", "B/32": "ViT-B_32"}
 
 
@@ -59,15 +59,25 @@ def _timed(fn: Any, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _jax_usual_loop(model: Any, args: argparse.Namespace, donate: bool = False) -> dict[str, Any]:
+class UsualLoop(NamedTuple):
+    """One framework's usual loop, ready to run: ``train()`` and ``infer()`` each block until done."""
+
+    train: Callable[[], None]
+    infer: Callable[[], None]
+    step: Any = None  # jaxvit's jitted train step, and
+    step_args: Callable[[], tuple] | None = None  # the arguments of its next call
+
+
+def jax_usual_loop(model: Any, batch: int, donate: bool = False) -> UsualLoop:
+    """``jax.jit(value_and_grad)`` + ``optax.adamw`` on random data, the state donated or not."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.standard_normal((args.batch, 224, 224, 3), np.float32))
-    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32)
+    images = jnp.asarray(rng.standard_normal((batch, 224, 224, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32)
     params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])["params"]
     tx = optax.adamw(1e-3, weight_decay=0.05)
     opt_state = tx.init(params)
@@ -89,22 +99,56 @@ def _jax_usual_loop(model: Any, args: argparse.Namespace, donate: bool = False) 
         state["params"], state["opt"], loss = train_step(state["params"], state["opt"], images, labels)
         loss.block_until_ready()
 
-    return {
-        "train_s": _timed(train, args.steps),
-        "infer_s": _timed(lambda: infer(state["params"], images).block_until_ready(), args.steps),
-    }
+    return UsualLoop(
+        train=train,
+        infer=lambda: infer(state["params"], images).block_until_ready(),
+        step=train_step,
+        step_args=lambda: (state["params"], state["opt"], images, labels),
+    )
+
+
+def timm_usual_loop(variant: str, batch: int) -> UsualLoop:
+    """timm's defaults with ``torch.optim.AdamW``: ``zero_grad / backward / step`` on random data."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(common.timm_name(variant), num_classes=NUM_CLASSES)
+    images = torch.randn(batch, 3, 224, 224)
+    labels = torch.randint(0, NUM_CLASSES, (batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def train() -> None:
+        model.train()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+
+    return UsualLoop(train=train, infer=infer)
+
+
+def _timed_loop(loop: UsualLoop, steps: int) -> dict[str, float]:
+    return {"train_s": _timed(loop.train, steps), "infer_s": _timed(loop.infer, steps)}
 
 
 def run_jaxvit(args: argparse.Namespace) -> dict[str, Any]:
     import jaxvit
 
-    return _jax_usual_loop(jaxvit.create_model(args.variant, num_classes=NUM_CLASSES), args)
+    return _timed_loop(
+        jax_usual_loop(jaxvit.create_model(args.variant, num_classes=NUM_CLASSES), args.batch), args.steps
+    )
 
 
 def run_jaxvit_donated(args: argparse.Namespace) -> dict[str, Any]:
     import jaxvit
 
-    return _jax_usual_loop(jaxvit.create_model(args.variant, num_classes=NUM_CLASSES), args, donate=True)
+    model = jaxvit.create_model(args.variant, num_classes=NUM_CLASSES)
+    return _timed_loop(jax_usual_loop(model, args.batch, donate=True), args.steps)
 
 
 def run_vit_jax(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,7 +158,7 @@ def run_vit_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     config = vit_jax_configs.MODEL_CONFIGS[VIT_JAX_NAMES[args.variant]]
     model = models_vit.VisionTransformer(num_classes=NUM_CLASSES, **config)
-    return _jax_usual_loop(model, args)
+    return _timed_loop(jax_usual_loop(model, args.batch), args.steps)
 
 
 def run_train_py(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,28 +198,7 @@ def run_train_py(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_timm(args: argparse.Namespace) -> dict[str, Any]:
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    size, _, patch = args.variant.partition("/")
-    model = timm.create_model(f"vit_{TIMM_NAMES[size]}_patch{patch}_224", num_classes=NUM_CLASSES)
-    images = torch.randn(args.batch, 3, 224, 224)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-
-    def train() -> None:
-        model.train()
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        opt.step()
-
-    def infer() -> None:
-        model.eval()
-        with torch.inference_mode():
-            model(images)
-
-    return {"train_s": _timed(train, args.steps), "infer_s": _timed(infer, args.steps)}
+    return _timed_loop(timm_usual_loop(args.variant, args.batch), args.steps)
 
 
 LOOPS = {

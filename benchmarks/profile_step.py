@@ -35,13 +35,12 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import defaults  # noqa: E402
 
-NUM_CLASSES = 1000
-TIMM_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large"}
+NUM_CLASSES = defaults.NUM_CLASSES
 GROUPS = ("linear layers", "attention", "layout copies", "elementwise", "optimizer and loss")
 _LINEAR = re.compile(r"/(qkv|out|fc1|fc2|head|patch_embed|pre_logits)/")
 
@@ -65,41 +64,18 @@ def _jaxvit_group(name: str, instruction: str) -> str:
 def profile_jaxvit(args: argparse.Namespace) -> tuple[dict[str, float], list[tuple[str, float, str]], float]:
     """Milliseconds per step by group, the costliest ops, and the step's wall time in ms."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
 
     import jaxvit
 
-    model = jaxvit.create_model(args.variant, num_classes=NUM_CLASSES)
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.standard_normal((args.batch, 224, 224, 3), np.float32))
-    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32)
-    params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])["params"]
-    tx = optax.adamw(1e-3, weight_decay=0.05)
-    opt_state = tx.init(params)
-
-    def loss_fn(params: Any, images: Any, labels: Any) -> Any:
-        logits = model.apply({"params": params}, images, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    def train_step(params: Any, opt_state: Any, images: Any, labels: Any) -> Any:
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    compiled = jax.jit(train_step).lower(params, opt_state, images, labels).compile()
-    hlo = compiled.as_text()
-
-    def step() -> None:
-        jax.block_until_ready(compiled(params, opt_state, images, labels))
-
-    step()
-    wall = min(common.time_call(step) for _ in range(args.steps))
+    loop = defaults.jax_usual_loop(jaxvit.create_model(args.variant, num_classes=NUM_CLASSES), args.batch)
+    # The same program the loop runs (compiles are deterministic), for the ops' HLO metadata.
+    hlo = loop.step.lower(*loop.step_args()).compile().as_text()
+    loop.train()
+    wall = min(common.time_call(loop.train) for _ in range(args.steps))
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir):
             for _ in range(args.steps):
-                step()
+                loop.train()
         paths = [os.path.join(d, f) for d, _, fs in os.walk(logdir) for f in fs if f.endswith(".xplane.pb")]
         data = jax.profiler.ProfileData.from_file(paths[0])
     per_op: collections.Counter[str] = collections.Counter()
@@ -148,28 +124,15 @@ def _timm_group(name: str) -> str | None:
 
 def profile_timm(args: argparse.Namespace) -> tuple[dict[str, float], float]:
     """Milliseconds per step by group (self CPU time of each aten op) and the step's wall time in ms."""
-    import timm
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     common.torch_threads(len(os.sched_getaffinity(0)))
-    torch.manual_seed(0)
-    size, _, patch = args.variant.partition("/")
-    model = timm.create_model(f"vit_{TIMM_NAMES[size]}_patch{patch}_224", num_classes=NUM_CLASSES)
-    images = torch.randn(args.batch, 3, 224, 224)
-    labels = torch.randint(0, NUM_CLASSES, (args.batch,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-
-    def step() -> None:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        opt.step()
-
-    step()
-    wall = min(common.time_call(step) for _ in range(args.steps))
+    loop = defaults.timm_usual_loop(args.variant, args.batch)
+    loop.train()
+    wall = min(common.time_call(loop.train) for _ in range(args.steps))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
-            step()
+            loop.train()
     groups = dict.fromkeys(GROUPS, 0.0)
     for event in prof.key_averages():
         group = _timm_group(event.key)

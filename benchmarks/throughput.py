@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 NUM_CLASSES = 1000
-TIMM_NAMES = {"Ti": "tiny", "S": "small", "M": "medium", "B": "base", "L": "large", "H": "huge"}
 
 
 # ---------------------------------------------------------------------------
@@ -149,14 +148,6 @@ def build_jaxvit(args: argparse.Namespace, scan: bool, remat: str) -> dict[str, 
 # ---------------------------------------------------------------------------
 
 
-def timm_name(variant: str) -> str:
-    """``"Ti/16"`` -> ``"vit_tiny_patch16_224"``."""
-    size, _, patch = variant.partition("/")
-    if size not in TIMM_NAMES or not patch.isdigit():
-        raise ValueError(f"no timm model for variant {variant!r}: expected one of {list(TIMM_NAMES)}/<patch>")
-    return f"vit_{TIMM_NAMES[size]}_patch{patch}_224"
-
-
 def build_timm(args: argparse.Namespace) -> dict[str, Any]:
     """The same model in timm (random init, no download) with ``torch.optim.AdamW``."""
     import timm
@@ -165,7 +156,7 @@ def build_timm(args: argparse.Namespace) -> dict[str, Any]:
     common.torch_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(
-        timm_name(args.variant), pretrained=False, num_classes=NUM_CLASSES, img_size=args.image_size
+        common.timm_name(args.variant), pretrained=False, num_classes=NUM_CLASSES, img_size=args.image_size
     )
     images = torch.randn(args.batch, 3, args.image_size, args.image_size)
     labels = torch.randint(0, NUM_CLASSES, (args.batch,))
