@@ -17,9 +17,9 @@ Run:    python -m jaxvit.pack IMAGENET PACKED     # once: ArrayRecord shards + m
         hosts: the same command with --coordinator_address, --num_processes and
         --process_id (README, "Training on ImageNet").
 Measured (CPU only, no ImageNet, so no accuracy): one input worker reads,
-        decodes and augments (Inception crop, flip, RandAugment(2, 10)) about 270
+        decodes and augments (Inception crop, flip, RandAugment(2, 10)) about 300
         images/s of 500x375 JPEGs from packed shards on a 2-core Intel Xeon, about
-        as fast as from loose files and 0.87x timm's loader (benchmarks/input_pipeline.py);
+        as fast as from loose files and 1.0-1.08x timm's loader (benchmarks/input_pipeline.py);
         a ViT-S/16 training step runs at about 5.5 img/s on that CPU (batch 32,
         jaxvit's default loop in benchmarks/defaults.py), so there one worker keeps up, and data.workers=8 is
         sized for an accelerator host. The test suite builds this exact

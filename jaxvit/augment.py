@@ -20,7 +20,9 @@ def to_pil(image: np.ndarray) -> Image.Image:
 
 def from_pil(image: Image.Image, channels: int) -> np.ndarray:
     """A Pillow image -> ``(H, W, channels)`` uint8."""
-    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    # convert() copies even when the mode is already right; asarray copies once more.
+    array = np.asarray(image if image.mode == mode else image.convert(mode), dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
 
@@ -99,7 +101,9 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # RandAugment (Cubuk et al. 2020): ``num_ops`` ops drawn uniformly, each at a
-# magnitude on a 0..10 scale, with a random sign for the signed ones.
+# magnitude on a 0..10 scale, with a random sign for the signed ones, and each
+# applied with probability ``prob``: 0.5 is timm's default ("rand-m10-n2"), and
+# the mean of the probability big_vision's TF-derived randaug draws per op.
 
 
 def _signed(level: float, maximum: float, rng: np.random.Generator) -> float:
@@ -134,17 +138,27 @@ RANDAUGMENT_OPS: dict[str, _RandOp] = {
 
 
 def randaugment(
-    image: np.ndarray, rng: np.random.Generator, num_ops: int = 2, magnitude: float = 10.0
+    image: np.ndarray,
+    rng: np.random.Generator,
+    num_ops: int = 2,
+    magnitude: float = 10.0,
+    prob: float = 0.5,
 ) -> np.ndarray:
-    """``(H, W, C)`` uint8 -> the same shape, after ``num_ops`` random RandAugment ops."""
+    """``(H, W, C)`` uint8 -> the same shape, after ``num_ops`` random RandAugment ops, each
+    applied with probability ``prob``."""
     if num_ops <= 0:
         return image
     if not 0 <= magnitude <= 10:
         raise ValueError(f"RandAugment magnitude must be in [0, 10], got {magnitude}")
+    if not 0 <= prob <= 1:
+        raise ValueError(f"RandAugment prob must be in [0, 1], got {prob}")
     names = list(RANDAUGMENT_OPS)
+    chosen = [names[i] for i in rng.integers(0, len(names), size=num_ops) if rng.random() < prob]
+    if not chosen:
+        return image
     img = to_pil(image)
-    for index in rng.integers(0, len(names), size=num_ops):
-        img = RANDAUGMENT_OPS[names[index]](img, magnitude, rng)
+    for name in chosen:
+        img = RANDAUGMENT_OPS[name](img, magnitude, rng)
     return from_pil(img, image.shape[-1])
 
 
@@ -152,5 +166,10 @@ def normalize(
     image: np.ndarray, mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,)
 ) -> np.ndarray:
     """uint8 ``(H, W, C)`` -> float32 ``(x / 255 - mean) / std``; the default maps to [-1, 1]."""
-    x = image.astype(np.float32) / 255.0
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    # In place on one float32 copy: the same float32 operations as (x / 255 - mean) / std,
+    # the same bits, without three temporaries (about half the time at 224 px).
+    x = image.astype(np.float32)
+    x /= np.float32(255.0)
+    x -= np.asarray(mean, np.float32)
+    x /= np.asarray(std, np.float32)
+    return x

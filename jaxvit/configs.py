@@ -130,6 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.flip = False
     c.augment.randaugment_num_ops = 0
     c.augment.randaugment_magnitude = 10.0
+    c.augment.randaugment_prob = 0.5  # each chosen op applied with this probability (timm, big_vision)
     c.augment.mixup_alpha = 0.0
     c.augment.cutmix_alpha = 0.0
     c.augment.mix_prob = 1.0

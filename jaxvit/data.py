@@ -353,6 +353,7 @@ class Preprocess:
     flip: bool = False
     randaugment_num_ops: int = 0
     randaugment_magnitude: float = 10.0
+    randaugment_prob: float = 0.5
 
     def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.random_resized_crop:
@@ -362,7 +363,9 @@ class Preprocess:
         image = augment.pad_and_random_crop(image, rng, self.crop_padding)
         if self.flip:
             image = augment.random_flip(image, rng)
-        image = augment.randaugment(image, rng, self.randaugment_num_ops, self.randaugment_magnitude)
+        image = augment.randaugment(
+            image, rng, self.randaugment_num_ops, self.randaugment_magnitude, self.randaugment_prob
+        )
         return augment.normalize(image, self.mean, self.std)
 
     def eval(self, image: np.ndarray) -> np.ndarray:
@@ -383,6 +386,7 @@ def preprocess_from_config(config: Any) -> Preprocess:
         flip=aug.flip,
         randaugment_num_ops=aug.randaugment_num_ops,
         randaugment_magnitude=aug.randaugment_magnitude,
+        randaugment_prob=aug.randaugment_prob,
     )
 
 

@@ -177,6 +177,23 @@ def test_augmentations_keep_shape_and_are_seeded():
     np.testing.assert_array_equal(a, augment.randaugment(image, np.random.default_rng(5), 2, 9))
     with pytest.raises(ValueError, match="magnitude must be in"):
         augment.randaugment(image, np.random.default_rng(0), 2, 11)
+    with pytest.raises(ValueError, match="prob must be in"):
+        augment.randaugment(image, np.random.default_rng(0), 2, 9, prob=1.5)
+
+
+def test_randaugment_applies_each_op_with_its_probability():
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+    def changed(prob: float, seed: int) -> bool:
+        out = augment.randaugment(image, np.random.default_rng(seed), 1, 9, prob=prob)
+        return not np.array_equal(out, image)
+
+    assert not any(changed(0.0, seed) for seed in range(50))
+    always = sum(changed(1.0, seed) for seed in range(200))
+    half = sum(changed(0.5, seed) for seed in range(200))
+    # Identity (1 of 15 ops) never changes the image; the rest nearly always do.
+    assert always >= 150
+    assert 0.35 * always <= half <= 0.65 * always
 
 
 def test_normalize_maps_to_minus_one_one_and_center_crop():
