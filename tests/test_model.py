@@ -641,6 +641,32 @@ def test_fused_and_explicit_attention_paths_agree():
     chex.assert_trees_all_close(explicit, fused, rtol=1e-4, atol=1e-5)  # fp32 summation order
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_explicit_attention_normalizing_after_the_product_changes_nothing(dtype):
+    """Without ``weights_fn`` the forward pass normalizes after ``@ v``: same values and the same
+    derivatives (forward and reverse mode, taken from the softmax-first form) as with it."""
+    q, k, v = (_rand((2, 3, 7, 4), seed, scale=2.0).astype(dtype) for seed in range(3))
+    g = _rand((2, 3, 7, 4), 3).astype(dtype)
+    after = lambda q, k, v: ops.explicit_attention(q, k, v)
+    before = lambda q, k, v: ops.explicit_attention(q, k, v, weights_fn=lambda w: w)
+    f32 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
+
+    assert after(q, k, v).dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)  # rounding only
+    chex.assert_trees_all_close(f32(after(q, k, v)), f32(before(q, k, v)), **tol)
+    # the derivatives are the softmax-first form's, bit for bit
+    np.testing.assert_array_equal(*(f32(jax.vjp(f, q, k, v)[1](g)) for f in (after, before)))
+    np.testing.assert_array_equal(*(f32(jax.jvp(f, (q, k, v), (g, g, g))[1]) for f in (after, before)))
+    # and both match jax's own attention (tokens-major)
+    t = lambda a: jnp.swapaxes(a, 1, 2)
+    reference = lambda q, k, v: t(jax.nn.dot_product_attention(t(q), t(k), t(v)))
+    if dtype == jnp.float32:
+        chex.assert_trees_all_close(f32(after(q, k, v)), f32(reference(q, k, v)), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(
+            f32(jax.vjp(after, q, k, v)[1](g)), f32(jax.vjp(reference, q, k, v)[1](g)), rtol=1e-5, atol=1e-5
+        )
+
+
 def test_fused_qkv_starts_as_three_xavier_projections():
     attn = jaxvit.SelfAttention(num_heads=6)
     kernel = attn.init(jax.random.key(0), jnp.zeros((1, 2, 384)))["params"]["qkv"]["kernel"]
