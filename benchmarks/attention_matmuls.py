@@ -18,7 +18,6 @@ other than 197 show what padding the sequence would buy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -98,17 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     args.threads = common.pin_threads(args.threads)
-    result = run(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(
-        f"batch {args.batch} x {args.heads} heads, head_dim {args.head_dim}, fp32,"
-        f" {common.describe_machine(result['machine'])}"
+    common.print_report(
+        run(args), f"batch {args.batch} x {args.heads} heads, head_dim {args.head_dim}, fp32", args.json
     )
-    peak = result["matmul_peak_gflops"]
-    print(f"fp32 2048^3 matmul peak in this run (GFLOP/s): jax {peak['jax']:.0f}, torch {peak['torch']:.0f}")
-    print(common.markdown_table(result["rows"]))
 
 
 if __name__ == "__main__":

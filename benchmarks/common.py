@@ -7,6 +7,7 @@ shared machine hits both sides alike; we report medians and per-pair ratios.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -207,6 +208,18 @@ def describe_machine(machine: dict) -> str:
         f" XLA dots in {machine.get('xla_dots', '?')}, load {machine['load_average_1m']:.2f} at start,"
         f" GLIBC_TUNABLES={machine['glibc_tunables'] or '(unset)'}"
     )
+
+
+def print_report(result: Mapping[str, Any], setting: str, as_json: bool) -> None:
+    """Prints ``result`` (``machine``, ``matmul_peak_gflops``, ``rows``) as JSON, or as a caption
+    (``setting`` and the machine), the matmul peaks of the run and a markdown table."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{setting}, {describe_machine(result['machine'])}")
+    peak = result["matmul_peak_gflops"]
+    print(f"fp32 2048^3 matmul peak in this run (GFLOP/s): jax {peak['jax']:.0f}, torch {peak['torch']:.0f}")
+    print(markdown_table(result["rows"]))
 
 
 def matmul_peaks() -> dict[str, float]:

@@ -18,7 +18,6 @@ The table gives the median time of each and the median of per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -138,17 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     args.threads = common.pin_threads(args.threads)
-    result = run(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(
-        f"batch {args.batch}, {args.image_size} px, patch {args.patch}, width {args.width}, fp32,"
-        f" {common.describe_machine(result['machine'])}"
+    common.print_report(
+        run(args),
+        f"batch {args.batch}, {args.image_size} px, patch {args.patch}, width {args.width}, fp32",
+        args.json,
     )
-    peak = result["matmul_peak_gflops"]
-    print(f"fp32 2048^3 matmul peak in this run (GFLOP/s): jax {peak['jax']:.0f}, torch {peak['torch']:.0f}")
-    print(common.markdown_table(result["rows"]))
 
 
 if __name__ == "__main__":
