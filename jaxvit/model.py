@@ -488,11 +488,10 @@ class SelfAttention(nn.Module):
                 _sow(self, "attention", "weights", weights)
                 return nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
 
-            # Without a reader of the weights, explicit_attention normalizes after the product with v.
-
             # One transpose of qkv to (3, N, H, T, Dh); split (not indexing) so
             # the backward pass concatenates rather than pads and adds.
             q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
+            # Without a reader of the weights, explicit_attention normalizes after the product with v.
             out = ops.explicit_attention(q, k, v, weights_fn if dropout_active or want_weights else None)
             out = jnp.transpose(out, (0, 2, 1, 3))
         else:

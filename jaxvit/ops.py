@@ -98,7 +98,8 @@ def explicit_attention(
     backward, which XLA:CPU runs much faster than the ``(N, T, H, Dh)`` layout
     of ``jax.nn.dot_product_attention`` (see benchmarks/README.md). The softmax
     runs in float32. ``weights_fn`` sees (and may replace, e.g. with dropout)
-    the weights ``(N, H, T, T)``.
+    the weights ``(N, H, T, T)``; without it the forward pass normalizes the
+    rows after the product with ``v`` (same values, less work).
     """
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     if weights_fn is None:
