@@ -47,8 +47,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for tokens in args.tokens:
         per_token = rng.standard_normal((args.batch, args.heads, tokens, args.head_dim), np.float32)
         square = rng.standard_normal((args.batch, args.heads, tokens, tokens), np.float32)
-        operands = {"q k^T": (per_token, per_token), "dO v^T": (per_token, per_token)}
-        operands.update({"p v": (square, per_token), "p^T dO": (square, per_token)})
+        operands = {
+            "q k^T": (per_token, per_token),
+            "p v": (square, per_token),
+            "p^T dO": (square, per_token),
+            "dO v^T": (per_token, per_token),
+        }
         flops = 2 * args.batch * args.heads * tokens * tokens * args.head_dim
         for name, (spec, torch_fn) in PRODUCTS.items():
             a, b = operands[name]

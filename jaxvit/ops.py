@@ -24,10 +24,15 @@ Array = jax.Array
 # They are custom JVPs (not VJPs), so forward-mode and higher derivatives work.
 
 
+def _shifted_exp(x: Array) -> Array:
+    """``exp(x - max)`` over the last axis: the softmax's numerator, without overflow."""
+    return jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+
+
 @jax.custom_jvp
 def softmax(x: Array) -> Array:
     """Softmax over the last axis; its derivative keeps only the output."""
-    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+    unnormalized = _shifted_exp(x)
     # One reciprocal per row and a multiply: XLA:CPU divides elementwise otherwise (about 1.5x slower).
     return unnormalized * (1.0 / unnormalized.sum(axis=-1, keepdims=True))
 
@@ -118,8 +123,7 @@ def _attend(q: Array, k: Array, v: Array) -> Array:
     # with v: a multiply of (T, Dh) values per head instead of (T, T), about 8%
     # of a 2-core CPU's inference step. Derivatives take the softmax-first form,
     # whose backward pass is more accurate in bfloat16.
-    logits = jnp.einsum("nhqd,nhkd->nhqk", q, k).astype(jnp.float32)
-    unnormalized = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    unnormalized = _shifted_exp(jnp.einsum("nhqd,nhkd->nhqk", q, k).astype(jnp.float32))
     out = jnp.einsum("nhqk,nhkd->nhqd", unnormalized.astype(v.dtype), v)
     return (out * (1.0 / unnormalized.sum(axis=-1, keepdims=True))).astype(v.dtype)
 
