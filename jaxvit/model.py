@@ -23,6 +23,7 @@ layer it creates. Pure functions (``patchify``, ``posemb_sincos_2d``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ from jaxvit.variants import FAMILY_VARIANTS, VARIANTS, decode_variant  # noqa: F
 Array = jax.Array
 DType = Any
 PatchSize = int | tuple[int, int]
+
 
 POOLINGS = ("tok", "gap", "map")
 # How an encoder with unrolled parameters (scan=False) runs its blocks: "auto" runs them as
@@ -172,6 +174,28 @@ def unpatchify(patches: Array, patch_size: PatchSize, grid: tuple[int, int]) -> 
     return x.reshape(n, h * p, w * q, c)
 
 
+class Dense(nn.Module):
+    """``(..., K) -> (..., features)``: ``nn.Dense``'s parameters, names and initializers,
+    computed with ``ops.dot_general`` and ``ops.add_bias`` (XLA:CPU's fast bfloat16 path)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: DType | None = None
+    param_dtype: DType = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = ops.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else ops.add_bias(y, bias)
+
+
 class PatchEmbed(nn.Module):
     """``(N, H, W, C) -> (N, h*w, D)``: a VALID conv with stride = kernel = patch.
 
@@ -196,7 +220,7 @@ class PatchEmbed(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
         patches = patchify(images, (p, q))
         patches, kernel = promote_dtype(patches, kernel, dtype=self.dtype)
-        tokens = jnp.dot(patches, kernel.reshape(p * q * c, self.width))
+        tokens = ops.dot_general(patches, kernel.reshape(p * q * c, self.width), (((2,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
             tokens = tokens + bias.astype(tokens.dtype)
@@ -472,7 +496,7 @@ class SelfAttention(nn.Module):
         head_dim = d // self.num_heads
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
         qkv_init = _per_projection_init(self.kernel_init, 3)
-        qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, name="qkv", **{**dense, "kernel_init": qkv_init})(
+        qkv = Dense(3 * d, use_bias=self.qkv_bias, name="qkv", **{**dense, "kernel_init": qkv_init})(
             x
         ).reshape(n, t, 3, self.num_heads, head_dim)
         if self.rope_grid is not None:
@@ -498,7 +522,7 @@ class SelfAttention(nn.Module):
             q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
             out = jax.nn.dot_product_attention(q, k, v)
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
-        return nn.Dense(d, name="out", **dense)(out.reshape(n, t, d))
+        return Dense(d, name="out", **dense)(out.reshape(n, t, d))
 
 
 def _mlp_dense(dtype: DType, param_dtype: DType) -> dict[str, Any]:
@@ -529,11 +553,11 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dense = _mlp_dense(self.dtype, self.param_dtype)
-        y = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
+        y = Dense(self.mlp_dim, name="fc1", **dense)(x)
         y = ops.activation(y, resolve_activation(self.activation, self.gelu_approximate))
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
         # no dropout after fc2: the residual in EncoderBlock applies it, once, as the references do
-        return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
+        return Dense(x.shape[-1], name="fc2", **dense)(y)
 
 
 def swiglu_hidden_size(mlp_dim: int) -> int:
@@ -564,10 +588,10 @@ class SwiGLUMlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dense = _mlp_dense(self.dtype, self.param_dtype)
-        gate, value = jnp.split(nn.Dense(2 * self.mlp_dim, name="fc1", **dense)(x), 2, axis=-1)
+        gate, value = jnp.split(Dense(2 * self.mlp_dim, name="fc1", **dense)(x), 2, axis=-1)
         y = jax.nn.silu(gate) * value
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-        return nn.Dense(x.shape[-1], name="fc2", **dense)(y)
+        return Dense(x.shape[-1], name="fc2", **dense)(y)
 
 
 class LayerScale(nn.Module):
@@ -750,7 +774,7 @@ class Encoder(nn.Module):
     def _remat(block_cls: Any, policy: str, prevent_cse: bool) -> Any:
         if policy == "none":
             return block_cls
-        return nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=prevent_cse)
+        return nn.remat(block_cls, policy=ops.checkpoint_policy(policy), prevent_cse=prevent_cse)
 
     def _loop_over_stacked_blocks(self, train: bool) -> bool:
         # Sown collections and init need the blocks as submodules of their own.
@@ -786,7 +810,7 @@ class Encoder(nn.Module):
 
         policy = self._remat_policy(scanned=True)
         if policy != "none":
-            one_block = jax.checkpoint(one_block, policy=getattr(jax.checkpoint_policies, policy))
+            one_block = jax.checkpoint(one_block, policy=ops.checkpoint_policy(policy))
         x, _ = jax.lax.scan(one_block, x, (stacked, rates, keys))
         return x
 
@@ -817,6 +841,9 @@ class MAPHead(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            qkv_dot_general=ops.dot_general,
+            out_dot_general=ops.dot_general,
+            attention_fn=functools.partial(nn.dot_product_attention, einsum_dot_general=ops.dot_general),
             name="attn",
         )(probe, x)
         z = nn.LayerNorm(
@@ -895,7 +922,7 @@ class Head(nn.Module):
             check_choice("pool", self.pool, POOLINGS)
         chex.assert_shape(x, (n, d))
         if self.representation_size:
-            x = nn.Dense(
+            x = Dense(
                 self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
             )(x)
             x = jnp.tanh(x)
@@ -909,9 +936,9 @@ class Head(nn.Module):
         _sow(self, "intermediates", "features", x if dist is None else (x + dist) / 2)
         if not self.num_classes:
             return x if dist is None else (x + dist) / 2
-        logits = nn.Dense(self.num_classes, name="classifier", **classifier)(x)
+        logits = Dense(self.num_classes, name="classifier", **classifier)(x)
         if dist is not None:
-            logits = (logits + nn.Dense(self.num_classes, name="dist_classifier", **classifier)(dist)) / 2
+            logits = (logits + Dense(self.num_classes, name="dist_classifier", **classifier)(dist)) / 2
         return logits
 
 

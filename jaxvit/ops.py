@@ -5,7 +5,8 @@ values of the reference formulas but derivatives that keep one array each for th
 memory figures). ``explicit_attention`` is the heads-major attention the CPU
 runs; ``set_attention_impl`` chooses between it and
 ``jax.nn.dot_product_attention``, as timm's ``set_fused_attn`` does for its
-models.
+models. ``dot_general`` (every product of the model) takes XLA:CPU's fast
+bfloat16 kernels; ``set_product_impl`` turns that off.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -113,8 +115,8 @@ def explicit_attention(
 
 
 def _attend_with(q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array]) -> Array:
-    weights = weights_fn(softmax(jnp.einsum("nhqd,nhkd->nhqk", q, k).astype(jnp.float32)))
-    return jnp.einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
+    weights = weights_fn(softmax(einsum("nhqd,nhkd->nhqk", q, k, jnp.float32)))
+    return einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
 
 
 @jax.custom_jvp
@@ -123,14 +125,216 @@ def _attend(q: Array, k: Array, v: Array) -> Array:
     # with v: a multiply of (T, Dh) values per head instead of (T, T), about 8%
     # of a 2-core CPU's inference step. Derivatives take the softmax-first form,
     # whose backward pass is more accurate in bfloat16.
-    unnormalized = _shifted_exp(jnp.einsum("nhqd,nhkd->nhqk", q, k).astype(jnp.float32))
-    out = jnp.einsum("nhqk,nhkd->nhqd", unnormalized.astype(v.dtype), v)
+    unnormalized = _shifted_exp(einsum("nhqd,nhkd->nhqk", q, k, jnp.float32))
+    out = einsum("nhqk,nhkd->nhqd", unnormalized.astype(v.dtype), v)
     return (out * (1.0 / unnormalized.sum(axis=-1, keepdims=True))).astype(v.dtype)
 
 
 @_attend.defjvp
 def _attend_jvp(primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[Array, Array]:
     return jax.jvp(lambda q, k, v: _attend_with(q, k, v, lambda w: w), primals, tangents)
+
+
+# ---------------------------------------------------------------------------
+# Products of bfloat16 operands
+# ---------------------------------------------------------------------------
+
+# XLA:CPU runs a bfloat16 x bfloat16 product on its fast kernels (AMX or
+# AVX512_BF16, ~6x its float32 matmul) only when asked for a float32 result;
+# for a bfloat16 result it converts both operands and multiplies in float32.
+_FAST_PRODUCT_DTYPES = (jnp.dtype(jnp.bfloat16),)
+PRODUCT_IMPLS = ("auto", "plain")
+_product_impl = "auto"
+
+
+def set_product_impl(impl: str) -> None:
+    """Chooses how ``dot_general`` (every product of the model) multiplies, for models traced after the call.
+
+    ``"auto"`` (the default): on the CPU backend, two bfloat16 operands are
+    multiplied into a float32 accumulator that is then rounded, forward and
+    backward, which takes XLA:CPU's bfloat16 kernels. It has first
+    derivatives (reverse and forward mode); for second derivatives (e.g. a
+    Hessian) of a bfloat16 model on the CPU, choose ``"plain"``:
+    ``lax.dot_general`` as it is, on every backend and dtype.
+    """
+    global _product_impl
+    if impl not in PRODUCT_IMPLS:
+        raise ValueError(f"unknown product impl {impl!r}: expected one of {PRODUCT_IMPLS}")
+    _product_impl = impl
+
+
+def get_product_impl() -> str:
+    """The current choice of ``set_product_impl``."""
+    return _product_impl
+
+
+def product_impl(impl: str) -> contextlib.AbstractContextManager[None]:
+    """``with product_impl("plain"): ...`` sets the product path inside the block only."""
+    return _temporarily(set_product_impl, get_product_impl, impl)
+
+
+def _takes_fast_product(lhs: Array, rhs: Array) -> bool:
+    return (
+        _product_impl == "auto"
+        and lhs.dtype == rhs.dtype
+        and lhs.dtype in _FAST_PRODUCT_DTYPES
+        and jax.default_backend() == "cpu"
+    )
+
+
+def _einsum_spec(dimension_numbers: jax.lax.DotDimensionNumbers, lhs_ndim: int, rhs_ndim: int) -> str:
+    """The ``einsum`` spec of a ``lax.dot_general``, whose output is batch, lhs free, rhs free dims."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    lhs, rhs = [""] * lhs_ndim, [""] * rhs_ndim
+    for i, j in (*zip(lhs_batch, rhs_batch, strict=True), *zip(lhs_contract, rhs_contract, strict=True)):
+        lhs[i] = rhs[j] = next(letters)
+    free_lhs = [i for i in range(lhs_ndim) if not lhs[i]]
+    free_rhs = [j for j in range(rhs_ndim) if not rhs[j]]
+    for names, free in ((lhs, free_lhs), (rhs, free_rhs)):
+        for i in free:
+            names[i] = next(letters)
+    out = [lhs[i] for i in lhs_batch] + [lhs[i] for i in free_lhs] + [rhs[j] for j in free_rhs]
+    return f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+
+
+def _accumulated(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+# Names of the rounded products, for checkpoint_policy: with and without batch dims.
+_PRODUCT, _BATCHED_PRODUCT = "jaxvit_bf16_product", "jaxvit_bf16_batched_product"
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _bf16_product(spec: str, dtype: jnp.dtype, a: Array, b: Array) -> Array:
+    return _accumulated(spec, a, b, dtype)
+
+
+@_bf16_product.defjvp
+def _bf16_product_jvp(
+    spec: str, dtype: jnp.dtype, primals: tuple[Array, Array], tangents: tuple[Array, Array]
+) -> tuple[Array, Array]:
+    # The tangent is linear in each operand; linear_call gives each half a
+    # transpose that casts the cotangent to bfloat16 before its product, so the
+    # backward pass takes the fast kernels too (autodiff's own transpose would
+    # multiply a float32 cotangent by a bfloat16 operand: the slow path).
+    a, b = primals
+    da, db = tangents
+    operands, out = spec.split("->")
+    sa, sb = operands.split(",")
+
+    def along_a(b: Array, da: Array) -> Array:
+        return _accumulated(spec, da, b, dtype)
+
+    def along_a_transposed(b: Array, ct: Array) -> Array:
+        return _accumulated(f"{out},{sb}->{sa}", ct.astype(b.dtype), b, a.dtype)
+
+    def along_b(a: Array, db: Array) -> Array:
+        return _accumulated(spec, a, db, dtype)
+
+    def along_b_transposed(a: Array, ct: Array) -> Array:
+        return _accumulated(f"{sa},{out}->{sb}", a, ct.astype(a.dtype), b.dtype)
+
+    tangent = jax.custom_derivatives.linear_call(along_a, along_a_transposed, b, da)
+    tangent = tangent + jax.custom_derivatives.linear_call(along_b, along_b_transposed, a, db)
+    name = _BATCHED_PRODUCT if set(sa) & set(sb) & set(out) else _PRODUCT
+    return checkpoint_name(_accumulated(spec, a, b, dtype), name), tangent
+
+
+def dot_general(
+    lhs: Array,
+    rhs: Array,
+    dimension_numbers: jax.lax.DotDimensionNumbers,
+    precision: jax.lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+    **kwargs: object,
+) -> Array:
+    """``lax.dot_general`` on XLA:CPU's fast bfloat16 kernels (see ``set_product_impl``).
+
+    Two bfloat16 operands on the CPU backend: the product accumulates in
+    float32 and is rounded to ``preferred_element_type`` (default bfloat16),
+    as GPUs and TPUs do; in the backward pass the cotangent is rounded to
+    bfloat16 before each product, as PyTorch's autocast does. Anything else
+    is ``lax.dot_general`` unchanged. Fits ``nn.Dense(dot_general=...)``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if precision is not None or kwargs or not _takes_fast_product(lhs, rhs):
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type, **kwargs
+        )
+    spec = _einsum_spec(dimension_numbers, lhs.ndim, rhs.ndim)
+    return _bf16_product(spec, jnp.dtype(preferred_element_type or lhs.dtype), lhs, rhs)
+
+
+def einsum(spec: str, a: Array, b: Array, preferred_element_type: jnp.dtype | None = None) -> Array:
+    """Two-operand ``jnp.einsum`` (no reduction over a dim of one operand alone), with ``dot_general``'s path."""
+    if not _takes_fast_product(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=preferred_element_type)
+    return _bf16_product(spec, jnp.dtype(preferred_element_type or a.dtype), a, b)
+
+
+def _bias_gradient(ct: Array, dtype: jnp.dtype) -> Array:
+    # Over the flattened rows, in float32: autodiff's bfloat16 sum over (N, T)
+    # becomes a tree of reduce-windows on XLA:CPU, tens of times slower.
+    return ct.reshape(-1, ct.shape[-1]).astype(jnp.float32).sum(axis=0).astype(dtype)
+
+
+@jax.custom_jvp
+def _add_bf16_bias(y: Array, bias: Array) -> Array:
+    return y + bias
+
+
+@_add_bf16_bias.defjvp
+def _add_bf16_bias_jvp(primals: tuple[Array, Array], tangents: tuple[Array, Array]) -> tuple[Array, Array]:
+    (y, bias), (dy, dbias) = primals, tangents
+
+    def broadcast(_: tuple, dbias: Array) -> Array:
+        return jnp.broadcast_to(dbias, y.shape)
+
+    def broadcast_transposed(_: tuple, ct: Array) -> Array:
+        return _bias_gradient(ct, bias.dtype)
+
+    return y + bias, dy + jax.custom_derivatives.linear_call(broadcast, broadcast_transposed, (), dbias)
+
+
+def add_bias(y: Array, bias: Array) -> Array:
+    """``(..., M) + (M,)``; for bfloat16 on the CPU (``set_product_impl``) the bias gradient sums in float32."""
+    if _takes_fast_product(y, bias):
+        return _add_bf16_bias(y, bias)
+    return y + bias
+
+
+# The dot policies of jax.checkpoint_policies, and the named products each also saves.
+_DOT_POLICY_NAMES = {
+    "dots_saveable": (_PRODUCT, _BATCHED_PRODUCT),
+    "checkpoint_dots": (_PRODUCT, _BATCHED_PRODUCT),
+    "dots_with_no_batch_dims_saveable": (_PRODUCT,),
+    "checkpoint_dots_with_no_batch_dims": (_PRODUCT,),
+}
+
+
+def checkpoint_policy(name: str) -> Callable[..., bool]:
+    """``jax.checkpoint_policies.<name>``, for the remat of a model whose products go through ``dot_general``.
+
+    The dot policies save a bfloat16 product's rounded result instead of its
+    float32 accumulator: half the bytes. Other policies, and float32 models,
+    are unchanged.
+    """
+    policy = getattr(jax.checkpoint_policies, name)
+    if name not in _DOT_POLICY_NAMES:
+        return policy
+
+    def dots_but_accumulators(prim: object, *avals: object, **params: object) -> bool:
+        accumulator = (
+            prim is jax.lax.dot_general_p
+            and params.get("preferred_element_type") == jnp.float32
+            and all(getattr(a, "dtype", None) in _FAST_PRODUCT_DTYPES for a in avals)
+        )
+        return not accumulator and policy(prim, *avals, **params)
+
+    names = jax.checkpoint_policies.save_only_these_names(*_DOT_POLICY_NAMES[name])
+    return jax.checkpoint_policies.save_from_both_policies(dots_but_accumulators, names)
 
 
 # ---------------------------------------------------------------------------
@@ -161,15 +365,19 @@ def get_attention_impl() -> str:
     return _attention_impl
 
 
-@contextlib.contextmanager
-def attention_impl(impl: str) -> Iterator[None]:
+def attention_impl(impl: str) -> contextlib.AbstractContextManager[None]:
     """``with attention_impl("fused"): ...`` sets the attention path inside the block only."""
-    previous = get_attention_impl()
-    set_attention_impl(impl)
+    return _temporarily(set_attention_impl, get_attention_impl, impl)
+
+
+@contextlib.contextmanager
+def _temporarily(set_impl: Callable[[str], None], get_impl: Callable[[], str], impl: str) -> Iterator[None]:
+    previous = get_impl()
+    set_impl(impl)
     try:
         yield
     finally:
-        set_attention_impl(previous)
+        set_impl(previous)
 
 
 def use_explicit_attention() -> bool:

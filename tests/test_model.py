@@ -1,5 +1,8 @@
 """Tests of the model: shapes at every step, parameter counts, equivalences, dtypes, errors."""
 
+import collections
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -520,6 +523,124 @@ def _subjaxprs(eqn):
                 yield p.jaxpr
             elif hasattr(p, "eqns"):
                 yield p
+
+
+# -- bfloat16 products on the CPU ------------------------------------------
+
+
+def _dot_types(fn, *args):
+    """``(lhs, rhs, result)`` element types of every ``dot_general`` in the lowered program, counted."""
+    text = jax.jit(fn).lower(*args).as_text()
+    tensor = r"tensor<(?:[^>]*x)?(\w+)>"
+    return collections.Counter(
+        re.findall(rf"stablehlo\.dot_general.*: \({tensor}, {tensor}\) -> {tensor}", text)
+    )
+
+
+FAST = ("bf16", "bf16", "f32")  # the form XLA:CPU runs on its bfloat16 kernels
+
+
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, dims",
+    [
+        ((2, 5, 8), (8, 6), (((2,), (0,)), ((), ()))),  # Dense
+        ((2, 3, 5, 4), (2, 3, 7, 4), (((3,), (3,)), ((0, 1), (0, 1)))),  # q k^T, heads-major
+        ((3, 4, 5), (4, 5, 6), (((1, 2), (0, 1)), ((), ()))),  # DenseGeneral over two axes
+    ],
+)
+def test_bf16_dot_general_accumulates_in_f32_forward_and_backward(lhs_shape, rhs_shape, dims):
+    lhs, rhs = _rand(lhs_shape, 0).astype(jnp.bfloat16), _rand(rhs_shape, 1).astype(jnp.bfloat16)
+    f32 = lambda a: np.asarray(a, np.float32)
+    out = ops.dot_general(lhs, rhs, dims)
+    ct = _rand(out.shape, 2).astype(jnp.bfloat16)
+    # reference: exact float32 products of the same bfloat16 values, rounded once
+    ref = lambda a, b: jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(out), f32(ref(lhs, rhs).astype(jnp.bfloat16)), rtol=1e-2, atol=1e-2)
+    grads = jax.vjp(lambda a, b: ops.dot_general(a, b, dims), lhs, rhs)[1](ct)
+    ref_grads = jax.vjp(ref, lhs, rhs)[1](ct.astype(jnp.float32))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(f32(g), f32(r), rtol=2e-2, atol=2e-2 * float(jnp.abs(r).max()))
+    tangent = jax.jvp(lambda a, b: ops.dot_general(a, b, dims), (lhs, rhs), (lhs, rhs))[1]
+    np.testing.assert_allclose(f32(tangent), f32(2 * ref(lhs, rhs)), rtol=2e-2, atol=2e-2)
+
+    # every product, forward and backward, has the fast form; "plain" has none
+    def vjp(a, b):
+        out, backward = jax.vjp(lambda a, b: ops.dot_general(a, b, dims), a, b)
+        return out, backward(ct)
+
+    assert _dot_types(vjp, lhs, rhs) == {FAST: 3}
+    with ops.product_impl("plain"):  # read when traced: a new function
+        assert FAST not in _dot_types(lambda a, b: vjp(a, b), lhs, rhs)
+    assert ops.get_product_impl() == "auto"
+
+
+def test_dot_general_leaves_float32_to_lax():
+    lhs, rhs = _rand((4, 8)), _rand((8, 3), 1)
+    dims = (((1,), (0,)), ((), ()))
+    jaxpr = jax.make_jaxpr(lambda a, b: ops.dot_general(a, b, dims))(lhs, rhs)
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["dot_general"]
+    np.testing.assert_array_equal(ops.dot_general(lhs, rhs, dims), jax.lax.dot_general(lhs, rhs, dims))
+
+
+def test_bf16_bias_gradient_is_a_float32_sum_of_the_rows():
+    y, bias = _rand((3, 70, 6)).astype(jnp.bfloat16), _rand((6,), 1).astype(jnp.bfloat16)
+    ct = _rand(y.shape, 2).astype(jnp.bfloat16)
+    out, backward = jax.vjp(ops.add_bias, y, bias)
+    np.testing.assert_array_equal(out, y + bias)
+    dy, dbias = backward(ct)
+    np.testing.assert_array_equal(dy, ct)
+    assert dbias.dtype == jnp.bfloat16
+    want = np.asarray(ct, np.float64).reshape(-1, 6).sum(axis=0)
+    np.testing.assert_allclose(np.asarray(dbias, np.float64), want, rtol=8e-3)  # one bfloat16 rounding
+    jaxpr = str(jax.make_jaxpr(backward)(ct))
+    assert "reduce_sum[axes=(0,)" in jaxpr and "f32[210,6]" in jaxpr
+
+
+def test_dense_has_nn_dense_parameters_and_values():
+    x = _rand((2, 3, 8))
+    ours, theirs = vit.Dense(5, name="fc"), nn.Dense(5, name="fc")
+    params = ours.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(params, theirs.init(jax.random.key(0), x))
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
+
+
+def test_remat_policy_saves_the_rounded_bf16_product_not_its_accumulator():
+    x, w = _rand((6, 8)).astype(jnp.bfloat16), _rand((8, 5), 1).astype(jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+
+    def saved_dtypes(policy):
+        f = jax.checkpoint(lambda x, w: jnp.tanh(ops.dot_general(x, w, dims)), policy=policy)
+        return {a.dtype for a in jax.tree_util.tree_leaves(jax.vjp(f, x, w)[1]) if a.shape == (6, 5)}
+
+    assert saved_dtypes(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == {jnp.dtype(jnp.float32)}
+    assert saved_dtypes(ops.checkpoint_policy("dots_with_no_batch_dims_saveable")) == {
+        jnp.dtype(jnp.bfloat16)
+    }
+    assert ops.checkpoint_policy("nothing_saveable") is jax.checkpoint_policies.nothing_saveable
+
+
+def test_bf16_model_trains_on_the_fast_kernels_with_the_plain_gradients():
+    """Every product of a bfloat16 model's training gradient (MAP head included) takes the fast
+    form, and the gradients are those of plain ``lax.dot_general`` up to bfloat16 rounding."""
+    model = tiny(dtype=jnp.bfloat16, pool="map", class_token=False)
+    x = images()
+    params = perturb(model.init(jax.random.key(0), x)["params"])
+    grad = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x).astype(jnp.float32) ** 2))
+    types = _dot_types(grad, params)
+    assert set(types) == {FAST} and types[FAST] >= 3 * 4 * TINY["depth"], types
+    fast = grad(params)
+    with ops.product_impl("plain"):
+        plain = grad(params)
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain), strict=True):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(jnp.abs(b).max()) + 1e-6)
+
+
+def test_product_impl_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown product impl 'fast'"):
+        ops.set_product_impl("fast")
 
 
 # -- bad input -------------------------------------------------------------
