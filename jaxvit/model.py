@@ -774,7 +774,7 @@ class Encoder(nn.Module):
     def _remat(block_cls: Any, policy: str, prevent_cse: bool) -> Any:
         if policy == "none":
             return block_cls
-        return nn.remat(block_cls, policy=ops.checkpoint_policy(policy), prevent_cse=prevent_cse)
+        return nn.remat(block_cls, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=prevent_cse)
 
     def _loop_over_stacked_blocks(self, train: bool) -> bool:
         # Sown collections and init need the blocks as submodules of their own.
@@ -810,7 +810,7 @@ class Encoder(nn.Module):
 
         policy = self._remat_policy(scanned=True)
         if policy != "none":
-            one_block = jax.checkpoint(one_block, policy=ops.checkpoint_policy(policy))
+            one_block = jax.checkpoint(one_block, policy=getattr(jax.checkpoint_policies, policy))
         x, _ = jax.lax.scan(one_block, x, (stacked, rates, keys))
         return x
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -202,10 +201,6 @@ def _accumulated(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
-# Names of the rounded products, for checkpoint_policy: with and without batch dims.
-_PRODUCT, _BATCHED_PRODUCT = "jaxvit_bf16_product", "jaxvit_bf16_batched_product"
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _bf16_product(spec: str, dtype: jnp.dtype, a: Array, b: Array) -> Array:
     return _accumulated(spec, a, b, dtype)
@@ -238,8 +233,7 @@ def _bf16_product_jvp(
 
     tangent = jax.custom_derivatives.linear_call(along_a, along_a_transposed, b, da)
     tangent = tangent + jax.custom_derivatives.linear_call(along_b, along_b_transposed, a, db)
-    name = _BATCHED_PRODUCT if set(sa) & set(sb) & set(out) else _PRODUCT
-    return checkpoint_name(_accumulated(spec, a, b, dtype), name), tangent
+    return _accumulated(spec, a, b, dtype), tangent
 
 
 def dot_general(
@@ -303,38 +297,6 @@ def add_bias(y: Array, bias: Array) -> Array:
     if _takes_fast_product(y, bias):
         return _add_bf16_bias(y, bias)
     return y + bias
-
-
-# The dot policies of jax.checkpoint_policies, and the named products each also saves.
-_DOT_POLICY_NAMES = {
-    "dots_saveable": (_PRODUCT, _BATCHED_PRODUCT),
-    "checkpoint_dots": (_PRODUCT, _BATCHED_PRODUCT),
-    "dots_with_no_batch_dims_saveable": (_PRODUCT,),
-    "checkpoint_dots_with_no_batch_dims": (_PRODUCT,),
-}
-
-
-def checkpoint_policy(name: str) -> Callable[..., bool]:
-    """``jax.checkpoint_policies.<name>``, for the remat of a model whose products go through ``dot_general``.
-
-    The dot policies save a bfloat16 product's rounded result instead of its
-    float32 accumulator: half the bytes. Other policies, and float32 models,
-    are unchanged.
-    """
-    policy = getattr(jax.checkpoint_policies, name)
-    if name not in _DOT_POLICY_NAMES:
-        return policy
-
-    def dots_but_accumulators(prim: object, *avals: object, **params: object) -> bool:
-        accumulator = (
-            prim is jax.lax.dot_general_p
-            and params.get("preferred_element_type") == jnp.float32
-            and all(getattr(a, "dtype", None) in _FAST_PRODUCT_DTYPES for a in avals)
-        )
-        return not accumulator and policy(prim, *avals, **params)
-
-    names = jax.checkpoint_policies.save_only_these_names(*_DOT_POLICY_NAMES[name])
-    return jax.checkpoint_policies.save_from_both_policies(dots_but_accumulators, names)
 
 
 # ---------------------------------------------------------------------------

@@ -606,21 +606,6 @@ def test_dense_has_nn_dense_parameters_and_values():
     np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
 
 
-def test_remat_policy_saves_the_rounded_bf16_product_not_its_accumulator():
-    x, w = _rand((6, 8)).astype(jnp.bfloat16), _rand((8, 5), 1).astype(jnp.bfloat16)
-    dims = (((1,), (0,)), ((), ()))
-
-    def saved_dtypes(policy):
-        f = jax.checkpoint(lambda x, w: jnp.tanh(ops.dot_general(x, w, dims)), policy=policy)
-        return {a.dtype for a in jax.tree_util.tree_leaves(jax.vjp(f, x, w)[1]) if a.shape == (6, 5)}
-
-    assert saved_dtypes(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == {jnp.dtype(jnp.float32)}
-    assert saved_dtypes(ops.checkpoint_policy("dots_with_no_batch_dims_saveable")) == {
-        jnp.dtype(jnp.bfloat16)
-    }
-    assert ops.checkpoint_policy("nothing_saveable") is jax.checkpoint_policies.nothing_saveable
-
-
 def test_bf16_model_trains_on_the_fast_kernels_with_the_plain_gradients():
     """Every product of a bfloat16 model's training gradient (MAP head included) takes the fast
     form, and the gradients are those of plain ``lax.dot_general`` up to bfloat16 rounding."""
