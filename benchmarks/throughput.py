@@ -189,16 +189,19 @@ def matmul_fns(n: int = 2048, dtype: str = "float32") -> dict[str, Any]:
     """Callables for an ``n x n @ n x n`` matmul of ``dtype`` in JAX (jitted) and PyTorch, and its FLOPs.
 
     They run inside the timed rounds, so the peak (the best round) is taken
-    under the same conditions as the models. In bfloat16 the two can differ
-    by far more than in fp32: PyTorch's oneDNN uses AMX tiles where the CPU
-    has them, XLA:CPU's kernels do not (benchmarks/README.md).
+    under the same conditions as the models. JAX's product goes through
+    ``jaxvit.ops.dot_general``, as the model's do: in bfloat16 on the CPU that
+    is a float32 accumulator, the form XLA:CPU runs on its AMX / AVX512_BF16
+    kernels (a bfloat16 result would multiply in float32; benchmarks/README.md).
     """
     import jax
     import jax.numpy as jnp
     import torch
 
+    from jaxvit import ops
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    mm = jax.jit(lambda x: x @ x)
+    mm = jax.jit(lambda x: ops.dot_general(x, x, (((1,), (0,)), ((), ()))))
     ta = torch.randn(n, n).to(getattr(torch, dtype))
     return {
         "matmul/jax": lambda: mm(a).block_until_ready(),
