@@ -184,6 +184,7 @@ class Dense(nn.Module):
     param_dtype: DType = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    activation: str | None = None  # one of ops.ACTIVATIONS, applied to the output
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -192,6 +193,8 @@ class Dense(nn.Module):
             self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         )
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.activation is not None:
+            return ops.dense_activation(x, kernel, bias, self.activation)
         y = ops.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return y if bias is None else ops.add_bias(y, bias)
 
@@ -553,8 +556,8 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dense = _mlp_dense(self.dtype, self.param_dtype)
-        y = Dense(self.mlp_dim, name="fc1", **dense)(x)
-        y = ops.activation(y, resolve_activation(self.activation, self.gelu_approximate))
+        activation = resolve_activation(self.activation, self.gelu_approximate)
+        y = Dense(self.mlp_dim, activation=activation, name="fc1", **dense)(x)
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
         # no dropout after fc2: the residual in EncoderBlock applies it, once, as the references do
         return Dense(x.shape[-1], name="fc2", **dense)(y)

@@ -299,6 +299,45 @@ def add_bias(y: Array, bias: Array) -> Array:
     return y + bias
 
 
+def _dense_dims(x: Array) -> jax.lax.DotDimensionNumbers:
+    return (((x.ndim - 1,), (0,)), ((), ()))
+
+
+def _dense_activation_plain(x: Array, kernel: Array, bias: Array, name: str) -> Array:
+    return activation(add_bias(dot_general(x, kernel, _dense_dims(x)), bias), name)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _bf16_dense_activation(x: Array, kernel: Array, bias: Array, name: str) -> Array:
+    # Without derivatives (inference) the activation reads the float32
+    # accumulator and the result is rounded once: XLA:CPU then fuses the
+    # epilogue instead of writing and reading the rounded product (about 10%
+    # of a bfloat16 inference step). Derivatives take the plain form.
+    spec = _einsum_spec(_dense_dims(x), x.ndim, kernel.ndim)
+    y = jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+    return activation(y, name).astype(x.dtype)
+
+
+@_bf16_dense_activation.defjvp
+def _bf16_dense_activation_jvp(
+    name: str, primals: tuple[Array, ...], tangents: tuple[Array, ...]
+) -> tuple[Array, Array]:
+    return jax.jvp(lambda x, k, b: _dense_activation_plain(x, k, b, name), primals, tangents)
+
+
+def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str) -> Array:
+    """``activation(x @ kernel + bias)``: ``(..., K) x (K, M) -> (..., M)``, ``name`` one of ``ACTIVATIONS``.
+
+    The same values as ``dot_general``, ``add_bias`` and ``activation`` in
+    turn; in bfloat16 on the CPU, inference applies the activation to the
+    float32 accumulator before rounding (derivatives are the composition's).
+    """
+    if bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
+        y = dot_general(x, kernel, _dense_dims(x))
+        return activation(y if bias is None else add_bias(y, bias), name)
+    return _bf16_dense_activation(x, kernel, bias, name)
+
+
 # ---------------------------------------------------------------------------
 # The attention switch
 # ---------------------------------------------------------------------------

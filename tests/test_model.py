@@ -598,6 +598,31 @@ def test_bf16_bias_gradient_is_a_float32_sum_of_the_rows():
     assert "reduce_sum[axes=(0,)" in jaxpr and "f32[210,6]" in jaxpr
 
 
+@pytest.mark.parametrize("name", ops.ACTIVATIONS)
+def test_bf16_dense_activation_rounds_once_and_differentiates_as_the_composition(name):
+    """In bfloat16 on the CPU, inference applies the activation to the float32 accumulator;
+    the derivatives (and the values they come with) are those of the three steps in turn."""
+    x, kernel, bias = (
+        _rand(s, seed, scale=1.0).astype(jnp.bfloat16) for seed, s in enumerate([(2, 5, 8), (8, 6), (6,)])
+    )
+    fused = lambda x, k, b: ops.dense_activation(x, k, b, name)
+    steps = lambda x, k, b: ops.activation(
+        ops.add_bias(ops.dot_general(x, k, (((2,), (0,)), ((), ()))), b), name
+    )
+    f32 = lambda tree: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
+    exact = lambda x, k, b: ops.activation(
+        x.astype(jnp.float32) @ k.astype(jnp.float32) + b.astype(jnp.float32), name
+    ).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(f32(fused(x, kernel, bias)), f32(exact(x, kernel, bias)))  # one rounding
+    chex.assert_trees_all_close(
+        f32(fused(x, kernel, bias)), f32(steps(x, kernel, bias)), rtol=2e-2, atol=2e-2
+    )
+    ct = _rand((2, 5, 6), 3).astype(jnp.bfloat16)
+    chex.assert_trees_all_equal(*(f32(jax.vjp(f, x, kernel, bias)[1](ct)) for f in (fused, steps)))
+    primal_and_tangent = [jax.jvp(f, (x, kernel, bias), (x, kernel, bias)) for f in (fused, steps)]
+    chex.assert_trees_all_equal(*(f32(p) for p in primal_and_tangent))
+
+
 def test_dense_has_nn_dense_parameters_and_values():
     x = _rand((2, 3, 8))
     ours, theirs = vit.Dense(5, name="fc"), nn.Dense(5, name="fc")
