@@ -48,7 +48,6 @@ Array = jax.Array
 DType = Any
 PatchSize = int | tuple[int, int]
 
-
 POOLINGS = ("tok", "gap", "map")
 # How an encoder with unrolled parameters (scan=False) runs its blocks: "auto" runs them as
 # one lax.scan over the stacked parameters when training and unrolled otherwise.
@@ -176,7 +175,8 @@ def unpatchify(patches: Array, patch_size: PatchSize, grid: tuple[int, int]) -> 
 
 class Dense(nn.Module):
     """``(..., K) -> (..., features)``: ``nn.Dense``'s parameters, names and initializers,
-    computed with ``ops.dot_general`` and ``ops.add_bias`` (XLA:CPU's fast bfloat16 path)."""
+    computed with ``ops.dot_general`` and ``ops.add_bias`` (XLA:CPU's fast bfloat16 path);
+    with ``activation``, ``ops.dense_activation``."""
 
     features: int
     use_bias: bool = True

@@ -328,9 +328,10 @@ def _bf16_dense_activation_jvp(
 def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str) -> Array:
     """``activation(x @ kernel + bias)``: ``(..., K) x (K, M) -> (..., M)``, ``name`` one of ``ACTIVATIONS``.
 
-    The same values as ``dot_general``, ``add_bias`` and ``activation`` in
-    turn; in bfloat16 on the CPU, inference applies the activation to the
-    float32 accumulator before rounding (derivatives are the composition's).
+    ``dot_general``, ``add_bias`` and ``activation`` in turn, except that in
+    bfloat16 on the CPU, without derivatives, the activation reads the float32
+    accumulator and the result is rounded once instead of twice. Derivatives,
+    and the values computed with them, are the composition's.
     """
     if bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
         y = dot_general(x, kernel, _dense_dims(x))
