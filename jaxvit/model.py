@@ -23,7 +23,6 @@ layer it creates. Pure functions (``patchify``, ``posemb_sincos_2d``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -226,7 +225,7 @@ class PatchEmbed(nn.Module):
         tokens = ops.dot_general(patches, kernel.reshape(p * q * c, self.width), (((2,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
-            tokens = tokens + bias.astype(tokens.dtype)
+            tokens = ops.add_bias(tokens, bias.astype(tokens.dtype))
         chex.assert_shape(tokens, (n, (height // p) * (width // q), self.width))
         return tokens
 
@@ -846,7 +845,6 @@ class MAPHead(nn.Module):
             param_dtype=self.param_dtype,
             qkv_dot_general=ops.dot_general,
             out_dot_general=ops.dot_general,
-            attention_fn=functools.partial(nn.dot_product_attention, einsum_dot_general=ops.dot_general),
             name="attn",
         )(probe, x)
         z = nn.LayerNorm(

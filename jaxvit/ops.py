@@ -22,7 +22,8 @@ import numpy as np
 
 Array = jax.Array
 
-# They are custom JVPs (not VJPs), so forward-mode and higher derivatives work.
+# activation and softmax have custom JVPs (not VJPs), so forward-mode and higher derivatives
+# work; the bfloat16 products further down have custom VJPs (see set_product_impl).
 
 
 def _shifted_exp(x: Array) -> Array:
@@ -109,7 +110,7 @@ def explicit_attention(
     """
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     if weights_fn is None:
-        return _attend(q, k, v)
+        return _attend_bf16(q, k, v) if _takes_fast_product(q, k) else _attend(q, k, v)
     return _attend_with(q, k, v, weights_fn)
 
 
@@ -118,8 +119,7 @@ def _attend_with(q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Arr
     return einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
 
 
-@jax.custom_jvp
-def _attend(q: Array, k: Array, v: Array) -> Array:
+def _attend_normalizing_after(q: Array, k: Array, v: Array) -> Array:
     # Without derivatives (inference) the rows are normalized after the product
     # with v: a multiply of (T, Dh) values per head instead of (T, T), about 8%
     # of a 2-core CPU's inference step. Derivatives take the softmax-first form,
@@ -129,9 +129,25 @@ def _attend(q: Array, k: Array, v: Array) -> Array:
     return (out * (1.0 / unnormalized.sum(axis=-1, keepdims=True))).astype(v.dtype)
 
 
+_attend = jax.custom_jvp(_attend_normalizing_after)
+
+
 @_attend.defjvp
 def _attend_jvp(primals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[Array, Array]:
     return jax.jvp(lambda q, k, v: _attend_with(q, k, v, lambda w: w), primals, tangents)
+
+
+def _with_vjp_of(reference: Callable[..., Array], inference: Callable[..., Array]) -> Callable[..., Array]:
+    """``inference``'s values without derivatives; ``reference``'s values and VJP with them.
+
+    For bfloat16 products, whose rules are custom VJPs (a custom JVP cannot differentiate them).
+    """
+    f = jax.custom_vjp(inference)
+    f.defvjp(lambda *args: jax.vjp(reference, *args), lambda vjp, ct: vjp(ct))
+    return f
+
+
+_attend_bf16 = _with_vjp_of(lambda q, k, v: _attend_with(q, k, v, lambda w: w), _attend_normalizing_after)
 
 
 # ---------------------------------------------------------------------------
@@ -151,10 +167,10 @@ def set_product_impl(impl: str) -> None:
 
     ``"auto"`` (the default): on the CPU backend, two bfloat16 operands are
     multiplied into a float32 accumulator that is then rounded, forward and
-    backward, which takes XLA:CPU's bfloat16 kernels. It has first
-    derivatives (reverse and forward mode); for second derivatives (e.g. a
-    Hessian) of a bfloat16 model on the CPU, choose ``"plain"``:
-    ``lax.dot_general`` as it is, on every backend and dtype.
+    backward, which takes XLA:CPU's bfloat16 kernels. Its derivatives are
+    custom VJPs: reverse mode of any order, under ``vmap`` too; for forward
+    mode (``jax.jvp``, ``jax.jacfwd``, a Hessian) of a bfloat16 model on the
+    CPU, choose ``"plain"``: ``lax.dot_general`` as it is, on every backend and dtype.
     """
     global _product_impl
     if impl not in PRODUCT_IMPLS:
@@ -201,39 +217,29 @@ def _accumulated(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _bf16_product(spec: str, dtype: jnp.dtype, a: Array, b: Array) -> Array:
     return _accumulated(spec, a, b, dtype)
 
 
-@_bf16_product.defjvp
-def _bf16_product_jvp(
-    spec: str, dtype: jnp.dtype, primals: tuple[Array, Array], tangents: tuple[Array, Array]
-) -> tuple[Array, Array]:
-    # The tangent is linear in each operand; linear_call gives each half a
-    # transpose that casts the cotangent to bfloat16 before its product, so the
-    # backward pass takes the fast kernels too (autodiff's own transpose would
-    # multiply a float32 cotangent by a bfloat16 operand: the slow path).
-    a, b = primals
-    da, db = tangents
+def _bf16_product_fwd(spec: str, dtype: jnp.dtype, a: Array, b: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _accumulated(spec, a, b, dtype), (a, b)
+
+
+def _bf16_product_bwd(spec: str, dtype: jnp.dtype, ab: tuple[Array, Array], ct: Array) -> tuple[Array, Array]:
+    # The cotangent is rounded to bfloat16 before each product, so the backward
+    # products take the fast kernels too (autodiff of the forward would multiply
+    # a float32 cotangent by a bfloat16 operand: the slow path).
+    a, b = ab
     operands, out = spec.split("->")
     sa, sb = operands.split(",")
+    ct = ct.astype(a.dtype)
+    return _accumulated(f"{out},{sb}->{sa}", ct, b, a.dtype), _accumulated(
+        f"{sa},{out}->{sb}", a, ct, b.dtype
+    )
 
-    def along_a(b: Array, da: Array) -> Array:
-        return _accumulated(spec, da, b, dtype)
 
-    def along_a_transposed(b: Array, ct: Array) -> Array:
-        return _accumulated(f"{out},{sb}->{sa}", ct.astype(b.dtype), b, a.dtype)
-
-    def along_b(a: Array, db: Array) -> Array:
-        return _accumulated(spec, a, db, dtype)
-
-    def along_b_transposed(a: Array, ct: Array) -> Array:
-        return _accumulated(f"{sa},{out}->{sb}", a, ct.astype(a.dtype), b.dtype)
-
-    tangent = jax.custom_derivatives.linear_call(along_a, along_a_transposed, b, da)
-    tangent = tangent + jax.custom_derivatives.linear_call(along_b, along_b_transposed, a, db)
-    return _accumulated(spec, a, b, dtype), tangent
+_bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
 
 
 def dot_general(
@@ -264,7 +270,8 @@ def dot_general(
 def einsum(spec: str, a: Array, b: Array, preferred_element_type: jnp.dtype | None = None) -> Array:
     """Two-operand ``jnp.einsum`` (no reduction over a dim of one operand alone), with ``dot_general``'s path."""
     if not _takes_fast_product(a, b):
-        return jnp.einsum(spec, a, b, preferred_element_type=preferred_element_type)
+        out = jnp.einsum(spec, a, b)
+        return out if preferred_element_type is None else out.astype(preferred_element_type)
     return _bf16_product(spec, jnp.dtype(preferred_element_type or a.dtype), a, b)
 
 
@@ -274,22 +281,20 @@ def _bias_gradient(ct: Array, dtype: jnp.dtype) -> Array:
     return ct.reshape(-1, ct.shape[-1]).astype(jnp.float32).sum(axis=0).astype(dtype)
 
 
-@jax.custom_jvp
+@jax.custom_vjp
 def _add_bf16_bias(y: Array, bias: Array) -> Array:
     return y + bias
 
 
-@_add_bf16_bias.defjvp
-def _add_bf16_bias_jvp(primals: tuple[Array, Array], tangents: tuple[Array, Array]) -> tuple[Array, Array]:
-    (y, bias), (dy, dbias) = primals, tangents
+def _add_bf16_bias_fwd(y: Array, bias: Array) -> tuple[Array, Array]:
+    return y + bias, bias  # the (small) bias is kept for its dtype
 
-    def broadcast(_: tuple, dbias: Array) -> Array:
-        return jnp.broadcast_to(dbias, y.shape)
 
-    def broadcast_transposed(_: tuple, ct: Array) -> Array:
-        return _bias_gradient(ct, bias.dtype)
+def _add_bf16_bias_bwd(bias: Array, ct: Array) -> tuple[Array, Array]:
+    return ct, _bias_gradient(ct, bias.dtype)
 
-    return y + bias, dy + jax.custom_derivatives.linear_call(broadcast, broadcast_transposed, (), dbias)
+
+_add_bf16_bias.defvjp(_add_bf16_bias_fwd, _add_bf16_bias_bwd)
 
 
 def add_bias(y: Array, bias: Array) -> Array:
@@ -307,8 +312,7 @@ def _dense_activation_plain(x: Array, kernel: Array, bias: Array, name: str) -> 
     return activation(add_bias(dot_general(x, kernel, _dense_dims(x)), bias), name)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _bf16_dense_activation(x: Array, kernel: Array, bias: Array, name: str) -> Array:
+def _dense_activation_inference(x: Array, kernel: Array, bias: Array, name: str) -> Array:
     # Without derivatives (inference) the activation reads the float32
     # accumulator and the result is rounded once: XLA:CPU then fuses the
     # epilogue instead of writing and reading the rounded product (about 10%
@@ -318,11 +322,12 @@ def _bf16_dense_activation(x: Array, kernel: Array, bias: Array, name: str) -> A
     return activation(y, name).astype(x.dtype)
 
 
-@_bf16_dense_activation.defjvp
-def _bf16_dense_activation_jvp(
-    name: str, primals: tuple[Array, ...], tangents: tuple[Array, ...]
-) -> tuple[Array, Array]:
-    return jax.jvp(lambda x, k, b: _dense_activation_plain(x, k, b, name), primals, tangents)
+@functools.cache
+def _bf16_dense_activation(name: str) -> Callable[[Array, Array, Array], Array]:
+    return _with_vjp_of(
+        lambda x, k, b: _dense_activation_plain(x, k, b, name),
+        lambda x, k, b: _dense_activation_inference(x, k, b, name),
+    )
 
 
 def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str) -> Array:
@@ -336,7 +341,7 @@ def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str) -> 
     if bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
         y = dot_general(x, kernel, _dense_dims(x))
         return activation(y if bias is None else add_bias(y, bias), name)
-    return _bf16_dense_activation(x, kernel, bias, name)
+    return _bf16_dense_activation(name)(x, kernel, bias)
 
 
 # ---------------------------------------------------------------------------
