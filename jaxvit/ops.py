@@ -308,8 +308,9 @@ def _dense_dims(x: Array) -> jax.lax.DotDimensionNumbers:
     return (((x.ndim - 1,), (0,)), ((), ()))
 
 
-def _dense_activation_plain(x: Array, kernel: Array, bias: Array, name: str) -> Array:
-    return activation(add_bias(dot_general(x, kernel, _dense_dims(x)), bias), name)
+def _dense_activation_plain(x: Array, kernel: Array, bias: Array | None, name: str) -> Array:
+    y = dot_general(x, kernel, _dense_dims(x))
+    return activation(y if bias is None else add_bias(y, bias), name)
 
 
 def _dense_activation_inference(x: Array, kernel: Array, bias: Array, name: str) -> Array:
@@ -339,8 +340,7 @@ def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str) -> 
     and the values computed with them, are the composition's.
     """
     if bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
-        y = dot_general(x, kernel, _dense_dims(x))
-        return activation(y if bias is None else add_bias(y, bias), name)
+        return _dense_activation_plain(x, kernel, bias, name)
     return _bf16_dense_activation(name)(x, kernel, bias)
 
 
