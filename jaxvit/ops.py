@@ -308,9 +308,10 @@ def _dense_dims(x: Array) -> jax.lax.DotDimensionNumbers:
     return (((x.ndim - 1,), (0,)), ((), ()))
 
 
-def _dense_activation_plain(x: Array, kernel: Array, bias: Array | None, name: str) -> Array:
+def _dense_activation_plain(x: Array, kernel: Array, bias: Array | None, name: str | None) -> Array:
     y = dot_general(x, kernel, _dense_dims(x))
-    return activation(y if bias is None else add_bias(y, bias), name)
+    y = y if bias is None else add_bias(y, bias)
+    return y if name is None else activation(y, name)
 
 
 def _dense_activation_inference(x: Array, kernel: Array, bias: Array, name: str) -> Array:
@@ -331,15 +332,16 @@ def _bf16_dense_activation(name: str) -> Callable[[Array, Array, Array], Array]:
     )
 
 
-def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str) -> Array:
-    """``activation(x @ kernel + bias)``: ``(..., K) x (K, M) -> (..., M)``, ``name`` one of ``ACTIVATIONS``.
+def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str | None) -> Array:
+    """``activation(x @ kernel + bias)``: ``(..., K) x (K, M) -> (..., M)``, ``name`` one of
+    ``ACTIVATIONS`` or ``None`` (no activation).
 
     ``dot_general``, ``add_bias`` and ``activation`` in turn, except that in
     bfloat16 on the CPU, without derivatives, the activation reads the float32
     accumulator and the result is rounded once instead of twice. Derivatives,
     and the values computed with them, are the composition's.
     """
-    if bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
+    if name is None or bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
         return _dense_activation_plain(x, kernel, bias, name)
     return _bf16_dense_activation(name)(x, kernel, bias)
 
