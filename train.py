@@ -1,7 +1,7 @@
 """Train a Vision Transformer: ``python train.py [--config configs/<name>.py] [--config.<key>=<value>] [--workdir DIR]``.
 
 Rerunning the same command on the same workdir resumes from its newest
-checkpoint. The logic lives in ``jaxvit.trainer``; this file parses flags.
+checkpoint. The logic lives in ``jaxvit.training.trainer``; this file parses flags.
 """
 
 import logging
@@ -12,7 +12,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from jaxvit import configs
+from jaxvit.training import configs
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 if __name__ == "__main__":
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
     if _COORDINATOR.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from jaxvit import trainer
+    from jaxvit.training import trainer
 
     try:
         metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

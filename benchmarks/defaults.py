@@ -166,7 +166,7 @@ def run_train_py(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     import jaxvit
-    from jaxvit import configs, trainer
+    from jaxvit.training import configs, trainer
 
     config = configs.load_config_file(args.config)
     config.unlock()

@@ -8,7 +8,7 @@ folder (or uses ``--data DIR`` with ``DIR/train/<class>/*``), packs them with
 (``--batch`` images at 224 px: random resized crop, horizontal flip,
 RandAugment 2 ops at magnitude 10, normalised float32):
 
-* ``imagefolder``: the per-example map and batching of ``jaxvit.data.train_batches`` over ``ImageFolderSource``,
+* ``imagefolder``: the per-example map and batching of ``jaxvit.data.pipeline.train_batches`` over ``ImageFolderSource``,
 * ``arrayrecord``: the same over ``PackedSource`` (the packed shards),
 * ``timm``: ``timm.data.create_loader`` (``auto_augment="rand-m10-n2"``) over
   ``timm.data.ImageDataset`` on the same folder.
@@ -101,7 +101,9 @@ def main() -> None:
     import timm.data
     import torch
 
-    from jaxvit import data, pack, packed
+    from jaxvit import pack
+    from jaxvit.data import packed
+    from jaxvit.data import pipeline as data
 
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="input_pipeline_")

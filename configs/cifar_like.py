@@ -11,7 +11,7 @@ Result: none recorded on real data here (no CIFAR copy on the build machine);
         the test suite runs it for a few steps on synthetic data.
 """
 
-from jaxvit.configs import base_config, model_config, steps_for_epochs
+from jaxvit.training.configs import base_config, model_config, steps_for_epochs
 
 
 def get_config():

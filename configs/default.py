@@ -11,7 +11,7 @@ Result: 99.2% test accuracy (seed 0) after 4,000 steps, 84 s of training (114 s
         (--config.model.dtype=bfloat16): 98.1%, 84 s (97.2-99.4% over seeds 0-2).
 """
 
-from jaxvit.configs import base_config, model_config
+from jaxvit.training.configs import base_config, model_config
 
 
 def get_config():

@@ -33,7 +33,7 @@ Result: not run here at 384 px (no pretrained weights can be downloaded on the
         pretrained ones are what a probe is for).
 """
 
-from jaxvit.configs import base_config, model_config
+from jaxvit.training.configs import base_config, model_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Result: none recorded: it depends on your data. The test suite trains it for a f
         steps on a generated folder of PNGs and JPEGs.
 """
 
-from jaxvit.configs import base_config, model_config
+from jaxvit.training.configs import base_config, model_config
 
 
 def get_config():

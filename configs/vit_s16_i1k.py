@@ -27,7 +27,7 @@ Measured (CPU only, no ImageNet, so no accuracy): one input worker reads,
         small batch (--config.dataset=synthetic --config.batch_size=8).
 """
 
-from jaxvit.configs import base_config, model_config, steps_for_epochs
+from jaxvit.training.configs import base_config, model_config, steps_for_epochs
 
 
 def get_config():

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 
@@ -394,53 +393,3 @@ def use_explicit_attention() -> bool:
     if _attention_impl == "auto":
         return jax.default_backend() == "cpu"
     return _attention_impl == "explicit"
-
-
-# ---------------------------------------------------------------------------
-# PyTorch's resize weights (position embeddings at another resolution)
-# ---------------------------------------------------------------------------
-
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    """The cubic convolution kernel with parameter ``a`` (-0.75 in torch's plain bicubic, -0.5 with antialias)."""
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((x - 5) * x + 8) * x * a - 4 * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
-
-
-def _triangle(x: np.ndarray) -> np.ndarray:
-    return np.maximum(0.0, 1.0 - np.abs(x))
-
-
-def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
-    """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
-
-    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
-    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
-    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
-    widened by the scale when shrinking, cut at the border and renormalised.
-    """
-    scale = in_size / out_size
-    weights = np.zeros((out_size, in_size))
-    if not antialias:
-        if method != "bicubic":
-            raise ValueError("resize_matrix without antialias is for method='bicubic'")
-        source = scale * (np.arange(out_size) + 0.5) - 0.5
-        base = np.floor(source)
-        t = source - base
-        for tap in range(-1, 3):
-            index = np.clip(base + tap, 0, in_size - 1).astype(int)
-            np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
-        return weights
-    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
-        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
-        total = row.sum()
-        weights[i, lo:hi] = row / total if total != 0 else row
-    return weights

@@ -2,7 +2,7 @@
 
 ``ROOT/<split>/<class>/*`` (splits ``train`` and ``val`` by default) become
 ``OUT/<split>-<k>-of-<n>.array_record`` shards plus ``OUT/manifest.json``
-(format in ``jaxvit.packed``); train with ``--config.dataset=arrayrecord
+(format in ``jaxvit.data.packed``); train with ``--config.dataset=arrayrecord
 --config.data.root=OUT``. Files are stored as they are (no re-encoding);
 files Pillow cannot read are skipped and counted in one warning, or stop the
 pack with ``--on-corrupt=error``, as with ``dataset="imagefolder"``.
@@ -35,7 +35,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jaxvit import data, packed
+from jaxvit.data import packed
+from jaxvit.data import pipeline as data
 
 log = logging.getLogger(__name__)
 STATE_DIR = ".pack"
@@ -120,26 +121,8 @@ def _chunks(items: Iterator[tuple[int, str, str]], size: int) -> Iterator[list[t
         yield chunk
 
 
-def pack(
-    root: str,
-    out: str,
-    splits: Sequence[str] = ("train", "val"),
-    shard_size: int = 1024,
-    on_corrupt: str = "skip",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Packs ``root/<split>/<class>/*`` for each split into ``out``; returns the manifest.
-
-    Raises before writing anything when a split folder is missing or empty, a
-    class has no files, the splits name different classes, or ``out`` holds an
-    unfinished pack of another file list or shard size.
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if on_corrupt not in ("skip", "error"):
-        raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
-    if not splits or len(set(splits)) != len(splits):
-        raise ValueError(f"splits must be distinct names, got {list(splits)}")
+def _check_plan(root: str, out: str, splits: Sequence[str], shard_size: int) -> dict[str, Any]:
+    """The file list of each split, checked against the other splits and against an unfinished pack."""
     plans = {split: _plan_split(os.path.join(root, split)) for split in splits}
     first = splits[0]
     for split in splits[1:]:
@@ -164,48 +147,76 @@ def pack(
             )
     else:
         _write_json(plan_path, plan)
+    return plans
 
+
+def _pack_split(
+    root: str, out: str, split: str, plan: dict[str, Any], shard_size: int, on_corrupt: str, bar: Any
+) -> dict[str, Any]:
+    """Writes (or, after an interruption, keeps) the shards of one split; returns its manifest entry."""
+    split_dir = os.path.join(root, split)
+    class_names = plan["class_names"]
+    num_shards = math.ceil(plan["num_files"] / shard_size)
+    shards = []
+    items = _candidates(split_dir, class_names)
+    for index, chunk in enumerate(_chunks(items, shard_size)):
+        file_name = packed.shard_name(split, index, num_shards)
+        record_path = os.path.join(out, STATE_DIR, file_name + ".json")
+        if os.path.exists(record_path) and os.path.exists(os.path.join(out, file_name)):
+            with open(record_path, encoding="utf-8") as f:
+                shards.append(json.load(f))
+            bar.update(len(chunk))
+            continue
+        record = _write_shard(out, file_name, chunk, len(class_names), bar)
+        if on_corrupt == "error" and record["skipped"]:
+            os.remove(os.path.join(out, file_name))
+            data.report_skipped([os.path.join(split_dir, s) for s in record["skipped"]], split_dir, "error")
+        _write_json(record_path, record)
+        shards.append(record)
+    counts = [sum(c) for c in zip(*(s["counts"] for s in shards), strict=True)]
+    for name, count in zip(class_names, counts, strict=True):
+        if count == 0:
+            raise ValueError(f"class {name!r} has no readable images in {os.path.join(split_dir, name)!r}")
+    skipped = [name for s in shards for name in s["skipped"]]
+    data.report_skipped([os.path.join(split_dir, s) for s in skipped], split_dir, "skip")
+    return {
+        "class_names": class_names,
+        "num_examples": sum(counts),
+        "counts": counts,
+        "skipped": skipped,
+        "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
+    }
+
+
+def pack(
+    root: str,
+    out: str,
+    splits: Sequence[str] = ("train", "val"),
+    shard_size: int = 1024,
+    on_corrupt: str = "skip",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Packs ``root/<split>/<class>/*`` for each split into ``out``; returns the manifest.
+
+    Raises before writing anything when a split folder is missing or empty, a
+    class has no files, the splits name different classes, or ``out`` holds an
+    unfinished pack of another file list or shard size.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if on_corrupt not in ("skip", "error"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+    if not splits or len(set(splits)) != len(splits):
+        raise ValueError(f"splits must be distinct names, got {list(splits)}")
+    plans = _check_plan(root, out, splits, shard_size)
     total = sum(p["num_files"] for p in plans.values())
     manifest: dict[str, Any] = {"format": packed.FORMAT, "version": packed.VERSION, "splits": {}}
     with tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True, file=sys.stderr) as bar:
         for split in splits:
-            split_dir = os.path.join(root, split)
-            class_names = plans[split]["class_names"]
-            num_shards = math.ceil(plans[split]["num_files"] / shard_size)
             bar.set_description(split)
-            shards = []
-            items = _candidates(split_dir, class_names)
-            for index, chunk in enumerate(_chunks(items, shard_size)):
-                file_name = packed.shard_name(split, index, num_shards)
-                record_path = os.path.join(state_dir, file_name + ".json")
-                if os.path.exists(record_path) and os.path.exists(os.path.join(out, file_name)):
-                    with open(record_path, encoding="utf-8") as f:
-                        shards.append(json.load(f))
-                    bar.update(len(chunk))
-                    continue
-                record = _write_shard(out, file_name, chunk, len(class_names), bar)
-                if on_corrupt == "error" and record["skipped"]:
-                    os.remove(os.path.join(out, file_name))
-                    data.report_skipped(
-                        [os.path.join(split_dir, s) for s in record["skipped"]], split_dir, "error"
-                    )
-                _write_json(record_path, record)
-                shards.append(record)
-            counts = [sum(c) for c in zip(*(s["counts"] for s in shards), strict=True)]
-            for name, count in zip(class_names, counts, strict=True):
-                if count == 0:
-                    raise ValueError(
-                        f"class {name!r} has no readable images in {os.path.join(split_dir, name)!r}"
-                    )
-            skipped = [name for s in shards for name in s["skipped"]]
-            data.report_skipped([os.path.join(split_dir, s) for s in skipped], split_dir, "skip")
-            manifest["splits"][split] = {
-                "class_names": class_names,
-                "num_examples": sum(counts),
-                "counts": counts,
-                "skipped": skipped,
-                "shards": [{k: s[k] for k in ("file", "num_records", "bytes", "sha256")} for s in shards],
-            }
+            manifest["splits"][split] = _pack_split(
+                root, out, split, plans[split], shard_size, on_corrupt, bar
+            )
     _write_json(os.path.join(out, packed.MANIFEST), manifest)
     return manifest
 

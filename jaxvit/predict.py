@@ -3,7 +3,7 @@
 The checkpoint is anything ``jaxvit.load_for_inference`` reads: a VT/AugReg
 or big_vision ``.npz``, a timm state dict, a Hugging Face ViT folder, or a
 training workdir. Images are prepared the way the checkpoint's origin
-expects (``jaxvit.inference.PREPROCESSING``), run in batches, and the top-5
+expects (``jaxvit.checkpoints.inference.PREPROCESSING``), run in batches, and the top-5
 classes are printed per image (``--json`` for one JSON document).
 """
 
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit.inference import InferenceBundle, load_for_inference, read_labels
-from jaxvit.preprocess import find_images, preprocess_files
+from jaxvit.checkpoints.inference import InferenceBundle, load_for_inference, read_labels
+from jaxvit.data.preprocess import find_images, preprocess_files
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit.convert import validate
-from jaxvit.model import MODEL_FIELDS, VisionTransformer, create_model, param_shapes, to_pair
+from jaxvit import schema
+from jaxvit.model import MODEL_FIELDS, VisionTransformer, create_model, param_shapes
+from jaxvit.sizes import to_pair
 
 # ---------------------------------------------------------------------------
 # Parameters
@@ -350,9 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        overrides = validate.model_fields(parse_overrides(rest), "command line")
+        overrides = schema.read_fields(parse_overrides(rest), "command line")
         model = create_model(args.variant, num_classes=args.num_classes, **overrides)
-        validate.check_model_size(model, "command line")
+        schema.check_size(model, "command line")
         summary = summarize(model, parse_image_size(args.image_size), xla=not args.no_xla)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -6,7 +6,7 @@ import os
 import runpy
 import sys
 
-from jaxvit import packed
+from jaxvit.data import packed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,9 @@ import timm
 import torch
 
 import jaxvit
-from jaxvit.model import RegisterTokens, SwiGLUMlp, resize_matrix, swiglu_hidden_size
+from jaxvit.layers.mlp import SwiGLUMlp, swiglu_hidden_size
+from jaxvit.layers.posemb import resize_matrix
+from jaxvit.layers.tokens import RegisterTokens
 
 TINY = dict(num_classes=5, width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4)
 IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)

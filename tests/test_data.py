@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import make_folder
 
-from jaxvit import augment, data
+from jaxvit.data import augment
+from jaxvit.data import pipeline as data
 
 PRE = data.Preprocess(image_size=(8, 8), crop_padding=1)
 

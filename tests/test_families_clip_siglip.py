@@ -32,7 +32,7 @@ from transformers import (
 )
 
 import jaxvit
-from jaxvit.preprocess import preprocess
+from jaxvit.data.preprocess import preprocess
 
 NATIVE, OTHER = 16, 24
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -445,14 +445,16 @@ def test_two_tower_folders_load_their_image_tower(tmp_path):
     siglip = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     for peer, name in ((clip, "clip"), (siglip, "siglip")):
         peer.save_pretrained(tmp_path / name)
-        ckpt = jaxvit.pretrained.read_checkpoint(tmp_path / name)
-        model, size = jaxvit.architecture.model_from_checkpoint(ckpt)
-        params = jaxvit.fitting.fit_to_model(ckpt, model, size)  # every key checked, no text key left
+        ckpt = jaxvit.checkpoints.pretrained.read_checkpoint(tmp_path / name)
+        model, size = jaxvit.checkpoints.architecture.model_from_checkpoint(ckpt)
+        params = jaxvit.checkpoints.fitting.fit_to_model(
+            ckpt, model, size
+        )  # every key checked, no text key left
         assert size == (NATIVE, NATIVE) and model.width == SIZES["hidden_size"]
         want = peer.vision_model.post_layernorm.weight.detach().numpy()
         np.testing.assert_array_equal(params["encoder"]["norm"]["scale"], want)
     assert model.pool == "map"
-    clip_model = jaxvit.architecture.model_from_checkpoint(
-        jaxvit.pretrained.read_checkpoint(tmp_path / "clip")
+    clip_model = jaxvit.checkpoints.architecture.model_from_checkpoint(
+        jaxvit.checkpoints.pretrained.read_checkpoint(tmp_path / "clip")
     )[0]
     assert clip_model.num_classes == 12 and not clip_model.head_bias

@@ -17,9 +17,9 @@ from transformers import (
 )
 
 import jaxvit
-from jaxvit import checkpointing, optim, trainer
-from jaxvit.configs import base_config
-from jaxvit.pretrained import fit_to_model, read_checkpoint
+from jaxvit.checkpoints.pretrained import fit_to_model, read_checkpoint
+from jaxvit.training import checkpointing, optim, trainer
+from jaxvit.training.configs import base_config
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_channels=1, patch_size=2)
 NATIVE = 16  # the checkpoints' image size: an 8x8 grid, resampled to the digits' 4x4

@@ -43,9 +43,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import jaxvit
-from jaxvit import configs, predict
-from jaxvit.convert import files
+from jaxvit import predict
 from jaxvit.model import param_shapes
+from jaxvit.safety import files
+from jaxvit.training import configs
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = dict(num_classes=3, width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4)
@@ -287,7 +288,7 @@ def measure(call):
 
 
 def test_training_images_are_bounded_too(good, tmp_path):
-    from jaxvit import data
+    from jaxvit.data import pipeline as data
 
     path = _huge_png(good, tmp_path)
     with pytest.raises(ValueError, match=r"cannot decode image .*huge\.png.*12000x12000 pixels is more than"):
@@ -515,7 +516,8 @@ def test_special_files_fail_at_once(good, tmp_path, which):
 
 
 def test_pillows_own_bomb_check_is_an_error_naming_the_image(good, tmp_path, monkeypatch):
-    from jaxvit import data, preprocess
+    from jaxvit.data import pipeline as data
+    from jaxvit.data import preprocess
 
     path = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(path)
@@ -716,7 +718,7 @@ def _train_config(**overrides):
     ],
 )
 def test_train_config_values_are_checked_first(overrides, message):
-    from jaxvit.trainer import validate_config
+    from jaxvit.training.trainer import validate_config
 
     config = _train_config(**overrides)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -945,8 +947,8 @@ _VALUES = st.one_of(
 def test_hf_config_values_load_exactly_or_fail_naming_the_key(good, tmp_path_factory, key, value):
     tmp = tmp_path_factory.mktemp("prop")
     folder = _hf(good, tmp, **{key: value})
-    from jaxvit.architecture import model_from_checkpoint
-    from jaxvit.pretrained import read_checkpoint
+    from jaxvit.checkpoints.architecture import model_from_checkpoint
+    from jaxvit.checkpoints.pretrained import read_checkpoint
 
     try:
         model, size = model_from_checkpoint(read_checkpoint(folder))

@@ -398,7 +398,7 @@ def test_bias_switches_remove_exactly_their_parameters():
     assert set(full) - set(cut) == gone and set(cut) < set(full)
     model = tiny(patch_bias=False, qkv_bias=False, head_bias=False)
     params = perturb(model.init(jax.random.key(0), x)["params"])
-    patches = vit.patchify(x, 4) @ params["patch_embed"]["kernel"].reshape(-1, TINY["width"])
+    patches = jaxvit.patchify(x, 4) @ params["patch_embed"]["kernel"].reshape(-1, TINY["width"])
     _, state = model.apply({"params": params}, x, mutable=["intermediates"])
     np.testing.assert_allclose(state["intermediates"]["patch_tokens"][0], patches, rtol=1e-5, atol=1e-6)
     features = state["intermediates"]["head"]["features"][0]
@@ -419,7 +419,7 @@ def test_pre_norm_normalises_the_tokens_before_the_first_block():
         jnp.concatenate(
             [
                 jnp.broadcast_to(p["cls_token"]["token"], (2, 1, TINY["width"])),
-                vit.patchify(x, 4) @ p["patch_embed"]["kernel"].reshape(-1, TINY["width"])
+                jaxvit.patchify(x, 4) @ p["patch_embed"]["kernel"].reshape(-1, TINY["width"])
                 + p["patch_embed"]["bias"],
             ],
             axis=1,
@@ -427,13 +427,13 @@ def test_pre_norm_normalises_the_tokens_before_the_first_block():
         + p["pos_embed"]["embedding"]
     )
     normed = nn.LayerNorm(epsilon=1e-5).apply({"params": p["encoder"]["norm_pre"]}, embedded)
-    block = vit.EncoderBlock(mlp_dim=TINY["mlp_dim"], num_heads=TINY["num_heads"], layer_norm_eps=1e-5)
+    block = jaxvit.EncoderBlock(mlp_dim=TINY["mlp_dim"], num_heads=TINY["num_heads"], layer_norm_eps=1e-5)
     want, _ = block.apply({"params": p["encoder"]["block_0"]}, normed, jnp.zeros(()))
     got = state["intermediates"]["encoder"]["block_0"]["out"][0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # and scanned the same
     scanned = model.clone(scan=True)
-    out = scanned.apply({"params": vit.unrolled_to_scan(variables["params"])}, x)
+    out = scanned.apply({"params": jaxvit.unrolled_to_scan(variables["params"])}, x)
     np.testing.assert_allclose(out, model.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
@@ -626,7 +626,7 @@ def test_bf16_dense_activation_rounds_once_and_differentiates_as_the_composition
 
 def test_dense_has_nn_dense_parameters_and_values():
     x = _rand((2, 3, 8))
-    ours, theirs = vit.Dense(5, name="fc"), nn.Dense(5, name="fc")
+    ours, theirs = jaxvit.Dense(5, name="fc"), nn.Dense(5, name="fc")
     params = ours.init(jax.random.key(0), x)
     chex.assert_trees_all_equal(params, theirs.init(jax.random.key(0), x))
     np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
@@ -889,7 +889,7 @@ def test_gelu_and_softmax_keep_one_array_each_for_the_backward_pass():
 def test_encoder_block_keeps_one_attention_and_two_mlp_arrays_for_the_backward_pass():
     """In a whole block: the softmax output (N, H, T, T) once; GELU's slope and output (N, T, mlp_dim)."""
     n, t, d, m, h = 2, 5, 8, 32, 2
-    block = vit.EncoderBlock(mlp_dim=m, num_heads=h)
+    block = jaxvit.EncoderBlock(mlp_dim=m, num_heads=h)
     x = _rand((n, t, d))
     params = block.init(jax.random.key(0), x, jnp.zeros(()))
 
@@ -910,8 +910,15 @@ def test_old_names_still_work_for_one_release():
     with pytest.warns(DeprecationWarning, match="classifier_bias"):
         params = head.init(jax.random.key(0), jnp.zeros((1, 4, 8)))
     np.testing.assert_array_equal(params["params"]["classifier"]["bias"], [-2.0] * 3)
-    assert vit.scan_to_unrolled is jaxvit.scan_to_unrolled
-    assert vit.use_explicit_attention is ops.use_explicit_attention
+    with pytest.warns(DeprecationWarning, match="jaxvit.layers.scan.scan_to_unrolled"):
+        assert vit.scan_to_unrolled is jaxvit.scan_to_unrolled
+    with pytest.warns(DeprecationWarning, match="jaxvit.ops.use_explicit_attention"):
+        assert vit.use_explicit_attention is ops.use_explicit_attention
+    with pytest.warns(DeprecationWarning, match="jaxvit.training.configs"):
+        from jaxvit import configs as old_configs
+    from jaxvit.training import configs as new_configs
+
+    assert old_configs is new_configs
 
 
 def test_attention_impl_rejects_unknown_names():

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from helpers import make_folder
 
-from jaxvit import data, pack, packed
+from jaxvit import pack
+from jaxvit.data import packed
+from jaxvit.data import pipeline as data
 
 CLASSES = ("ant", "bee", "cat")
 PRE = data.Preprocess(image_size=(8, 8), random_resized_crop=True, flip=True, randaugment_num_ops=2)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import jaxvit
-from jaxvit import predict, preprocess
+from jaxvit import predict
+from jaxvit.data import preprocess
 
 NUM_CLASSES = 7
 LABELS = [f"kind {i}" for i in range(NUM_CLASSES)]

@@ -21,10 +21,10 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 from transformers import ViTConfig, ViTForImageClassification
 
 import jaxvit
-from jaxvit import pretrained
+from jaxvit.checkpoints import pretrained
 
 ATOL = 1e-4  # fp32 logits of two frameworks
-LOGGER = "jaxvit.pretrained"
+LOGGER = "jaxvit.checkpoints.pretrained"
 
 
 def randomize_torch(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -520,7 +520,7 @@ def test_not_a_checkpoint(tiny224, tmp_path):
 
 
 def test_every_registered_format_has_what_the_registry_promises():
-    from jaxvit.convert import registry
+    from jaxvit.checkpoints import registry
 
     for fmt in registry.FORMATS:
         assert isinstance(fmt.NAME, str) and callable(fmt.claims) and callable(fmt.read), fmt
@@ -534,7 +534,7 @@ def test_every_registered_format_has_what_the_registry_promises():
             )
         assert all(callable(fmt.exports) for fmt in writers[:-1])
     assert sorted(registry.EXPORTS) == ["hf", "npz", "timm"]
-    assert jaxvit.inference.ORIGINS == (
+    assert jaxvit.checkpoints.inference.ORIGINS == (
         "big_vision",
         "vt",
         "hf_clip",

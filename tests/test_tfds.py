@@ -9,8 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxvit import data, trainer
-from jaxvit.configs import load_config_file
+from jaxvit.data import pipeline as data
+from jaxvit.training import trainer
+from jaxvit.training.configs import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "jaxvit_test_images"

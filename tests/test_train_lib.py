@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxvit
-from jaxvit import optim, train_lib
-from jaxvit.configs import base_config, step_config_from_config
+from jaxvit.training import optim, train_lib
+from jaxvit.training.configs import base_config, step_config_from_config
 
 MODEL = jaxvit.create_model(None, num_classes=5, width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4)
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvit import checkpointing
-from jaxvit.trainer import NonFiniteLossError, TrainMetricsAccumulator
+from jaxvit.training import checkpointing
+from jaxvit.training.trainer import NonFiniteLossError, TrainMetricsAccumulator
 
 
 class FakeClock:

@@ -14,8 +14,10 @@ import pytest
 from helpers import make_folder
 
 import jaxvit
-from jaxvit import checkpointing, configs, pack, trainer
-from jaxvit.configs import load_config_file
+from jaxvit import pack
+from jaxvit.checkpoints import workdir as workdir_lib
+from jaxvit.training import checkpointing, trainer
+from jaxvit.training.configs import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
@@ -231,15 +233,15 @@ def short(config, steps=2, **overrides):
 @pytest.mark.parametrize("name", ["default", "imagefolder", "cifar_like", "vit_s16_i1k", "finetune"])
 def test_every_config_file_builds_its_model(name):
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
-    model = configs.model_from_config(config.to_dict())
+    model = workdir_lib.model_from_config(config.to_dict())
     assert jaxvit.count_params(model, config.image_size) > 0
 
 
 def test_model_from_config_under_its_old_name_warns_and_still_works():
     config = load_config_file(TINY).to_dict()
-    with pytest.warns(DeprecationWarning, match="use jaxvit.configs.model_from_config"):
+    with pytest.warns(DeprecationWarning, match="use jaxvit.checkpoints.workdir.model_from_config"):
         old = checkpointing.model_from_config
-    assert old(config) == configs.model_from_config(config)
+    assert old(config) == workdir_lib.model_from_config(config)
 
 
 def test_vit_s16_i1k_runs_on_synthetic_data_of_its_shape(tmp_path):

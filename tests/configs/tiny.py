@@ -5,7 +5,7 @@ Result: not meant to learn; the tests compare its parameters across devices,
         processes and interruptions.
 """
 
-from jaxvit.configs import base_config, model_config
+from jaxvit.training.configs import base_config, model_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 
-from jaxvit import checkpointing
+from jaxvit.training import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIMIT_BYTES = 8192

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvit import checkpointing
+from jaxvit.training import checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "train.py")

@@ -26,9 +26,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import jaxvit
-from jaxvit import checkpointing, configs, data, optim, predict, preprocess, train_lib
-from jaxvit.model import POOLINGS, POSEMBS, REMAT_POLICIES
-from jaxvit.trainer import validate_config
+from jaxvit import predict, schema
+from jaxvit.checkpoints import workdir as workdir_lib
+from jaxvit.data import pipeline as data
+from jaxvit.data import preprocess
+from jaxvit.schema import POOLINGS, POSEMBS, REMAT_POLICIES
+from jaxvit.training import checkpointing, configs, optim, train_lib
+from jaxvit.training.trainer import validate_config
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -194,9 +198,11 @@ def test_check_config_raises_exactly_for_broken_rules(
         broken.append("unknown remat_policy 'all'")
     if pool == "tok" and not class_token:
         broken.append("pool='tok' needs class_token=True")
-    if width < 1 or depth < 0 or heads < 1:
-        broken.append(f"width, depth, num_heads must be positive, got {width}, {depth}, {heads}")
-    elif width % heads:
+    # Each field's range comes from the schema, so its message names that field alone.
+    for name, value, low in (("width", width, 1), ("depth", depth, 0), ("num_heads", heads, 1)):
+        if value < low:
+            broken.append(f"{name} must be >= {low} and <= {schema.SPECS[name].hi}, got {value}")
+    if width >= 1 and depth >= 0 and heads >= 1 and width % heads:
         broken.append(f"width {width} is not divisible by num_heads={heads}")
     if posemb == "sincos2d" and width % 4:
         broken.append(f"posemb='sincos2d' needs a width divisible by 4, got {width}")
@@ -294,7 +300,7 @@ def test_no_readable_checkpoint_anywhere(reference, tmp_path):
         checkpointing.restore_params(workdir)
     # Resuming refuses too, rather than silently starting over.
     config = configs.load_config_file(TINY)
-    model = configs.model_from_config(config.to_dict())
+    model = workdir_lib.model_from_config(config.to_dict())
     tx = optim.make_optimizer(config, config.total_steps)[0]
     abstract = jax.eval_shape(
         lambda: train_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1), False)

@@ -25,7 +25,7 @@ from faultkit import (
     tmp_dirs,
 )
 
-from jaxvit import checkpointing
+from jaxvit.training import checkpointing
 
 
 def _inode(path) -> int | None:

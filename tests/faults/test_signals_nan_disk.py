@@ -24,8 +24,8 @@ from faultkit import (
     tmp_dirs,
 )
 
-from jaxvit import checkpointing, configs
-from jaxvit import trainer as trainer_lib
+from jaxvit.training import checkpointing, configs
+from jaxvit.training import trainer as trainer_lib
 
 PREEMPTED = re.compile(r"preempted: saved at step (\d+)")
 

@@ -1,0 +1,208 @@
+"""timm's DINOv3 (``vit_*_patch16_dinov3``, built on timm's ``Eva``) state dicts.
+
+No position-embedding table: a 2-D rotary embedding of the patch tokens
+(``posemb="rope"``), computed as transformers' DINOv3 does (timm divides by
+periods where transformers multiplies by frequencies: the same to rounding).
+LayerScale is ``gamma_1`` / ``gamma_2``; the fused ``qkv`` has no bias, or
+``q_bias`` and ``v_bias`` with a key bias fixed at zero; the MLP is plain
+(``mlp.fc1``, ``mlp.fc2``) or SwiGLU with separate ``fc1_g`` (gate) and
+``fc1_x``, which jaxvit packs into one ``fc1``, gate first. The LayerNorm
+epsilon (1e-5) and rotary base (100) are those of timm's DINOv3 models; the
+weights cannot tell them. Other ``Eva`` models (EVA-02, with a position table
+and another rotary layout) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxvit import schema
+from jaxvit.checkpoints import layouts
+from jaxvit.checkpoints.checkpoint import (
+    Checkpoint,
+    Flat,
+    Preprocessing,
+    grid_from_config,
+    strip_prefix,
+)
+from jaxvit.safety import files
+
+NAME = "timm_dinov3"
+HAS_PRE_LOGITS = False
+HAS_SINCOS = False
+EXPORT_FORMAT = "timm"
+TARGET = "timm Eva (DINOv3)"
+TIMM_MODEL = "vit_small_patch16_dinov3"
+# timm_kwargs says each of these; timm's DINOv3 fixes the rest (exact GELU, no norm_pre, a
+# patch and a head bias, class-token pooling), and the LayerNorm epsilon at 1e-5.
+CARRIES = (
+    "posemb",
+    "rope_theta",
+    "layer_norm_eps",
+    "qkv_bias",
+    "num_registers",
+    "layer_scale_init",
+    "mlp_type",
+)
+# timm's DINOv3 configs: the whole image to 256 x 256, bicubic, ImageNet statistics.
+PREPROCESSING = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0, "bicubic")
+DEFAULT_IMAGE_SIZE = 256
+IMPLIED_FIELDS = dict(posemb="rope", rope_theta=100.0, layer_norm_eps=1e-5)
+RULES = tuple(
+    layouts.torch_rules("patch_embed.proj", "patch_embed", "conv")
+    + [
+        layouts.Rule("cls_token", "cls_token/token"),
+        layouts.Rule("reg_token", "registers/tokens"),
+        layouts.Rule("blocks.{i}.gamma_1", "encoder/block_{i}/ls1/scale"),
+        layouts.Rule("blocks.{i}.gamma_2", "encoder/block_{i}/ls2/scale"),
+    ]
+    + layouts.TIMM_ENCODER_RULES
+    + layouts.torch_rules("head", "head/classifier", "linear")
+)
+_QKV = re.compile(r"(blocks\.\d+\.attn)\.qkv\.weight")
+_GATE = re.compile(r"(blocks\.\d+\.mlp)\.fc1_g\.(weight|bias)")
+
+
+def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
+    """A state dict with ``Eva``'s LayerScale names (``blocks.{i}.gamma_1``)."""
+    return kind == "state_dict" and any(re.fullmatch(r"(module\.)?blocks\.\d+\.gamma_1", k) for k in arrays)
+
+
+def _fuse_qkv_bias(arrays: Flat) -> Flat:
+    """``q_bias`` + zero key bias + ``v_bias`` (or all zeros without them) -> one ``qkv.bias``."""
+    out = dict(arrays)
+    for key in arrays:
+        match = _QKV.fullmatch(key)
+        if not match or f"{match.group(1)}.qkv.bias" in out:
+            continue
+        attn, width = match.group(1), arrays[key].shape[0] // 3
+        zeros = np.zeros((width,), arrays[key].dtype)
+        parts = (out.pop(f"{attn}.q_bias", zeros), zeros, out.pop(f"{attn}.v_bias", zeros))
+        out[f"{attn}.qkv.bias"] = np.concatenate(parts)
+    return out
+
+
+def _pack_swiglu(arrays: Flat) -> Flat:
+    out = dict(arrays)
+    for key in arrays:
+        match = _GATE.fullmatch(key)
+        if match:
+            value = f"{match.group(1)}.fc1_x.{match.group(2)}"
+            out[f"{match.group(1)}.fc1.{match.group(2)}"] = np.concatenate(
+                [out.pop(key), out.pop(value)], axis=0
+            )
+    return out
+
+
+def _without_exported_fillers(params: Flat, saved: Mapping[str, Any]) -> Flat:
+    """What jaxvit's export of a model without qkv biases or LayerScale filled in (zero biases,
+    unit scales: timm's DINOv3 always has them), left out again as the saved fields say."""
+    fillers = []
+    if saved.get("qkv_bias") is False:
+        fillers += [(k, 0.0) for k in params if k.endswith("/attn/qkv/bias")]
+    if "layer_scale_init" in saved and saved["layer_scale_init"] is None:
+        fillers += [(k, 1.0) for k in params if k.endswith(("/ls1/scale", "/ls2/scale"))]
+    return {k: v for k, v in params.items() if not any(k == f and np.all(v == c) for f, c in fillers)}
+
+
+def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
+    """A timm DINOv3 state dict (and its safetensors metadata) -> a ``Checkpoint``."""
+    _, arrays = strip_prefix(arrays, ("module.",))
+    if "pos_embed" in arrays:
+        raise ValueError(
+            f"{path} is a timm Eva model with a position table (EVA-02 and the like); of timm's Eva models"
+            " jaxvit reads DINOv3 only (vit_*_patch16_dinov3)"
+        )
+    arrays = _pack_swiglu(_fuse_qkv_bias(arrays))
+    params, unmatched = layouts.rename(arrays, RULES)
+    config = json.loads(metadata["jaxvit_model"]) if "jaxvit_model" in metadata else {}
+    saved = config.get("model", {})
+    params = _without_exported_fillers(params, saved)
+    grid = grid_from_config({**saved, **config})
+    kernel = params.get("patch_embed/kernel")
+    if grid is None and kernel is not None:  # no table to tell it: timm's DINOv3 resolution
+        grid = (DEFAULT_IMAGE_SIZE // kernel.shape[0], DEFAULT_IMAGE_SIZE // kernel.shape[1])
+    return Checkpoint(
+        path=str(path),
+        origin=NAME,
+        params=params,
+        unmatched=unmatched,
+        num_prefix_tokens=0,
+        num_heads=saved.get("num_heads"),
+        grid=grid,
+        config=config,
+        implied_fields=dict(IMPLIED_FIELDS),
+    )
+
+
+def exports(model: Any) -> bool:
+    """Whether ``format="timm"`` writes ``model`` as timm's DINOv3 (it has the rotary position embedding)."""
+    return model.posemb == "rope"
+
+
+def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
+    """``timm.create_model(TIMM_MODEL, **kwargs)`` arguments of the same architecture."""
+    mlp_dim = model.mlp_dim or 4 * model.width
+    kwargs: dict[str, Any] = dict(
+        img_size=list(size),
+        patch_size=model.patch_size,
+        in_chans=model.num_channels,
+        num_classes=model.num_classes,
+        embed_dim=model.width,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        # the half step keeps int(width * mlp_ratio) from rounding down
+        mlp_ratio=(mlp_dim + 0.5) / model.width,
+        qkv_bias=model.qkv_bias,
+        init_values=model.layer_scale_init if model.layer_scale_init is not None else 1.0,
+        rope_temperature=model.rope_theta,
+        num_reg_tokens=model.num_registers,
+        global_pool="token",
+        # swiglu_align_to=0: timm then packs gate and value into one fc1, gate first, as jaxvit does
+        swiglu_mlp=model.mlp_type == "swiglu",
+        swiglu_align_to=0,
+    )
+    return kwargs
+
+
+def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Sequence[str] | None) -> Path:
+    """jaxvit params (flat, unrolled) -> a timm DINOv3 (``Eva``) state dict as safetensors at ``path``."""
+    problems = []
+    if model.posemb != "rope":
+        problems.append(f"posemb={model.posemb!r} (timm's DINOv3 is rotary: 'rope')")
+    if model.layer_norm_eps != 1e-5:
+        problems.append(f"layer_norm_eps={model.layer_norm_eps} (timm's DINOv3 has 1e-5)")
+    if model.config.activation != "gelu":
+        problems.append(f"activation={model.config.activation!r} (timm's DINOv3 MLP is exact GELU)")
+    if model.pool != "tok" or model.distill_token or not model.class_token:
+        problems.append("a pooling other than 'tok', or a distillation token")
+    flat = dict(flat)
+    if model.layer_scale_init is None:
+        for i in range(model.depth):
+            for name in ("ls1", "ls2"):
+                flat[f"encoder/block_{i}/{name}/scale"] = np.ones((model.width,), np.float32)
+    out = layouts.rename_back(layouts.split_attention(flat, model.num_heads, "fused", "heads"), RULES, "timm")
+    for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
+        query, key_bias, value = np.split(out.pop(key), 3)
+        if np.any(key_bias):
+            problems.append(f"a key bias that is not zero ({key}); timm's DINOv3 fixes it at zero")
+        attn = key[: -len(".qkv.bias")]
+        out[f"{attn}.q_bias"], out[f"{attn}.v_bias"] = query, value
+    if problems:
+        raise ValueError("format='timm' cannot write this model as timm's DINOv3: " + "; ".join(problems))
+    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
+    metadata = {
+        "jaxvit_model": json.dumps(saved),
+        "timm_kwargs": json.dumps(timm_kwargs(model, size)),
+        "timm_class": "Eva",
+        "timm_model": TIMM_MODEL,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_safetensors(out, path, metadata)
+    return path

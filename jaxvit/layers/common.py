@@ -1,0 +1,56 @@
+"""What the layers share: array types, the checks of their options, and sowing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+Array = jax.Array
+DType = Any
+PatchSize = int | tuple[int, int]
+
+# One function per validation rule, so a bad value gets the same message
+# wherever it arrives: the model's check_config runs them all before
+# tracing, and a module used on its own checks the fields it owns.
+
+
+def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``choices``; the message lists them."""
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}: expected one of {tuple(choices)}")
+
+
+def check_heads(width: int, num_heads: int) -> None:
+    """Raises ``ValueError`` unless ``width`` splits evenly into ``num_heads`` heads."""
+    if width % num_heads:
+        raise ValueError(f"width {width} is not divisible by num_heads={num_heads}")
+
+
+def check_sincos_width(width: int) -> None:
+    """Raises ``ValueError`` unless the 2-D sin-cos table fits ``width`` (sin, cos of x and y: 4 parts)."""
+    if width % 4:
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width} (a multiple of 4)")
+
+
+def check_pool_has_token(pool: str, class_token: bool) -> None:
+    """Raises ``ValueError`` for ``pool="tok"`` without a class token to pool."""
+    if pool == "tok" and not class_token:
+        raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
+
+
+def check_distill_pool(pool: str) -> None:
+    """Raises ``ValueError`` unless a model with a distillation token pools its tokens (``pool="tok"``)."""
+    if pool != "tok":
+        raise ValueError(
+            f"distill_token=True reads the class and distillation tokens: needs pool='tok', got {pool!r}"
+        )
+
+
+def sow(module: nn.Module, collection: str, name: str, value: Array) -> None:
+    # init makes every collection mutable; sowing there would leave
+    # intermediates inside the returned variables.
+    if not module.is_initializing():
+        module.sow(collection, name, value)

@@ -1,0 +1,131 @@
+"""Step 4 of the ViT: pooling (class token, mean, attention) and the classifier."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxvit import compat, ops, schema
+from jaxvit.layers.common import Array, DType, check_choice, check_distill_pool, check_pool_has_token, sow
+from jaxvit.layers.mlp import MlpBlock
+from jaxvit.layers.patch import Dense
+
+POOLINGS = schema.POOLINGS
+
+
+class MAPHead(nn.Module):
+    """``(N, T, D) -> (N, D)``: multi-head attention pooling with a learned probe."""
+
+    num_heads: int
+    mlp_dim: int | None = None
+    layer_norm_eps: float = 1e-6
+    activation: str = "gelu"
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, _, d = x.shape
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (n, 1, d))
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            qkv_dot_general=ops.dot_general,
+            out_dot_general=ops.dot_general,
+            name="attn",
+        )(probe, x)
+        z = nn.LayerNorm(
+            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+        )(y)
+        y = y + MlpBlock(
+            mlp_dim=self.mlp_dim or 4 * d,
+            activation=self.activation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="mlp",
+        )(z)
+        return y[:, 0]
+
+
+class Head(nn.Module):
+    """``(N, P + S, D) -> (N, num_classes)``, or ``(N, D')`` features when ``num_classes=0``.
+
+    ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
+    ``S`` patch tokens (after all ``P`` prefix tokens: class, distillation,
+    registers), ``"map"`` attention pooling. ``representation_size`` adds
+    ``Dense + tanh`` (``pre_logits``) before the zero-init classifier;
+    ``use_classifier_bias=False`` leaves out its bias (a projection such as
+    CLIP's ``visual_projection``). ``distill_token`` (DeiT; ``pool="tok"``):
+    token 1 is the distillation token, with its own ``dist_classifier``; the
+    logits are the mean of both classifiers' and the features the mean of both
+    tokens, as timm's distilled models and transformers'
+    ``DeiTForImageClassificationWithTeacher`` give them at inference.
+    """
+
+    num_classes: int
+    pool: str = "tok"
+    num_prefix_tokens: int = 1
+    distill_token: bool = False
+    representation_size: int | None = None
+    num_heads: int = 1
+    mlp_dim: int | None = None
+    layer_norm_eps: float = 1e-6
+    activation: str = "gelu"
+    classifier_bias: float = 0.0
+    use_classifier_bias: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    bias_init: float | None = None  # deprecated name of classifier_bias, until jaxvit 0.3
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, _, d = x.shape
+        classifier_bias = self.classifier_bias
+        if self.bias_init is not None:
+            compat.renamed("Head.bias_init", "classifier_bias")
+            classifier_bias = self.bias_init
+        dist = None
+        if self.distill_token:
+            check_distill_pool(self.pool)
+            dist = x[:, 1]
+        if self.pool == "tok":
+            check_pool_has_token(self.pool, self.num_prefix_tokens >= 1)
+            x = x[:, 0]
+        elif self.pool == "gap":
+            x = jnp.mean(x[:, self.num_prefix_tokens :], axis=1)
+        elif self.pool == "map":
+            x = MAPHead(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                layer_norm_eps=self.layer_norm_eps,
+                activation=self.activation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="map",
+            )(x)
+        else:
+            check_choice("pool", self.pool, POOLINGS)
+        chex.assert_shape(x, (n, d))
+        if self.representation_size:
+            x = Dense(
+                self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"
+            )(x)
+            x = jnp.tanh(x)
+        classifier = dict(
+            use_bias=self.use_classifier_bias,
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.constant(classifier_bias),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        sow(self, "intermediates", "features", x if dist is None else (x + dist) / 2)
+        if not self.num_classes:
+            return x if dist is None else (x + dist) / 2
+        logits = Dense(self.num_classes, name="classifier", **classifier)(x)
+        if dist is not None:
+            logits = (logits + Dense(self.num_classes, name="dist_classifier", **classifier)(dist)) / 2
+        return logits

@@ -1,0 +1,96 @@
+"""Step 1 of the ViT: patch embedding, a strided conv computed as ``patchify`` plus one matmul."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from jaxvit import ops
+from jaxvit.layers.common import Array, DType, PatchSize
+from jaxvit.sizes import to_pair
+
+
+def patchify(images: Array, patch_size: PatchSize) -> Array:
+    """``(N, H, W, C) -> (N, h*w, p*q*C)``: ``n (h p) (w q) c -> n (h w) (p q c)``.
+
+    The feature order ``(p q c)`` is the row-major flattening of a conv kernel
+    ``(p, q, C, D)``, so ``patchify(x) @ kernel.reshape(-1, D)`` equals the
+    VALID conv with stride = kernel size.
+    """
+    p, q = to_pair(patch_size)
+    n, height, width, c = images.shape
+    h, w = height // p, width // q
+    x = images.reshape(n, h, p, w, q, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(n, h * w, p * q * c)
+
+
+def unpatchify(patches: Array, patch_size: PatchSize, grid: tuple[int, int]) -> Array:
+    """``(N, h*w, p*q*C) -> (N, h*p, w*q, C)``: the inverse of ``patchify``."""
+    p, q = to_pair(patch_size)
+    h, w = grid
+    n, s, f = patches.shape
+    if s != h * w or f % (p * q):
+        raise ValueError(f"patches of shape {patches.shape} do not fit grid {grid} with patch {(p, q)}")
+    c = f // (p * q)
+    x = patches.reshape(n, h, w, p, q, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(n, h * p, w * q, c)
+
+
+class Dense(nn.Module):
+    """``(..., K) -> (..., features)``: ``nn.Dense``'s parameters, names and initializers,
+    computed with ``ops.dense_activation`` (XLA:CPU's fast bfloat16 path)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: DType | None = None
+    param_dtype: DType = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+    activation: str | None = None  # one of ops.ACTIVATIONS, applied to the output
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        )
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return ops.dense_activation(x, kernel, bias, self.activation)
+
+
+class PatchEmbed(nn.Module):
+    """``(N, H, W, C) -> (N, h*w, D)``: a VALID conv with stride = kernel = patch.
+
+    The kernel is kept in conv layout ``(p, q, C, D)`` so weights of conv-based
+    checkpoints load unchanged; it is applied as one matmul on ``patchify``.
+    ``use_bias=False`` leaves out the bias (CLIP's patch embedding has none).
+    """
+
+    width: int
+    patch_size: PatchSize = 16
+    use_bias: bool = True
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        p, q = to_pair(self.patch_size)
+        chex.assert_rank(images, 4)
+        n, height, width, c = images.shape
+        kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
+        patches = patchify(images, (p, q))
+        patches, kernel = promote_dtype(patches, kernel, dtype=self.dtype)
+        tokens = ops.dot_general(patches, kernel.reshape(p * q * c, self.width), (((2,), (0,)), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
+            tokens = ops.add_bias(tokens, bias.astype(tokens.dtype))
+        chex.assert_shape(tokens, (n, (height // p) * (width // q), self.width))
+        return tokens

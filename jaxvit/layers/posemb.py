@@ -1,0 +1,218 @@
+"""Step 2 of the ViT, positions: learned and fixed 2-D sin-cos embeddings, their resampling to
+another grid (with PyTorch's resize weights), and DINOv3's 2-D rotary tables."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvit.layers.common import Array, DType, check_choice, check_sincos_width
+from jaxvit.sizes import square_grid
+
+RESAMPLE_METHODS = ("bilinear", "bicubic")
+POSEMB_KINDS = ("learn", "sincos2d", "rope", "none")  # the schema's posemb choices
+
+
+def posemb_sincos_2d(
+    grid: tuple[int, int],
+    width: int,
+    temperature: float = 10_000.0,
+    dtype: DType = jnp.float32,
+    num_prefix_tokens: int = 0,
+) -> Array:
+    """The fixed 2-D sin-cos embedding: ``(1, P + h*w, width)``, rows in ``(h w)`` order.
+
+    A quarter of the channels each hold sin(x), cos(x), sin(y), cos(y) at
+    geometric frequencies, as in "Better plain ViT baselines". The
+    ``num_prefix_tokens`` rows in front (class token slots) are zeros.
+    """
+    h, w = grid
+    check_sincos_width(width)
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
+    omega = 1.0 / (temperature**omega)
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    pe = np.pad(pe, ((num_prefix_tokens, 0), (0, 0)))
+    return jnp.asarray(pe[None], dtype)
+
+
+def resample_posemb(
+    posemb: Array,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 1,
+    method: str = "bilinear",
+    antialias: bool = False,
+) -> Array:
+    """``(1, P + h*w, D) -> (1, P + H*W, D)``: resize of the grid part.
+
+    The first ``num_prefix_tokens`` rows (the class slot) are kept as they
+    are. ``old_grid`` defaults to the square root of the grid length; pass it
+    for a non-square checkpoint grid. ``method="bilinear"`` without antialias
+    is ``jax.image.resize``; ``"bicubic"`` (and any antialiased resize) gives
+    what ``torch.nn.functional.interpolate(mode=method,
+    align_corners=False, antialias=antialias)`` gives, which is how
+    transformers (bicubic) and timm (bicubic, antialias) resample theirs:
+    ``jax.image.resize``'s cubic kernel differs from torch's.
+    """
+    check_choice("resample method", method, RESAMPLE_METHODS)
+    posemb = jnp.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise ValueError(f"posemb must have shape (1, tokens, width), got {posemb.shape}")
+    prefix, grid_part = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    length = grid_part.shape[1]
+    if old_grid is None:
+        old_grid = square_grid(length)
+        if old_grid is None:
+            raise ValueError(
+                f"cannot infer the grid of a position embedding with {length} grid tokens"
+                f" (and {num_prefix_tokens} prefix tokens): pass old_grid"
+            )
+    if old_grid[0] * old_grid[1] != length:
+        raise ValueError(f"old_grid {old_grid} does not match {length} grid tokens")
+    h, w = new_grid
+    if tuple(old_grid) == (h, w):
+        return posemb
+    d = posemb.shape[-1]
+    image = grid_part.reshape(old_grid[0], old_grid[1], d).astype(jnp.float32)
+    if method == "bilinear" and not antialias:
+        resized = jax.image.resize(image, (h, w, d), method="bilinear", antialias=False)
+    else:
+        rows = resize_matrix(old_grid[0], h, method, antialias)
+        cols = resize_matrix(old_grid[1], w, method, antialias)
+        resized = np.einsum("Hh,hwd,Ww->HWd", rows, np.asarray(image, np.float64), cols)
+    resized = jnp.asarray(resized).reshape(1, h * w, d).astype(posemb.dtype)
+    return jnp.concatenate([prefix, resized], axis=1)
+
+
+class PositionEmbedding(nn.Module):
+    """``(N, P + h*w, D) -> (N, P + h*w, D)``: adds a position embedding.
+
+    ``kind="learn"`` holds a parameter ``(1, P + h*w, D)`` drawn from
+    normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front;
+    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots);
+    ``"rope"`` (rotary, applied in attention) and ``"none"`` add nothing here.
+    """
+
+    grid: tuple[int, int]
+    kind: str = "learn"
+    num_prefix_tokens: int = 1
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Array) -> Array:
+        n, t, d = tokens.shape
+        h, w = self.grid
+        chex.assert_shape(tokens, (n, self.num_prefix_tokens + h * w, d))
+        if self.kind == "learn":
+            shape = (1, t, d)
+            if self.has_variable("params", "embedding"):
+                stored = self.get_variable("params", "embedding").shape
+                if tuple(stored) != shape:
+                    raise ValueError(
+                        f"the position embedding has shape {tuple(stored)} but these images give"
+                        f" {h}x{w} patches, which need {shape}: resample it with"
+                        " jaxvit.resample_posemb (load_pretrained does this for you)"
+                    )
+            posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+        elif self.kind in ("rope", "none"):
+            return tokens.astype(self.dtype)  # rope rotates queries and keys in attention instead
+        elif self.kind == "sincos2d":
+            posemb = posemb_sincos_2d(
+                (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens
+            )
+        else:
+            check_choice("posemb", self.kind, POSEMB_KINDS)
+        return tokens.astype(self.dtype) + posemb.astype(self.dtype)
+
+
+def rope_2d_tables(
+    grid: tuple[int, int], head_dim: int, theta: float = 100.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """DINOv3's 2-D rotary embedding: ``(cos, sin)``, each ``(h*w, head_dim)`` float32, rows in ``(h w)`` order.
+
+    Patch centres are placed on ``[-1, 1]`` along each axis (``(i + 0.5) / n *
+    2 - 1``), whatever the grid, so any image size works. The angle of a
+    coordinate ``c`` at frequency ``theta ** (-4k / head_dim)``, ``k < head_dim
+    / 4``, is ``2 pi c`` times it; the ``y`` angles then the ``x`` angles fill
+    half the channels, repeated for the other half (the pairing of
+    ``rotate_half``). Computed in float32 in the order transformers' DINOv3
+    does, so the tables agree to the last bit or so.
+    """
+    if head_dim % 4:
+        raise ValueError(f"posemb='rope' needs a head dimension divisible by 4, got {head_dim}")
+    h, w = grid
+    inv_freq = (1.0 / theta ** np.arange(0, 1, 4 / head_dim, dtype=np.float32)).astype(np.float32)
+    ys = (np.arange(0.5, h, dtype=np.float32) / np.float32(h)).astype(np.float32)
+    xs = (np.arange(0.5, w, dtype=np.float32) / np.float32(w)).astype(np.float32)
+    coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(h * w, 2)
+    coords = (np.float32(2.0) * coords - np.float32(1.0)).astype(np.float32)
+    angles = (np.float32(2 * math.pi) * coords[:, :, None] * inv_freq[None, None, :]).astype(np.float32)
+    angles = np.tile(angles.reshape(h * w, -1), 2)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, num_prefix_tokens: int) -> Array:
+    """Rotates the patch tokens of ``x`` ``(N, T, H, Dh)``; the ``num_prefix_tokens`` in front stay as they are.
+
+    ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = [-x2, x1]`` of the
+    two halves of ``Dh``; ``cos``, ``sin`` ``(T - P, Dh)`` from ``rope_2d_tables``.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    first, second = jnp.split(patches, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    return jnp.concatenate([prefix, patches * cos + rotated * sin], axis=1)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """The cubic convolution kernel with parameter ``a`` (-0.75 in torch's plain bicubic, -0.5 with antialias)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((x - 5) * x + 8) * x * a - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
+    """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
+
+    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
+    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
+    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
+    widened by the scale when shrinking, cut at the border and renormalised.
+    """
+    scale = in_size / out_size
+    weights = np.zeros((out_size, in_size))
+    if not antialias:
+        if method != "bicubic":
+            raise ValueError("resize_matrix without antialias is for method='bicubic'")
+        source = scale * (np.arange(out_size) + 0.5) - 0.5
+        base = np.floor(source)
+        t = source - base
+        for tap in range(-1, 3):
+            index = np.clip(base + tap, 0, in_size - 1).astype(int)
+            np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
+        return weights
+    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
+        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
+        total = row.sum()
+        weights[i, lo:hi] = row / total if total != 0 else row
+    return weights
