@@ -61,10 +61,12 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if f"{__name__}.{name}" in compat.MOVED_MODULES:  # jaxvit.pretrained, ...: with a warning
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'jaxvit' has no attribute {name!r}")
 
 

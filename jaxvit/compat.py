@@ -78,6 +78,17 @@ MOVED_MODULES = {
 
 # Names jaxvit.model held before its layers moved to jaxvit/layers/: name -> its module now.
 MOVED_NAMES = {
+    # jaxvit 0.1 kept all of the interop code in the module now called jaxvit.checkpoints.pretrained
+    "jaxvit.checkpoints.pretrained": {
+        "export": "jaxvit.checkpoints.exporting",
+        "FORMATS": "jaxvit.checkpoints.exporting",
+        "model_from_checkpoint": "jaxvit.checkpoints.architecture",
+        "InferenceBundle": "jaxvit.checkpoints.inference",
+        "load_for_inference": "jaxvit.checkpoints.inference",
+        "read_labels": "jaxvit.checkpoints.inference",
+        "PREPROCESSING": "jaxvit.checkpoints.inference",
+        "ORIGINS": "jaxvit.checkpoints.inference",
+    },
     "jaxvit.training.checkpointing": {"model_from_config": "jaxvit.checkpoints.workdir"},
     "jaxvit.model": {
         "BLOCK_LOOPS": "jaxvit.schema",

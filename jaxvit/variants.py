@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxvit import families
+
 # width, depth, mlp_dim, num_heads, as in "How to train your ViT" and big_vision. CLIP's
 # towers use the same sizes (ViT-L/14 is "L/14", OpenCLIP's bigG/14 is "G/14").
 VARIANTS: dict[str, dict[str, int]] = {
@@ -24,30 +26,21 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 # Today's backbone families: "family:size/patch", e.g. "dinov2:g/14". A family's
-# sizes live in its own table, so DINOv2's giant ("dinov2:g", 1536 wide, SwiGLU)
-# cannot be mistaken for big_vision's "g" (1408 wide); a bare size is always
-# big_vision's. Each family also sets the options its checkpoints have.
-_DINOV2_SIZES: dict[str, dict[str, Any]] = {
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    # SwiGLU of nominal width 4 * 1536, two thirds of it rounded up to 8: 4096 (swiglu_hidden_size)
-    "g": dict(width=1536, depth=40, mlp_dim=4096, num_heads=24, mlp_type="swiglu"),
-}
-_DEIT_SIZES = {name: VARIANTS[name] for name in ("Ti", "S", "B")}
-_DEIT3_SIZES = {name: VARIANTS[name] for name in ("S", "M", "B", "L", "H")}
-FAMILY_VARIANTS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, Any]]] = {
-    # family: (sizes, fields every size of it has; patch_size is the default patch)
-    "dinov2": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5)),
-    "dinov2-reg4": (_DINOV2_SIZES, dict(patch_size=14, layer_scale_init=1e-5, num_registers=4)),
-    "dinov3": (
-        {name: _DINOV2_SIZES[name] for name in ("S", "B", "L")},
-        dict(patch_size=16, layer_scale_init=1e-5, num_registers=4, posemb="rope", layer_norm_eps=1e-5),
-    ),
-    "deit": (_DEIT_SIZES, dict(patch_size=16)),
-    "deit-distilled": (_DEIT_SIZES, dict(patch_size=16, distill_token=True)),
-    "deit3": (_DEIT3_SIZES, dict(patch_size=16, layer_scale_init=1e-6)),
-}
+# sizes live in its own home (jaxvit/families/<family>/__init__.py), so DINOv2's giant
+# ("dinov2:g", 1536 wide, SwiGLU) cannot be mistaken for big_vision's "g" (1408 wide); a
+# bare size is always big_vision's. Each family also sets the options its checkpoints have.
+def _family_variants() -> dict[str, tuple[dict[str, dict[str, Any]], dict[str, Any]]]:
+    out = {}
+    for name in families.NAMES:
+        for variant, (sizes, options) in families.family(name).VARIANTS.items():
+            if not isinstance(sizes, dict):  # names of VARIANTS
+                sizes = {size: VARIANTS[size] for size in sizes}
+            out[variant] = (sizes, options)
+    return out
+
+
+# family: (sizes, fields every size of it has; patch_size is the default patch)
+FAMILY_VARIANTS: dict[str, tuple[dict[str, dict[str, Any]], dict[str, Any]]] = _family_variants()
 
 
 def decode_variant(variant: str) -> dict[str, Any]:

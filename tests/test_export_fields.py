@@ -1,7 +1,7 @@
 """Every architecture field an export writes reaches the peer, or the export refuses it by name.
 
 The cases are generated from the registry: for each writer (``registry.EXPORTERS``)
-a tiny model of its family (``FAMILIES``), and for each non-default value of each
+a tiny model of its family (the writer's ``EXAMPLE``), and for each non-default value of each
 architecture field (``VALUES``) that model with the value set. A pair that is no
 valid model, or whose model the registry hands to another writer (a ViT with
 registers is DINOv2's), is left out of the list: it is another writer's case.
@@ -44,25 +44,12 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 import jaxvit
 from jaxvit import schema
 from jaxvit.checkpoints import registry
-from jaxvit.checkpoints.formats import timm as timm_format
+from jaxvit.families.vit import timm as timm_format
 
 REL_TOL = 1e-5  # measured: at most 1.2e-6 where the field is carried
 SIZE = 16  # pixels: a 2x2 grid of 8-pixel patches
 IMAGE_STD = 0.05
 TINY = dict(width=32, depth=1, num_heads=2, patch_size=8, mlp_dim=64)
-
-# writer NAME -> the fields of a tiny model that the registry hands to that writer
-FAMILIES = {
-    "vt": dict(num_classes=5),
-    "timm": dict(num_classes=5),
-    "timm_dinov3": dict(num_classes=5, posemb="rope", layer_norm_eps=1e-5),
-    "hf": dict(num_classes=5),
-    "hf_deit": dict(num_classes=5, distill_token=True),
-    "hf_dinov2": dict(num_classes=0, layer_scale_init=0.1),
-    "hf_dinov3": dict(num_classes=0, posemb="rope"),
-    "hf_clip": dict(num_classes=8, pre_norm=True, patch_bias=False, head_bias=False),
-    "hf_siglip": dict(num_classes=0, pool="map", class_token=False),
-}
 
 # (the field, the fields that set it to a non-default value: with what that value needs)
 VALUES = [
@@ -111,7 +98,7 @@ def _model(fields):
 def _cases():
     cases = []
     for fmt, writer in _writers():
-        family = FAMILIES[writer.NAME]
+        family = writer.EXAMPLE
         for field, setting in VALUES:
             fields = {**family, **setting}
             if fields == family:
@@ -332,14 +319,12 @@ def test_every_writer_declares_what_it_carries():
     for _, writer in _writers():
         assert isinstance(writer.TARGET, str) and writer.TARGET, writer.NAME
         assert set(writer.CARRIES) <= architecture - set(registry.ALWAYS_CARRIED), writer.NAME
-        assert writer.HAS_PRE_LOGITS == ("representation_size" in writer.CARRIES), writer.NAME
-    assert sorted(FAMILIES) == sorted(w.NAME for _, w in _writers())
 
 
 def test_every_field_and_writer_is_tried():
     tried = {field for field, _ in VALUES}
     assert set(schema.names("architecture")) - set(registry.ALWAYS_CARRIED) <= tried
     for fmt, writer in _writers():
-        assert registry.exporter(fmt, _model(FAMILIES[writer.NAME])) is writer, writer.NAME
+        assert registry.exporter(fmt, _model(writer.EXAMPLE)) is writer, writer.NAME
     names = {case.values[0] for case in CASES}
-    assert names == set(FAMILIES)
+    assert names == {w.NAME for _, w in _writers()}

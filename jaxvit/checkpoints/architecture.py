@@ -56,7 +56,7 @@ def _shape(params: Any, key: str, ndim: int, path: str) -> tuple[int, ...]:
 
 def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransformer, tuple[int, int]]:
     fmt = registry.by_origin(ckpt.origin)
-    build = getattr(fmt, "build_model", None)
+    build = registry.hook(fmt, "build_model")
     built = build(ckpt, **overrides) if build else None
     if built is not None:
         return built
@@ -107,8 +107,9 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         qkv_bias=not any(k.startswith(first_attn) for k in params)
         or any(k in params for k in (first_attn + "qkv/bias", first_attn + "query/bias")),
     )
-    if hasattr(fmt, "guess_fields"):
-        fields.update(fmt.guess_fields(ckpt))
+    guess_fields = registry.hook(fmt, "guess_fields")
+    if guess_fields is not None:
+        fields.update(guess_fields(ckpt))
     if "head/classifier/kernel" in params:
         fields["head_bias"] = "head/classifier/bias" in params
     fields.update(ckpt.implied_fields)

@@ -157,13 +157,15 @@ def load_for_inference(
     size = to_pair(image_size) if image_size is not None else native
     params = fit_to_model(ckpt, model, size)
     fmt = registry.by_origin(ckpt.origin)
-    labels = fmt.labels(ckpt) if hasattr(fmt, "labels") else None
+    labels_of = registry.hook(fmt, "labels")
+    labels = labels_of(ckpt) if labels_of else None
     if labels is None and ckpt.config.get("labels"):
         labels = validate.str_list(ckpt.config["labels"], "labels", ckpt.path)
     if labels is not None and model.num_classes and len(labels) != model.num_classes:
         raise ValueError(f"{ckpt.path}: {len(labels)} labels for a classifier of {model.num_classes} classes")
     # A format that tells its families apart (timm's CLIP and SigLIP towers) says per checkpoint.
-    pre = fmt.preprocessing(ckpt) if hasattr(fmt, "preprocessing") else PREPROCESSING[ckpt.origin]
+    preprocessing_of = registry.hook(fmt, "preprocessing")
+    pre = preprocessing_of(ckpt) if preprocessing_of else PREPROCESSING[ckpt.origin]
     # RGB statistics serve a 1-channel model through their average (a grayscale image).
     mean, std = validate.channel_stats(pre.mean, pre.std, model.num_channels, f"{ckpt.origin} preprocessing")
     return InferenceBundle(

@@ -26,10 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jaxvit import compat
 from jaxvit.checkpoints import registry
 from jaxvit.checkpoints.checkpoint import Checkpoint
 from jaxvit.checkpoints.fitting import fit_to_model
-from jaxvit.checkpoints.formats import hf_vit
+from jaxvit.families.vit import hf as hf_vit
 from jaxvit.model import VisionTransformer
 from jaxvit.safety import files
 
@@ -87,23 +88,6 @@ def model_from_hf_config(
     return hf_vit.model_from_config(config, **overrides)
 
 
-# Names of jaxvit 0.1, when all of the interop code lived in this module.
-_MOVED = {
-    "export": "jaxvit.checkpoints.exporting",
-    "FORMATS": "jaxvit.checkpoints.exporting",
-    "model_from_checkpoint": "jaxvit.checkpoints.architecture",
-    "InferenceBundle": "jaxvit.checkpoints.inference",
-    "load_for_inference": "jaxvit.checkpoints.inference",
-    "read_labels": "jaxvit.checkpoints.inference",
-    "PREPROCESSING": "jaxvit.checkpoints.inference",
-    "ORIGINS": "jaxvit.checkpoints.inference",
-}
-
-
 def __getattr__(name: str) -> Any:
-    # Resolved on use: jaxvit.checkpoints.inference imports this module.
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'jaxvit.checkpoints.pretrained' has no attribute {name!r}")
+    # Names of jaxvit 0.1, when all of the interop code lived in this module (see jaxvit.compat).
+    return compat.moved_name(__name__, name)

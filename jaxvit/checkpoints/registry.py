@@ -1,83 +1,80 @@
-"""The checkpoint formats jaxvit reads and writes: one module each, one row each here.
+"""The checkpoint formats jaxvit reads and writes, found in the family homes (``jaxvit/families/``).
 
-A format module has ``NAME`` (the origin it reports), ``PREPROCESSING`` (how
+Nothing here is listed by hand: every module inside a family's folder is a
+format of that family. A format module has ``NAME`` (the origin it reports), ``PREPROCESSING`` (how
 its images were prepared), ``claims(kind, arrays)`` (whether a file of
 ``kind`` "npz" or "state_dict" with these keys is its own) and
-``read(path, arrays, metadata) -> Checkpoint``. Optional:
+``read(path, arrays, metadata) -> Checkpoint``. ``CLAIMS`` says how wide its
+claim is: ``"specific"`` (the default: keys only its family has),
+``"family"`` (the rest of one library's files, e.g. transformers' plain ViT)
+or ``"fallback"`` (any file of its kind that nothing narrower claims).
+Exactly one format may claim a file at the narrowest level that claims it;
+two are an ambiguity, and the file is refused naming both.
 
-- ``EXPORT_FORMAT`` and ``write(flat, model, size, path, labels)`` for
-  ``jaxvit.export``, with ``exports(model)`` when several modules write one
-  format (``EXPORT_ORDER``: the first that takes the model writes it; the
-  generic layout comes last), ``TARGET`` (what the peer loads, for messages),
-  ``CARRIES`` (the architecture fields besides ``ALWAYS_CARRIED`` that the
-  written file expresses: ``export`` refuses a model whose other architecture
-  fields are not at their defaults; a writer that can express only some
-  values of a carried field refuses the others by name) and
-  ``HAS_PRE_LOGITS`` / ``HAS_SINCOS`` (whether the layout holds a
-  ``pre_logits`` layer and can leave out a fixed sin-cos table);
-- ``HF_MODEL_TYPES``: the ``config.json`` ``model_type``s of the Hugging Face
-  folders it reads (folders are told apart by their config, not their keys);
-- ``build_model(ckpt, **overrides)`` when the file says its architecture
-  (otherwise it is told from the shapes), ``guess_fields(ckpt)`` for model
-  fields the weights cannot tell, ``labels(ckpt)``, and
-  ``preprocessing(ckpt)`` when one format holds families prepared differently.
-
-Adding a format means adding its module and a row to ``FORMATS`` (and to
-``EXPORT_ORDER`` if it writes).
+A writer has ``EXPORT_FORMAT``, ``TARGET`` (what the peer calls it),
+``CARRIES`` (the architecture fields it expresses besides the sizes),
+``HAS_SINCOS`` and ``write(flat, model, size, path, labels)``, and
+``exports(model)`` when it writes one family's models in a format that
+another writer covers generically (the generic writer has none: it takes
+what no family writer takes). ``HF_MODEL_TYPES`` names the ``config.json``
+``model_type``s of the Hugging Face folders a format reads. The optional
+hooks (``HOOKS``) are asked for through ``hook(fmt, name)`` only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from jaxvit import families
 from jaxvit.checkpoints.checkpoint import Preprocessing
-from jaxvit.checkpoints.formats import (
-    big_vision,
-    hf_clip,
-    hf_deit,
-    hf_dinov2,
-    hf_dinov3,
-    hf_siglip,
-    hf_vit,
-    timm,
-    timm_dinov3,
-    vision_transformer,
-)
 
-# Asked in this order: the first format that claims a file reads it.
-FORMATS: tuple[ModuleType, ...] = (
-    big_vision,
-    vision_transformer,
-    hf_clip,
-    hf_siglip,
-    hf_deit,
-    hf_dinov2,
-    hf_dinov3,
-    hf_vit,
-    timm_dinov3,
-    timm,
-)
+CLAIM_LEVELS = ("specific", "family", "fallback")
+# Optional functions of a format module: the model its file states (build_model), model fields
+# the shapes cannot tell (guess_fields), class names (labels), preprocessing per file
+# (preprocessing), and for a family writer, whether it takes a model (exports).
+HOOKS = ("build_model", "guess_fields", "labels", "preprocessing", "exports")
 
-# The writers of each export format, asked in this order; the last takes any model.
-EXPORT_ORDER: tuple[ModuleType, ...] = (
-    vision_transformer,
-    hf_clip,
-    hf_siglip,
-    hf_dinov3,
-    hf_deit,
-    hf_dinov2,
-    hf_vit,
-    timm_dinov3,
-    timm,
-)
+
+def _discover() -> dict[ModuleType, str]:
+    found = {}
+    for name in families.NAMES:
+        package = families.family(name)
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+            found[importlib.import_module(f"{package.__name__}.{info.name}")] = name
+    return found
+
+
+# format module -> the family whose home holds it
+FAMILY_OF: dict[ModuleType, str] = _discover()
+FORMATS: tuple[ModuleType, ...] = tuple(FAMILY_OF)
+for _fmt in FORMATS:
+    if getattr(_fmt, "CLAIMS", "specific") not in CLAIM_LEVELS:
+        raise ImportError(f"{_fmt.__name__}.CLAIMS must be one of {CLAIM_LEVELS}")
+
+
+def hook(fmt: ModuleType, name: str) -> Callable[..., Any] | None:
+    """The optional function ``name`` (one of ``HOOKS``) of format ``fmt``, or None."""
+    if name not in HOOKS:
+        raise ValueError(f"unknown format hook {name!r}: expected one of {HOOKS}")
+    return getattr(fmt, name, None)
+
+
+# Each export format's writers: its family writers (with ``exports``), then its one generic writer.
 EXPORTERS: dict[str, tuple[ModuleType, ...]] = {}
-for _fmt in EXPORT_ORDER:
+for _fmt in sorted(
+    (f for f in FORMATS if hasattr(f, "EXPORT_FORMAT")), key=lambda f: (hook(f, "exports") is None, f.NAME)
+):
     EXPORTERS[_fmt.EXPORT_FORMAT] = (*EXPORTERS.get(_fmt.EXPORT_FORMAT, ()), _fmt)
+for _name, _writers in EXPORTERS.items():
+    if [hook(w, "exports") is None for w in _writers].count(True) != 1:
+        raise ImportError(f"export format {_name!r} needs exactly one generic writer (one without exports)")
 # the generic writer of each export format (it names what it cannot write)
 EXPORTS: dict[str, ModuleType] = {name: mods[-1] for name, mods in EXPORTERS.items()}
 
@@ -90,15 +87,35 @@ def carries(writer: ModuleType) -> frozenset[str]:
     return frozenset(ALWAYS_CARRIED) | frozenset(writer.CARRIES)
 
 
-# config.json's model_type -> the format that reads the folder.
-HF_MODEL_TYPES: dict[str, ModuleType] = {t: f for f in FORMATS for t in getattr(f, "HF_MODEL_TYPES", ())}
+# config.json's model_type -> the one format that reads the folder.
+HF_MODEL_TYPES: dict[str, ModuleType] = {}
+for _fmt in FORMATS:
+    for _type in getattr(_fmt, "HF_MODEL_TYPES", ()):
+        if _type in HF_MODEL_TYPES:
+            raise ImportError(f"model_type {_type!r} is read by {HF_MODEL_TYPES[_type].NAME} and {_fmt.NAME}")
+        HF_MODEL_TYPES[_type] = _fmt
+
+
+def _only_one(
+    candidates: list[ModuleType], what: str, asked: Callable[[ModuleType], bool]
+) -> ModuleType | None:
+    chosen = [f for f in candidates if asked(f)]
+    if len(chosen) > 1:
+        raise ValueError(f"{what} is claimed by {' and '.join(f.NAME for f in chosen)}: refused as ambiguous")
+    return chosen[0] if chosen else None
 
 
 def format_for(kind: str, arrays: Mapping[str, np.ndarray]) -> ModuleType:
-    """The format module that reads a file of ``kind`` with these arrays."""
-    for fmt in FORMATS:
-        if fmt.claims(kind, arrays):
-            return fmt
+    """The one format module that reads a file of ``kind`` with these arrays.
+
+    The narrowest claim wins; two claims at that level are refused as ambiguous.
+    """
+    what = f"a {kind} with keys {sorted(arrays)[:3]}"
+    for level in CLAIM_LEVELS:
+        at_level = [f for f in FORMATS if getattr(f, "CLAIMS", "specific") == level]
+        chosen = _only_one(at_level, what, lambda f: f.claims(kind, arrays))
+        if chosen is not None:
+            return chosen
     raise ValueError(f"no checkpoint format reads a {kind} with keys {sorted(arrays)[:5]}")
 
 
@@ -117,12 +134,11 @@ def hf_format(config: Mapping[str, Any], path: str | Path = "the folder") -> Mod
 
 
 def exporter(format: str, model: Any) -> ModuleType:
-    """The module that writes ``model`` in ``format``: the first family whose layout takes it."""
+    """The module that writes ``model`` in ``format``: the one family writer that takes it, else
+    the format's generic writer."""
     candidates = EXPORTERS[format]
-    for fmt in candidates[:-1]:
-        if fmt.exports(model):
-            return fmt
-    return candidates[-1]
+    family = _only_one(list(candidates[:-1]), f"format={format!r} for this model", lambda f: f.exports(model))
+    return family or candidates[-1]
 
 
 def by_origin(origin: str) -> ModuleType:

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import SIGLIP_HF, Checkpoint, Flat, grid_from_config, log
-from jaxvit.checkpoints.formats.hf_vit import HIDDEN_ACT, HIDDEN_ACT_OF, POSEMBS
+from jaxvit.families.vit.hf import HIDDEN_ACT, HIDDEN_ACT_OF, POSEMBS
 from jaxvit.model import VisionTransformer, create_model
 from jaxvit.safety import files
 from jaxvit.sizes import to_pair
@@ -29,12 +29,13 @@ from jaxvit.sizes import to_pair
 NAME = "hf_siglip"
 HF_MODEL_TYPES = ("siglip_vision_model", "siglip")
 MODEL_TYPES = ("siglip_vision_model", "siglip")
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 TARGET = "transformers SiglipVisionModel"
 # config.json says the activation and epsilon; the tower fixes pool="map" and no class token.
 CARRIES = ("posemb", "activation", "layer_norm_eps", "class_token", "pool")
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=0, pool="map", class_token=False)
 PREPROCESSING = SIGLIP_HF
 TOWER = "vision_model."
 _IN_PROJ = "head.attention.in_proj_"
@@ -55,10 +56,9 @@ RULES = tuple(
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
     """A state dict with SigLIP's image-tower names: a patch embedding and no class embedding."""
-    return kind == "state_dict" and any(
-        k in arrays
-        for k in (TOWER + "embeddings.patch_embedding.weight", "embeddings.patch_embedding.weight")
-    )
+    names = ("embeddings.patch_embedding.weight", "embeddings.class_embedding")
+    patch, cls = ((k in arrays or TOWER + k in arrays) for k in names)
+    return kind == "state_dict" and patch and not cls
 
 
 def split_in_proj(arrays: Mapping[str, np.ndarray]) -> Flat:
@@ -154,8 +154,9 @@ def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def exports(model: VisionTransformer) -> bool:
-    """Whether ``format="hf"`` writes ``model`` as a SigLIP tower: attention pooling, no class token."""
-    return model.pool == "map" and not model.class_token
+    """Whether ``format="hf"`` writes ``model`` as a SigLIP tower: attention pooling, no class token
+    (and neither CLIP's norm before the blocks nor DINOv3's rotary embedding)."""
+    return model.pool == "map" and not model.class_token and not model.pre_norm and model.posemb != "rope"
 
 
 def export_config(model: VisionTransformer, size: tuple[int, int]) -> dict[str, Any]:

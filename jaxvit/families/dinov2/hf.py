@@ -25,14 +25,13 @@ import numpy as np
 
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import IMAGENET_TIMM, Checkpoint, Flat, grid_from_config
-from jaxvit.checkpoints.formats.hf_vit import HIDDEN_ACT, HIDDEN_ACT_OF, check_posemb
+from jaxvit.families.vit.hf import HIDDEN_ACT, HIDDEN_ACT_OF, check_posemb
 from jaxvit.layers.mlp import swiglu_hidden_size
 from jaxvit.model import VisionTransformer, create_model
 from jaxvit.safety import files
 from jaxvit.sizes import to_pair
 
 NAME = "hf_dinov2"
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 TARGET = "transformers Dinov2Model / Dinov2WithRegistersModel"
@@ -46,6 +45,8 @@ CARRIES = (
     "layer_scale_init",
     "mlp_type",
 )
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=0, layer_scale_init=0.1)
 HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 # The DINOv2 image processor: shorter side to 256, center crop 224, bicubic, ImageNet statistics.
 PREPROCESSING = IMAGENET_TIMM
@@ -183,9 +184,16 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, 
 
 def exports(model: VisionTransformer) -> bool:
     """Whether ``format="hf"`` writes ``model`` as a DINOv2 backbone (it has a DINOv2 feature, no distillation)."""
-    return not model.distill_token and (
+    dinov2_feature = (
         model.layer_scale_init is not None or model.num_registers > 0 or model.mlp_type == "swiglu"
     )
+    other_family = (
+        model.distill_token  # DeiT
+        or model.pre_norm  # CLIP
+        or model.posemb == "rope"  # DINOv3
+        or (model.pool == "map" and not model.class_token)  # SigLIP
+    )
+    return dinov2_feature and not other_family
 
 
 def _export_config(model: VisionTransformer, size: tuple[int, int]) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from jaxvit.checkpoints.checkpoint import (
 from jaxvit.safety import files
 
 NAME = "timm_dinov3"
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "timm"
 TARGET = "timm Eva (DINOv3)"
@@ -50,6 +49,8 @@ CARRIES = (
     "layer_scale_init",
     "mlp_type",
 )
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=5, posemb="rope", layer_norm_eps=1e-5)
 # timm's DINOv3 configs: the whole image to 256 x 256, bicubic, ImageNet statistics.
 PREPROCESSING = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0, "bicubic")
 DEFAULT_IMAGE_SIZE = 256

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import CLIP_HF, Checkpoint, Flat, grid_from_config, log
-from jaxvit.checkpoints.formats.hf_vit import HIDDEN_ACT, HIDDEN_ACT_OF, POSEMBS
+from jaxvit.families.vit.hf import HIDDEN_ACT, HIDDEN_ACT_OF, POSEMBS
 from jaxvit.model import VisionTransformer, create_model
 from jaxvit.safety import files
 from jaxvit.sizes import to_pair
@@ -39,13 +39,14 @@ from jaxvit.sizes import to_pair
 NAME = "hf_clip"
 HF_MODEL_TYPES = ("clip_vision_model", "clip")
 MODEL_TYPES = ("clip_vision_model", "clip")
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 TARGET = "transformers CLIPVisionModel / CLIPVisionModelWithProjection"
 # config.json says the activation and epsilon; the tower fixes pre_norm=True, patch_bias=False
 # and (for the projection) head_bias=False, which write refuses otherwise.
 CARRIES = ("posemb", "activation", "layer_norm_eps", "pre_norm", "patch_bias", "head_bias")
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=8, pre_norm=True, patch_bias=False, head_bias=False)
 PREPROCESSING = CLIP_HF
 TOWER = "vision_model."
 PROJECTION = "visual_projection.weight"
@@ -158,8 +159,9 @@ def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def exports(model: VisionTransformer) -> bool:
-    """Whether ``format="hf"`` writes ``model`` as a CLIP tower: it has CLIP's norm before the blocks."""
-    return model.pre_norm
+    """Whether ``format="hf"`` writes ``model`` as a CLIP tower: CLIP's norm before the blocks
+    (and no rotary embedding, which is DINOv3's). One family writer at most takes a model."""
+    return model.pre_norm and model.posemb != "rope"
 
 
 def _check_exportable(model: VisionTransformer, size: tuple[int, int]) -> None:

@@ -21,14 +21,17 @@ from jaxvit.safety import files, validate
 from jaxvit.sizes import to_pair
 
 NAME = "hf"
+# transformers' state dicts that no family of transformers claims
+CLAIMS = "family"
 HF_MODEL_TYPES = ("vit",)
 MODEL_TYPES = ("vit",)
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 TARGET = "transformers ViTForImageClassification"
 # config.json says these (posemb: a learned table, or the fixed sin-cos one written as such).
 CARRIES = ("posemb", "activation", "qkv_bias", "layer_norm_eps")
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=5)
 # The position embeddings transformers' ViT-like models can take: a table (the sin-cos one written).
 POSEMBS = ("learn", "sincos2d")
 PREPROCESSING = INCEPTION

@@ -26,13 +26,12 @@ import numpy as np
 
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import Checkpoint, Flat, Preprocessing, grid_from_config
-from jaxvit.checkpoints.formats.hf_vit import HIDDEN_ACT, HIDDEN_ACT_OF
+from jaxvit.families.vit.hf import HIDDEN_ACT, HIDDEN_ACT_OF
 from jaxvit.model import VisionTransformer, create_model
 from jaxvit.safety import files
 from jaxvit.sizes import to_pair
 
 NAME = "hf_dinov3"
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 TARGET = "transformers DINOv3ViTModel"
@@ -47,6 +46,8 @@ CARRIES = (
     "layer_scale_init",
     "mlp_type",
 )
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=0, posemb="rope", layer_scale_init=0.1)
 HF_MODEL_TYPES = ("dinov3_vit",)
 # The DINOv3 image processor: the whole image to 224 x 224, bilinear, ImageNet statistics.
 PREPROCESSING = Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1.0, "bilinear")

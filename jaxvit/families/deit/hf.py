@@ -24,17 +24,18 @@ import numpy as np
 
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import IMAGENET_TIMM, Checkpoint, Flat, grid_from_config, log
-from jaxvit.checkpoints.formats import hf_vit
+from jaxvit.families.vit import hf as hf_vit
 from jaxvit.model import VisionTransformer
 from jaxvit.safety import files
 from jaxvit.sizes import to_pair
 
 NAME = "hf_deit"
-HAS_PRE_LOGITS = False
 HAS_SINCOS = False
 EXPORT_FORMAT = "hf"
 TARGET = "transformers DeiTForImageClassificationWithTeacher / DeiTModel"
 CARRIES = ("posemb", "activation", "qkv_bias", "layer_norm_eps", "distill_token")
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=5, distill_token=True)
 HF_MODEL_TYPES = ("deit",)
 # The DeiT image processor: shorter side to 256, center crop 224, bicubic, ImageNet statistics.
 PREPROCESSING = IMAGENET_TIMM
@@ -108,8 +109,9 @@ labels = hf_vit.labels
 
 
 def exports(model: VisionTransformer) -> bool:
-    """Whether ``format="hf"`` writes ``model`` as a DeiT (it has a distillation token)."""
-    return model.distill_token
+    """Whether ``format="hf"`` writes ``model`` as a DeiT: a distillation token (and neither CLIP's
+    norm before the blocks nor DINOv3's rotary embedding)."""
+    return model.distill_token and not model.pre_norm and model.posemb != "rope"
 
 
 def write(

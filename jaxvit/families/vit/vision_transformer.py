@@ -18,7 +18,8 @@ from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import INCEPTION, Checkpoint, Flat, strip_prefix
 
 NAME = "vt"
-HAS_PRE_LOGITS = True
+# any .npz that big_vision's format does not claim
+CLAIMS = "fallback"
 # timm's _load_weights needs a position table: a fixed sin-cos embedding is written as one
 HAS_SINCOS = False
 EXPORT_FORMAT = "npz"
@@ -30,6 +31,8 @@ TARGET = "the vision_transformer .npz layout (timm's _load_weights)"
 # norm_pre, LayerScale, registers nor distillation token. pre_logits is the layout's own
 # (the original ViT-B/16 ImageNet-21k files have it); timm's loader leaves it out.
 CARRIES = ("posemb", "class_token", "pool", "representation_size", "activation", "layer_norm_eps", "mlp_type")
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=5)
 POSEMBS = ("learn", "sincos2d")
 PREPROCESSING = INCEPTION
 RULES = layouts.flax_vit_rules(
@@ -39,7 +42,7 @@ RULES = layouts.flax_vit_rules(
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """Any ``.npz`` that big_vision (earlier in the registry) did not claim."""
+    """Any ``.npz`` (``CLAIMS = "fallback"``: asked after big_vision's format)."""
     return kind == "npz"
 
 

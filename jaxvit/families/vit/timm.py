@@ -43,7 +43,8 @@ from jaxvit.safety import files, validate
 from jaxvit.sizes import square_grid
 
 NAME = "timm"
-HAS_PRE_LOGITS = False
+# any state dict that no narrower format claims
+CLAIMS = "fallback"
 HAS_SINCOS = False
 EXPORT_FORMAT = "timm"
 TARGET = "timm VisionTransformer"
@@ -65,6 +66,8 @@ CARRIES = (
     "mlp_type",
     "distill_token",
 )
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=5)
 PREPROCESSING = IMAGENET_TIMM
 # timm's pretrained_cfg of its CLIP and SigLIP towers (crop_pct 0.9, bicubic)
 CLIP_TIMM = Preprocessing(CLIP_MEAN, CLIP_STD, 0.9, "bicubic")
@@ -94,7 +97,7 @@ RULES = tuple(
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """Any state dict that the Hugging Face format (earlier in the registry) did not claim."""
+    """Any state dict (``CLAIMS = "fallback"``: asked after every narrower format)."""
     return kind == "state_dict"
 
 
