@@ -21,7 +21,7 @@ splits into heads, ``pool="tok"`` needs a class token) are in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -62,7 +62,8 @@ class Spec:
     (an int or an ``(h, w)`` pair) or ``dtype``; ``lo``/``hi`` bound numbers (``lo_open``:
     ``lo`` itself is excluded); ``optional``: None is allowed; ``modules``: the composite
     modules that take the field; ``from_variant``: a variant name sets it; ``top_level``:
-    a training config keeps it beside the data settings, not under ``model``."""
+    a training config keeps it beside the data settings, not under ``model``; ``applies``:
+    whether the field counts at all for a given config (a rotary base without rope does not)."""
 
     kind: str
     role: str
@@ -75,6 +76,8 @@ class Spec:
     from_variant: bool = False
     top_level: bool = False
     doc: str = ""
+    # whether the field changes what a model computes, given its config (None: always)
+    applies: Callable[[Any], bool] | None = None
 
 
 def option(default: Any, kind: str, role: str, doc: str = "", **spec: Any) -> Any:
@@ -110,14 +113,14 @@ class ViTConfig:
     pre_norm: bool = option(False, "bool", "architecture", "a LayerNorm before the blocks", modules=_E)
     patch_bias: bool = option(True, "bool", "architecture", "a bias in the patch embedding")
     qkv_bias: bool = option(True, "bool", "architecture", "biases in the qkv projection", modules=_B)
-    head_bias: bool = option(True, "bool", "architecture", "a bias in the classifier")
+    head_bias: bool = option(True, "bool", "architecture", "a bias in the classifier", applies=lambda c: c.num_classes > 0)  # fmt: skip
     layer_norm_eps: float = option(1e-6, "float", "architecture", "LayerNorm epsilon", lo=0.0, hi=1.0, lo_open=True, modules=_B)  # fmt: skip
     head_bias_init: float = option(0.0, "float", "init", "initial classifier bias")
     num_registers: int = option(0, "int", "architecture", "register tokens (DINOv2)", lo=0, hi=MAX_DEPTH)
     layer_scale_init: float | None = option(None, "float", "architecture", "LayerScale on both branches, from this value", optional=True, modules=_B)  # fmt: skip
     mlp_type: str = option("mlp", "str", "architecture", "'swiglu': DINOv2-g's packed SwiGLU", choices=MLP_TYPES, modules=_B)  # fmt: skip
     distill_token: bool = option(False, "bool", "architecture", "DeiT's distillation token")
-    rope_theta: float = option(100.0, "float", "architecture", "rotary base (posemb='rope')", lo=0.0, lo_open=True, modules=_B)  # fmt: skip
+    rope_theta: float = option(100.0, "float", "architecture", "rotary base (posemb='rope')", lo=0.0, lo_open=True, modules=_B, applies=lambda c: c.posemb == "rope")  # fmt: skip
     gelu_approximate: bool = option(False, "bool", "architecture", "deprecated: activation='gelu_tanh'")
     scan: bool = option(False, "bool", "compute", "blocks stored stacked under encoder/blocks", modules=_E)  # fmt: skip
     remat_policy: str = option("auto", "str", "compute", "jax.checkpoint_policies name", choices=REMAT_POLICIES, modules=_E)  # fmt: skip
@@ -260,9 +263,14 @@ def json_fields(model: Any) -> dict[str, Any]:
 
 
 def differs_from_default(model: Any, role: str = "architecture") -> dict[str, Any]:
-    """The fields of ``role`` whose value in ``model`` is not the default: what a writer must carry."""
+    """The fields of ``role`` that count for ``model`` (``Spec.applies``) and are not at their
+    defaults: what a writer must carry."""
     config = config_of(model)
-    return {n: getattr(config, n) for n in names(role) if getattr(config, n) != DEFAULTS[n]}
+    return {
+        n: getattr(config, n)
+        for n in names(role)
+        if getattr(config, n) != DEFAULTS[n] and (SPECS[n].applies is None or SPECS[n].applies(config))
+    }
 
 
 def describe(fields: Sequence[str] | None = None) -> str:

@@ -57,24 +57,9 @@ def _image_size(flat: Flat, model: VisionTransformer, image_size: ImageSize | No
     return (grid[0] * p, grid[1] * q)
 
 
-def architecture_fields(model: VisionTransformer) -> dict[str, Any]:
-    """The architecture fields of ``model`` off their defaults that change what it computes.
-
-    ``rope_theta`` counts only with ``posemb="rope"``, and ``head_bias`` only with a
-    classifier (``num_classes > 0``). ``layer_scale_init``'s value says whether
-    LayerScale exists; the scales themselves are weights.
-    """
-    fields = schema.differs_from_default(model)
-    if model.posemb != "rope":
-        fields.pop("rope_theta", None)
-    if not model.num_classes:
-        fields.pop("head_bias", None)
-    return fields
-
-
 def check_carried(format: str, writer: ModuleType, model: VisionTransformer) -> None:
     """Raises ``ValueError`` naming each architecture field of ``model`` that ``writer`` does not carry."""
-    fields = architecture_fields(model)
+    fields = schema.differs_from_default(model)
     left_out = {n: v for n, v in fields.items() if n not in registry.carries(writer)}
     if not left_out:
         return
