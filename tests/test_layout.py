@@ -121,3 +121,13 @@ def test_file_and_functions_are_small(name: str) -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert long == []
+
+
+def test_the_readme_names_every_file_of_the_package():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py" and f"{path.name}`" not in readme
+    ]
+    assert missing == []
