@@ -112,13 +112,40 @@ def _without_exported_fillers(params: Flat, saved: Mapping[str, Any]) -> Flat:
     return {k: v for k, v in params.items() if not any(k == f and np.all(v == c) for f, c in fillers)}
 
 
-def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
-    """A timm DINOv3 state dict (and its safetensors metadata) -> a ``Checkpoint``."""
-    _, arrays = strip_prefix(arrays, ("module.",))
+def not_dinov3(arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | None:
+    """Why a timm ``Eva`` state dict is not DINOv3, or None when it is.
+
+    timm's ``Eva`` class holds DINOv3, EVA-02, Perception Encoder and the RoPE ViTs
+    (``vit_*_rope_*``), whose rotary embeddings differ while their keys mostly agree. The file's
+    metadata settles it when it names the timm model; otherwise only keys that DINOv3 cannot have
+    (and the class and register tokens every timm DINOv3 has) let it be read as DINOv3.
+    """
+    named = str(metadata.get("timm_model", ""))
+    if named:
+        return None if "dinov3" in named else f"timm model {named!r}"
+    blocks = [k for k in arrays if re.fullmatch(r"blocks\.\d+\..*", k)]
     if "pos_embed" in arrays:
+        return "a position table besides the rotary embedding (EVA-02, Perception Encoder, vit_*_rope_ape_*)"
+    if "rope.freqs" in arrays:
+        return "rotary embedding of kind RotaryEmbeddingMixed, learned per-head frequencies (vit_*_rope_mixed_*)"
+    if any(k.endswith(".attn.qkv.bias") for k in blocks):
+        return "rotary embedding of kind RotaryEmbeddingCat, with a key bias (vit_*_rope_*)"
+    if "fc_norm.weight" in arrays or "cls_token" not in arrays or "reg_token" not in arrays:
+        return "no class token, no registers or an fc_norm (the vit_*_rope_*_gap models)"
+    return None
+
+
+def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
+    """A timm DINOv3 state dict (and its safetensors metadata) -> a ``Checkpoint``.
+
+    Any other timm ``Eva`` model is refused in one line that says what it has (``not_dinov3``).
+    """
+    _, arrays = strip_prefix(arrays, ("module.",))
+    reason = not_dinov3(arrays, metadata)
+    if reason is not None:
         raise ValueError(
-            f"{path} is a timm Eva model with a position table (EVA-02 and the like); of timm's Eva models"
-            " jaxvit reads DINOv3 only (vit_*_patch16_dinov3)"
+            f"{path}: a timm Eva model with {reason}: not supported; of timm's Eva models jaxvit reads"
+            " DINOv3 (vit_*_patch16_dinov3) only"
         )
     arrays = _pack_swiglu(_fuse_qkv_bias(arrays))
     params, unmatched = layouts.rename(arrays, RULES)
