@@ -5,9 +5,13 @@ Each file is made by the peer's own code (timm here), with tiny random weights.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import timm
+import torch
 from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
 
 import jaxvit
 
@@ -43,3 +47,30 @@ def test_a_timm_eva_file_named_by_its_metadata_is_refused_unless_dinov3(tmp_path
         jaxvit.load_for_inference(path)
     save_file(weights, str(path), metadata={"timm_model": "vit_small_patch16_dinov3"})
     assert jaxvit.load_for_inference(path).model.posemb == "rope"
+
+
+def test_checkpoint_grid_settles_a_grid_the_file_cannot(tmp_path):
+    # A 4x6 grid and a class slot is 25 rows, as a 5x5 grid without one is: checkpoint_grid says which.
+    kwargs = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    peer = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(32, 48), **kwargs).eval()
+    torch.manual_seed(0)
+    for p in peer.parameters():
+        p.data += 0.02 * torch.randn_like(p)
+    path = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(path))
+    model = jaxvit.create_model(
+        None, width=32, depth=1, num_heads=2, patch_size=8, num_classes=3, mlp_dim=128
+    )
+    params = jaxvit.load_pretrained(path, model, (32, 48), checkpoint_grid=(4, 6))
+    x = np.random.default_rng(0).random((1, 32, 48, 3), dtype=np.float32)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+    theirs = peer(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-5
+    # At another size the table is resampled from the stated grid, as timm does when it knows it.
+    params = jaxvit.load_pretrained(path, model, (48, 32), checkpoint_grid=(4, 6))
+    table = resample_abs_pos_embed(
+        peer.pos_embed.detach(), new_size=(6, 4), old_size=(4, 6), num_prefix_tokens=1, antialias=True
+    )
+    np.testing.assert_allclose(params["pos_embed"]["embedding"], table.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"checkpoint_grid=\(6, 6\) does not fit the position embedding"):
+        jaxvit.load_pretrained(path, model, (32, 48), checkpoint_grid=(6, 6))

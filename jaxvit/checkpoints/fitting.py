@@ -8,6 +8,7 @@ classifier as the model asks, and names every key that still does not fit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -196,9 +197,11 @@ def _fit_posemb(
                 log.info("the checkpoint's position embedding is the fixed sincos2d table; not loading it")
                 return {k: v for k, v in flat.items() if k != key}
         return {**flat, key: posemb}  # reported as unexpected
-    if posemb.shape[1] != target[key].shape[1]:
+    stated_grid = checkpoint_grid or ckpt.grid
+    # Same length is not the same grid: a 4x6 table at 6x4 patches is resampled too.
+    if posemb.shape[1] != target[key].shape[1] or (stated_grid is not None and tuple(stated_grid) != grid):
         old_len = posemb.shape[1] - prefix
-        old_grid = checkpoint_grid or ckpt.grid
+        old_grid = stated_grid
         if old_grid is None:
             old_grid = square_grid(old_len)
             if old_grid is None:
@@ -302,6 +305,23 @@ def check_keys(
         raise ValueError(f"{path} does not match the model ({len(lines)} problems):\n  " + "\n  ".join(shown))
 
 
+def with_checkpoint_grid(ckpt: Checkpoint, grid: tuple[int, int]) -> Checkpoint:
+    """``ckpt`` with the patch grid its user states: the slots in front of the grid are then what
+    the position embedding holds beyond ``h * w`` (a 4x6 grid and a class slot is 25 rows, which a
+    5x5 grid without one also is: only the user or the file's metadata can say which)."""
+    grid = to_pair(grid)
+    posemb = ckpt.params.get("pos_embed/embedding")
+    if posemb is None:
+        return dataclasses.replace(ckpt, grid=grid)
+    slots = posemb.shape[1] - grid[0] * grid[1]
+    if slots < 0 or slots > 64:
+        raise ValueError(
+            f"{ckpt.path}: checkpoint_grid={grid} does not fit the position embedding {tuple(posemb.shape)}"
+            f" ({posemb.shape[1]} rows: {grid[0] * grid[1]} for the grid and {slots} in front)"
+        )
+    return dataclasses.replace(ckpt, grid=grid, num_prefix_tokens=slots)
+
+
 def fit_to_model(
     ckpt: Checkpoint,
     model: VisionTransformer,
@@ -311,6 +331,8 @@ def fit_to_model(
 ) -> dict[str, Any]:
     """A read ``Checkpoint`` -> params for ``model`` at ``image_size`` (scanned if ``model.scan``)."""
     h, w = to_pair(image_size)
+    if checkpoint_grid is not None:
+        ckpt = with_checkpoint_grid(ckpt, checkpoint_grid)
     # Everything the file says is checked before the model is traced.
     check_weights(ckpt)
     check_architecture(ckpt, model)

@@ -127,7 +127,9 @@ def not_dinov3(arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | 
     if "pos_embed" in arrays:
         return "a position table besides the rotary embedding (EVA-02, Perception Encoder, vit_*_rope_ape_*)"
     if "rope.freqs" in arrays:
-        return "rotary embedding of kind RotaryEmbeddingMixed, learned per-head frequencies (vit_*_rope_mixed_*)"
+        return (
+            "rotary embedding of kind RotaryEmbeddingMixed, learned per-head frequencies (vit_*_rope_mixed_*)"
+        )
     if any(k.endswith(".attn.qkv.bias") for k in blocks):
         return "rotary embedding of kind RotaryEmbeddingCat, with a key bias (vit_*_rope_*)"
     if "fc_norm.weight" in arrays or "cls_token" not in arrays or "reg_token" not in arrays:
