@@ -131,3 +131,12 @@ def test_the_readme_names_every_file_of_the_package():
         if path.name != "__init__.py" and f"{path.name}`" not in readme
     ]
     assert missing == []
+
+
+def test_the_public_names_are_listed_once_and_resolve():
+    import jaxvit
+
+    assert len(jaxvit.__all__) == len(set(jaxvit.__all__))
+    for name in jaxvit.__all__:
+        assert getattr(jaxvit, name) is not None, name
+    assert {"RegisterTokens", "LayerScale", "SwiGLUMlp", "ViTConfig"} <= set(jaxvit.__all__)
