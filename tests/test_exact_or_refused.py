@@ -5,6 +5,7 @@ Each file is made by the peer's own code (timm here), with tiny random weights.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,3 +75,18 @@ def test_checkpoint_grid_settles_a_grid_the_file_cannot(tmp_path):
     np.testing.assert_allclose(params["pos_embed"]["embedding"], table.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"checkpoint_grid=\(6, 6\) does not fit the position embedding"):
         jaxvit.load_pretrained(path, model, (32, 48), checkpoint_grid=(6, 6))
+
+
+def test_an_exported_sincos_table_loads_back_at_another_resolution(tmp_path):
+    # The .npz layout holds the fixed table (timm's loader needs it); it is the model's own, so
+    # it is left out at any size, not reported as an unexpected weight.
+    model = jaxvit.create_model(
+        None, width=32, depth=1, num_heads=2, patch_size=8, num_classes=3, posemb="sincos2d"
+    )
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    path = jaxvit.export(params, tmp_path / "s.npz", "npz", model=model, image_size=16)
+    for size in (16, 32):
+        loaded = jaxvit.load_pretrained(path, model, size)
+        assert "pos_embed" not in loaded
+        x = jnp.ones((1, size, size, 3))
+        np.testing.assert_array_equal(model.apply({"params": loaded}, x), model.apply({"params": params}, x))

@@ -191,7 +191,9 @@ def _fit_posemb(
             f" distill_token={model.distill_token})"
         )
     if key not in target:
-        table = sincos_table(model, grid) if model.posemb == "sincos2d" else None
+        # A fixed sin-cos table the file holds (a peer needs it) is compared at the file's own grid.
+        own_grid = checkpoint_grid or ckpt.grid or square_grid(posemb.shape[1] - prefix)
+        table = sincos_table(model, own_grid) if model.posemb == "sincos2d" and own_grid else None
         if table is not None and posemb.shape == table.shape:
             if np.allclose(posemb, table, atol=1e-5):
                 log.info("the checkpoint's position embedding is the fixed sincos2d table; not loading it")
