@@ -21,7 +21,7 @@ splits into heads, ``pool="tok"`` needs a class token) are in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -271,13 +271,3 @@ def differs_from_default(model: Any, role: str = "architecture") -> dict[str, An
         for n in names(role)
         if getattr(config, n) != DEFAULTS[n] and (SPECS[n].applies is None or SPECS[n].applies(config))
     }
-
-
-def describe(fields: Sequence[str] | None = None) -> str:
-    """A table of the fields: name, default, role, allowed values, doc (for ``summary --fields``)."""
-    rows = []
-    for name in fields or FIELD_NAMES:
-        s = SPECS[name]
-        allowed = "|".join(s.choices) if s.choices else (f"[{s.lo}, {s.hi}]" if s.kind in ("int", "float") else s.kind)  # fmt: skip
-        rows.append(f"{name:20} {DEFAULTS[name]!s:10} {s.role:14} {allowed:30} {s.doc}")
-    return "\n".join(rows)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxvit import schema
 from jaxvit.layers.common import Array, DType, check_choice, check_sincos_width
 from jaxvit.sizes import square_grid
 
 RESAMPLE_METHODS = ("bilinear", "bicubic")
-POSEMB_KINDS = ("learn", "sincos2d", "rope", "none")  # the schema's posemb choices
 
 
 def posemb_sincos_2d(
@@ -130,7 +130,7 @@ class PositionEmbedding(nn.Module):
                 (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens
             )
         else:
-            check_choice("posemb", self.kind, POSEMB_KINDS)
+            check_choice("posemb", self.kind, schema.POSEMBS)
         return tokens.astype(self.dtype) + posemb.astype(self.dtype)
 
 
