@@ -46,8 +46,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 f"{path} is a training workdir, not a pretrained checkpoint: use jaxvit.load_for_inference"
                 " (or jaxvit.checkpoints.workdir.restore_params) to read it"
             )
-        arrays, metadata = files.read_hf_folder(path)
-        return registry.hf_format(metadata, path).read(path, arrays, metadata)
+        return registry.folder_format(path).read_folder(path)
     kind, arrays, metadata = files.read_weights(path)
     kind = "npz" if kind == "npz" else "state_dict"
     return registry.format_for(kind, arrays).read(path, arrays, metadata)

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxvit import families
 from jaxvit.checkpoints.checkpoint import Preprocessing
+from jaxvit.safety import files, validate
 
 CLAIM_LEVELS = ("specific", "family", "fallback")
 # Optional functions of a format module: the model its file states (build_model), model fields
@@ -131,6 +132,44 @@ def hf_format(config: Mapping[str, Any], path: str | Path = "the folder") -> Mod
             f" supported model types: {sorted(HF_MODEL_TYPES)}"
         )
     return HF_MODEL_TYPES[model_type]
+
+
+# Folders that are not Hugging Face ones, by the config file that names their layout
+# (a format module's FOLDER_CONFIG); a folder with a config.json is read as its config says.
+FOLDER_FORMATS: tuple[ModuleType, ...] = tuple(f for f in FORMATS if hasattr(f, "FOLDER_CONFIG"))
+
+
+class HFFolder:
+    """A Hugging Face ``save_pretrained`` folder, read by the format its ``model_type`` names."""
+
+    NAME = "hf"
+
+    @staticmethod
+    def read_folder(folder: Path) -> Any:
+        arrays, config = files.read_hf_folder(folder)
+        return hf_format(config, folder).read(folder, arrays, config)
+
+
+def folder_format(folder: Path) -> Any:
+    """What reads ``folder``: the format whose ``FOLDER_CONFIG`` is there and whose
+    ``claims_folder(config)`` takes that config, else a Hugging Face folder.
+
+    ``config.json`` comes first: a timm hub folder that also holds open_clip's
+    files is read as the timm model its ``config.json`` names.
+    """
+    by_file: dict[str, list[ModuleType]] = {}
+    for fmt in FOLDER_FORMATS:
+        by_file.setdefault(fmt.FOLDER_CONFIG, []).append(fmt)
+    for name in sorted(by_file, key=lambda n: n != "config.json"):
+        if not (folder / name).exists():
+            continue
+        config = files.read_json(validate.member_path(folder, name, "config file"))
+        chosen = _only_one(by_file[name], f"{folder / name}", lambda f: f.claims_folder(config))
+        if chosen is not None:
+            return chosen
+        if name == "config.json":
+            break
+    return HFFolder
 
 
 def exporter(format: str, model: Any) -> ModuleType:
