@@ -15,7 +15,12 @@ from jaxvit import schema
 from jaxvit.layers.common import Array, DType, check_choice, check_sincos_width
 from jaxvit.sizes import square_grid
 
-RESAMPLE_METHODS = ("bilinear", "bicubic")
+# "bicubic_offset" is DINO's and DINOv2's own resize: torch's bicubic at a scale factor of
+# (new + 0.1) / old, not new / old (see resize_matrix).
+RESAMPLE_METHODS = ("bilinear", "bicubic", "bicubic_offset")
+# DINO's workaround for a float rounding of the output size, kept by DINOv2's models without
+# registers: the scale factor is (new + INTERPOLATE_OFFSET) / old.
+INTERPOLATE_OFFSET = 0.1
 
 
 def posemb_sincos_2d(
@@ -61,6 +66,10 @@ def resample_posemb(
     align_corners=False, antialias=antialias)`` gives, which is how
     transformers (bicubic) and timm (bicubic, antialias) resample theirs:
     ``jax.image.resize``'s cubic kernel differs from torch's.
+    ``"bicubic_offset"`` is the same bicubic given
+    ``scale_factor=((H + 0.1) / h, (W + 0.1) / w)`` instead of the size, as
+    DINOv2's own ``interpolate_pos_encoding`` does (its models without
+    registers): the output size is the same, the sampling positions are not.
     """
     check_choice("resample method", method, RESAMPLE_METHODS)
     posemb = jnp.asarray(posemb)
@@ -188,16 +197,23 @@ def _triangle(x: np.ndarray) -> np.ndarray:
 def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> np.ndarray:
     """``(out_size, in_size)`` float64 weights of ``torch.nn.functional.interpolate`` along one axis.
 
-    ``align_corners=False``. Without antialias (``"bicubic"`` only): four taps
-    around ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at
-    the border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
-    widened by the scale when shrinking, cut at the border and renormalised.
+    ``align_corners=False``. ``scale`` is ``in_size / out_size``, or for
+    ``"bicubic_offset"`` ``in_size / (out_size + INTERPOLATE_OFFSET)``: torch
+    samples at the reciprocal of a ``scale_factor`` it is given, not at the
+    ratio of the sizes. Without antialias (bicubic only): four taps around
+    ``scale * (i + 0.5) - 0.5`` with ``a = -0.75``, indices clamped at the
+    border. With antialias: the kernel (``a = -0.5`` cubic, or triangle) is
+    widened by the scale when shrinking, cut at the border and renormalised;
+    an axis whose length stays is left as it is.
     """
-    scale = in_size / out_size
+    check_choice("resample method", method, RESAMPLE_METHODS)
+    offset = INTERPOLATE_OFFSET if method == "bicubic_offset" else 0.0
+    scale = in_size / (out_size + offset)
+    cubic = method != "bilinear"
     weights = np.zeros((out_size, in_size))
     if not antialias:
-        if method != "bicubic":
-            raise ValueError("resize_matrix without antialias is for method='bicubic'")
+        if not cubic:
+            raise ValueError("resize_matrix without antialias is for a bicubic method")
         source = scale * (np.arange(out_size) + 0.5) - 0.5
         base = np.floor(source)
         t = source - base
@@ -205,14 +221,17 @@ def resize_matrix(in_size: int, out_size: int, method: str, antialias: bool) -> 
             index = np.clip(base + tap, 0, in_size - 1).astype(int)
             np.add.at(weights, (np.arange(out_size), index), _cubic(t - tap, -0.75))
         return weights
-    support = (2.0 if method == "bicubic" else 1.0) * max(scale, 1.0)
+    if in_size == out_size:
+        # torch's antialiased resize skips an axis whose length stays, whatever the scale factor
+        return np.eye(in_size)
+    support = (2.0 if cubic else 1.0) * max(scale, 1.0)
     inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
     for i in range(out_size):
         center = scale * (i + 0.5)
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         offsets = (np.arange(lo, hi) - center + 0.5) * inv_scale
-        row = _cubic(offsets, -0.5) if method == "bicubic" else _triangle(offsets)
+        row = _cubic(offsets, -0.5) if cubic else _triangle(offsets)
         total = row.sum()
         weights[i, lo:hi] = row / total if total != 0 else row
     return weights
