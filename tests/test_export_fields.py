@@ -38,7 +38,6 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file as load_torch_safetensors
-from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 
 import jaxvit
@@ -146,8 +145,6 @@ def _timm_outputs(peer, x: np.ndarray) -> dict:
 
 def _from_metadata(meta: dict) -> dict:
     kwargs = json.loads(meta["timm_kwargs"])
-    if kwargs.get("mlp_layer") == "SwiGLUPacked":
-        kwargs["mlp_layer"] = SwiGLUPacked
     return kwargs
 
 
@@ -162,8 +159,6 @@ def run_timm(path, model, x) -> dict:
 def run_npz(path, model, x) -> dict:
     """timm's reader of Google's ``.npz`` files, into the timm ViT with the model's architecture."""
     kwargs = timm_format.timm_kwargs(model, (SIZE, SIZE))
-    if kwargs.get("mlp_layer") == "SwiGLUPacked":
-        kwargs["mlp_layer"] = SwiGLUPacked
     if model.representation_size:  # timm has no pre_logits layer: the file's is applied below
         kwargs["num_classes"] = 0
     name = timm_format.TIMM_MODEL_OF_EPS[model.layer_norm_eps]

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file as load_torch_safetensors
 from safetensors.torch import save_file as save_torch_safetensors
-from timm.layers import SwiGLUPacked
+from timm.models._hub import save_for_hf
 from transformers import (
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
@@ -209,13 +209,11 @@ def family(request, tmp_path_factory):
         path = folder / "peer"
         peer.save_pretrained(path)
     else:
-        path = folder / "peer.safetensors"
-        save_torch_safetensors(peer.state_dict(), path)
-    # a timm state dict does not say its head count; this one's is not the usual width / 64
-    overrides = dict(num_heads=4) if name == "timm dinov2 (swiglu)" else {}
-    # a timm DINOv3 file has no position table to tell its resolution (any works); say it
-    size = NATIVE if name.startswith("timm dinov3") else None
-    bundle = jaxvit.load_for_inference(path, image_size=size, **overrides)
+        # a timm hub folder, as timm writes it: config.json (architecture, model_args,
+        # pretrained_cfg) says the head count and grid that the state dict cannot
+        path = folder / "peer"
+        save_for_hf(peer, str(path), safe_serialization=True)
+    bundle = jaxvit.load_for_inference(path)
     return name, peer, outputs, back, path, bundle
 
 
@@ -226,8 +224,9 @@ def _compare(family_name, direction, size, ours, theirs):
 
 def test_peer_to_jaxvit_at_the_checkpoint_resolution(family):
     name, peer, outputs, _, path, bundle = family
-    if name.startswith("timm dinov3"):  # no table to tell the resolution: timm's DINOv3 default
-        assert jaxvit.load_for_inference(path).image_size == (256, 256)
+    if name.startswith("timm dinov3"):  # a bare file has no table to tell the resolution: timm's default
+        bare = jaxvit.load_for_inference(path / "model.safetensors", num_heads=bundle.model.num_heads)
+        assert bare.image_size == (256, 256)
     assert bundle.image_size == (NATIVE, NATIVE)
     x = images(NATIVE)
     _compare(name, "peer -> jaxvit", NATIVE, jaxvit_outputs(bundle.model, bundle.params, x), outputs(peer, x))
@@ -248,13 +247,10 @@ def test_jaxvit_to_peer(family, tmp_path):
         assert config["architectures"] == [back.__name__]
         fresh = back.from_pretrained(tmp_path / "out").eval()
     else:
-        jaxvit.export(bundle.params, tmp_path / "out.safetensors", "timm", model=bundle.model)
-        with safe_open(str(tmp_path / "out.safetensors"), "np") as f:
-            kwargs = json.loads(f.metadata()["timm_kwargs"])
-        if kwargs.get("mlp_layer") == "SwiGLUPacked":
-            kwargs["mlp_layer"] = SwiGLUPacked
-        fresh = timm.create_model(back, pretrained=False, dynamic_img_size=True, **kwargs).eval()
-        fresh.load_state_dict(load_torch_safetensors(tmp_path / "out.safetensors"), strict=True)
+        # a timm hub folder, built by timm's own loader from its config.json
+        jaxvit.export(bundle.params, tmp_path / "out", "timm", model=bundle.model)
+        fresh = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True, dynamic_img_size=True)
+        fresh = fresh.eval()
     for size in (NATIVE, OTHER):
         x = images(size, seed=2)
         _compare(name, "jaxvit -> peer", size, outputs(fresh, x), outputs(peer, x))
@@ -283,7 +279,7 @@ JAXVIT_ORIGIN = {
     "dinov2 registers swiglu -> timm": (
         dict(num_classes=0, num_registers=2, layer_scale_init=0.1, mlp_type="swiglu", mlp_dim=88),
         "timm",
-        "vit_small_patch14_reg4_dinov2",
+        "vit_giant_patch14_dinov2",
     ),
     "dinov3 swiglu registers -> timm": (
         dict(
@@ -301,7 +297,7 @@ JAXVIT_ORIGIN = {
     "deit distilled -> timm": (
         dict(num_classes=5, distill_token=True),
         "timm",
-        "deit_tiny_distilled_patch16_224",
+        "deit_base_distilled_patch16_224",
     ),
 }
 
@@ -330,8 +326,7 @@ def test_a_jaxvit_model_written_for_a_peer_computes_the_same(case, tmp_path):
         path = jaxvit.export(params, tmp_path / "out.safetensors", "timm", model=model, image_size=NATIVE)
         with safe_open(str(path), "np") as f:
             kwargs = json.loads(f.metadata()["timm_kwargs"])
-        if kwargs.get("mlp_layer") == "SwiGLUPacked":
-            kwargs["mlp_layer"] = SwiGLUPacked
+            assert f.metadata()["timm_model"] == peer_kind
         peer = timm.create_model(peer_kind, pretrained=False, dynamic_img_size=True, **kwargs).eval()
         peer.load_state_dict(load_torch_safetensors(path), strict=True)
         outputs = timm_outputs

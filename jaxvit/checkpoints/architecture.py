@@ -5,28 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from jaxvit.checkpoints import registry
-from jaxvit.checkpoints.checkpoint import Checkpoint, depth_of, log
+from jaxvit.checkpoints.checkpoint import Checkpoint, depth_of
 from jaxvit.checkpoints.fitting import check_blocks, check_declared
 from jaxvit.model import MODEL_FIELDS, VisionTransformer, create_model
 from jaxvit.sizes import square_grid, to_pair
 from jaxvit.variants import VARIANTS
 
 
-def guess_num_heads(width: int, path: str) -> int:
-    """The head count of the published variant of this width (or head_dim 64), with a warning."""
-    for name, sizes in VARIANTS.items():
-        if sizes["width"] == width:
-            log.warning(
-                "%s does not say its number of heads; using %d, that of ViT-%s",
-                path,
-                sizes["num_heads"],
-                name,
-            )
-            return sizes["num_heads"]
-    if width % 64 == 0:
-        log.warning("%s does not say its number of heads; using %d (head_dim 64)", path, width // 64)
-        return width // 64
-    raise ValueError(f"{path} does not say its number of attention heads (width {width}): pass num_heads=...")
+def unknown_num_heads(width: int, path: str) -> ValueError:
+    """The refusal of a file that does not say its head count: one width has several (ViT-B's 768
+    has 12 heads, timm's ``vit_base_patch16_gap_224`` 16), so none is guessed."""
+    usual = [
+        f"ViT-{name} has {sizes['num_heads']}" for name, sizes in VARIANTS.items() if sizes["width"] == width
+    ]
+    hint = f" ({', '.join(usual)})" if usual else ""
+    return ValueError(
+        f"{path} does not say its number of attention heads (width {width}{hint}): pass num_heads=..."
+        " (predict --num-heads), or read the folder it came in, whose config says it"
+    )
 
 
 def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, tuple[int, int]]:
@@ -36,6 +32,8 @@ def model_from_checkpoint(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTra
     ``guess_fields``, else exact GELU and LayerNorm epsilon 1e-6);
     ``overrides`` set any model field.
     """
+    if ckpt.grid_ambiguity:
+        raise ValueError(ckpt.grid_ambiguity)
     try:
         model, size = _build(ckpt, overrides)
     except ValueError as e:  # the model's own checks do not know the file
@@ -113,9 +111,15 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
     if "head/classifier/kernel" in params:
         fields["head_bias"] = "head/classifier/bias" in params
     fields.update(ckpt.implied_fields)
+    unstated = {k: why for k, why in ckpt.unstated.items() if k not in overrides}
+    if unstated:
+        field, why = next(iter(unstated.items()))
+        raise ValueError(f"{ckpt.path}: {why}: pass {field}=...")
     fields.update(overrides)
     if "num_heads" not in fields:
-        fields["num_heads"] = ckpt.num_heads or guess_num_heads(width, ckpt.path)
+        if ckpt.num_heads is None:
+            raise unknown_num_heads(width, ckpt.path)
+        fields["num_heads"] = ckpt.num_heads
     model = create_model(None, **fields)
     size = (224, 224) if ckpt.grid is None else (ckpt.grid[0] * kp, ckpt.grid[1] * kq)
     if "pos_embed/embedding" in params:
@@ -123,7 +127,8 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         grid = ckpt.grid or square_grid(grid_len)
         if grid is None:
             raise ValueError(
-                f"{ckpt.path}: {grid_len} position-embedding grid tokens is not a square: pass image_size"
+                f"{ckpt.path}: {grid_len} position-embedding grid tokens is not a square: pass"
+                f" checkpoint_grid=(h, w)"
             )
         size = (grid[0] * kp, grid[1] * kq)
     return model, size

@@ -70,6 +70,12 @@ class Checkpoint:
     peer's there. ``implied_fields``: model fields the format implies but
     the shapes cannot tell (e.g. a rotary position embedding and its
     LayerNorm epsilon), used when the model is told from the shapes.
+    ``grid_ambiguity``: why the file cannot tell its grid (a bare timm state
+    dict whose position embedding reads two ways), raised unless the caller
+    states ``checkpoint_grid``; ``""`` when the grid is known.
+    ``unstated``: model fields the file cannot tell and no default settles
+    (field -> why), which the caller must pass when the model is told from
+    the checkpoint.
     """
 
     path: str
@@ -83,6 +89,8 @@ class Checkpoint:
     posemb_resample: str = "bilinear"
     posemb_antialias: bool = False
     implied_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grid_ambiguity: str = ""
+    unstated: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def posemb_prefix(self) -> int:

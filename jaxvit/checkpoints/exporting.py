@@ -9,6 +9,7 @@ is written: a field left out would make the peer compute other numbers.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit import schema
-from jaxvit.checkpoints import registry
-from jaxvit.checkpoints.checkpoint import Flat
+from jaxvit.checkpoints import registry, timm_hub
+from jaxvit.checkpoints.checkpoint import INCEPTION, Flat, Preprocessing
 from jaxvit.checkpoints.fitting import check_keys, sincos_table, target_shapes
 from jaxvit.layers.scan import scan_to_unrolled
 from jaxvit.model import VisionTransformer
@@ -84,6 +85,7 @@ def export(
     model: VisionTransformer,
     image_size: ImageSize | None = None,
     labels: Sequence[str] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Writes ``params`` of ``model`` for a peer's own loader; returns the path written.
 
@@ -96,7 +98,11 @@ def export(
     with a distillation token, ``Dinov2Model`` / ``Dinov2WithRegistersModel``
     with LayerScale, registers or SwiGLU, else ``ViTForImageClassification``
     (``labels`` name the classes). ``image_size`` defaults to the position
-    embedding's square grid. Scanned or unrolled params both work.
+    embedding's square grid. Scanned or unrolled params both work. A
+    ``"timm"`` path without the ``.safetensors`` suffix is a timm hub folder:
+    ``model.safetensors`` and a ``config.json`` (architecture, ``model_args``,
+    and ``pretrained_cfg`` from ``preprocessing``, by default jaxvit's
+    training one) that ``timm.create_model("local-dir:PATH", pretrained=True)`` builds.
 
     Before anything is written, a model with an architecture field that the
     chosen layout cannot express (see ``check_carried``), or a value of one
@@ -114,4 +120,29 @@ def export(
         # The peer has no fixed sin-cos option; a learned table with these values computes the same.
         p, q = to_pair(model.patch_size)
         flat["pos_embed/embedding"] = sincos_table(model, (size[0] // p, size[1] // q))
+    if format == "timm" and path.suffix != ".safetensors":
+        return _write_timm_folder(writer, flat, model, size, path, labels, preprocessing or INCEPTION)
     return writer.write(flat, model, size, path, labels)
+
+
+def _write_timm_folder(
+    writer: ModuleType,
+    flat: Flat,
+    model: VisionTransformer,
+    size: tuple[int, int],
+    folder: Path,
+    labels: Sequence[str] | None,
+    pre: Preprocessing,
+) -> Path:
+    """A timm hub folder: the writer's safetensors, and a ``config.json`` from its metadata."""
+    from safetensors import safe_open
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = writer.write(flat, model, size, folder / "model.safetensors", labels)
+    with safe_open(str(weights), framework="numpy") as f:
+        metadata = f.metadata()
+    model_args = json.loads(metadata["timm_kwargs"])
+    config = timm_hub.folder_config(metadata["timm_model"], model_args, model, size, labels, pre)
+    with open(folder / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
+    return folder

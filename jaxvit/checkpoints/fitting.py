@@ -314,14 +314,14 @@ def with_checkpoint_grid(ckpt: Checkpoint, grid: tuple[int, int]) -> Checkpoint:
     grid = to_pair(grid)
     posemb = ckpt.params.get("pos_embed/embedding")
     if posemb is None:
-        return dataclasses.replace(ckpt, grid=grid)
+        return dataclasses.replace(ckpt, grid=grid, grid_ambiguity="")
     slots = posemb.shape[1] - grid[0] * grid[1]
     if slots < 0 or slots > 64:
         raise ValueError(
             f"{ckpt.path}: checkpoint_grid={grid} does not fit the position embedding {tuple(posemb.shape)}"
             f" ({posemb.shape[1]} rows: {grid[0] * grid[1]} for the grid and {slots} in front)"
         )
-    return dataclasses.replace(ckpt, grid=grid, num_prefix_tokens=slots)
+    return dataclasses.replace(ckpt, grid=grid, num_prefix_tokens=slots, grid_ambiguity="")
 
 
 def fit_to_model(
@@ -335,6 +335,8 @@ def fit_to_model(
     h, w = to_pair(image_size)
     if checkpoint_grid is not None:
         ckpt = with_checkpoint_grid(ckpt, checkpoint_grid)
+    if ckpt.grid_ambiguity:
+        raise ValueError(ckpt.grid_ambiguity)
     # Everything the file says is checked before the model is traced.
     check_weights(ckpt)
     check_architecture(ckpt, model)

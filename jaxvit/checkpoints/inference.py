@@ -14,10 +14,10 @@ from typing import Any
 
 import flax
 
-from jaxvit.checkpoints import registry
+from jaxvit.checkpoints import hub, registry
 from jaxvit.checkpoints.architecture import model_from_checkpoint
 from jaxvit.checkpoints.checkpoint import INCEPTION, Preprocessing, log
-from jaxvit.checkpoints.fitting import fit_to_model
+from jaxvit.checkpoints.fitting import fit_to_model, with_checkpoint_grid
 from jaxvit.checkpoints.pretrained import read_checkpoint
 from jaxvit.layers.posemb import resample_posemb
 from jaxvit.layers.scan import scan_to_unrolled, unrolled_to_scan
@@ -136,16 +136,23 @@ def _workdir_bundle(
 
 
 def load_for_inference(
-    path: str | os.PathLike, image_size: ImageSize | None = None, **model_overrides: Any
+    path: str | os.PathLike,
+    image_size: ImageSize | None = None,
+    *,
+    checkpoint_grid: tuple[int, int] | None = None,
+    **model_overrides: Any,
 ) -> InferenceBundle:
-    """A checkpoint file, Hugging Face folder or training workdir -> an ``InferenceBundle``.
+    """A checkpoint file, folder, hub id (``hf-hub:ORG/NAME[@REV]``) or training workdir -> an
+    ``InferenceBundle``.
 
     The model is built from the checkpoint itself (``model_from_checkpoint``;
     ``model_overrides`` set fields the weights cannot tell, e.g.
     ``num_heads`` of a foreign timm file, or ``dtype``). ``image_size``
     defaults to the checkpoint's; another size resamples the position embedding.
+    ``checkpoint_grid`` states the patch grid of a file that cannot tell it
+    (see ``load_pretrained``).
     """
-    path = Path(path)
+    path = hub.resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / "checkpoints").is_dir():
@@ -153,6 +160,8 @@ def load_for_inference(
     if image_size is not None:
         image_size = validate.size_field({"image_size": image_size}, "image_size", "load_for_inference")
     ckpt = read_checkpoint(path)
+    if checkpoint_grid is not None:
+        ckpt = with_checkpoint_grid(ckpt, checkpoint_grid)
     model, native = model_from_checkpoint(ckpt, **model_overrides)
     size = to_pair(image_size) if image_size is not None else native
     params = fit_to_model(ckpt, model, size)

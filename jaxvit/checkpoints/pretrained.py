@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxvit import compat
-from jaxvit.checkpoints import registry
+from jaxvit.checkpoints import hub, registry
 from jaxvit.checkpoints.checkpoint import Checkpoint
 from jaxvit.checkpoints.fitting import fit_to_model
 from jaxvit.families.vit import hf as hf_vit
@@ -38,8 +38,9 @@ ImageSize = int | tuple[int, int]
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Reads a checkpoint file or Hugging Face folder into jaxvit's names (no model needed)."""
-    path = Path(path)
+    """Reads a checkpoint file, folder or hub id (``hf-hub:ORG/NAME[@REV]``, see
+    ``jaxvit.checkpoints.hub``) into jaxvit's names (no model needed)."""
+    path = hub.resolve(path)
     if path.is_dir():
         if (path / "checkpoints").is_dir():
             raise ValueError(

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from jaxvit import families
+from jaxvit.checkpoints import timm_hub
 from jaxvit.checkpoints.checkpoint import Preprocessing
 from jaxvit.safety import files, validate
 
@@ -134,8 +135,8 @@ def hf_format(config: Mapping[str, Any], path: str | Path = "the folder") -> Mod
     return HF_MODEL_TYPES[model_type]
 
 
-# Folders that are not Hugging Face ones, by the config file that names their layout
-# (a format module's FOLDER_CONFIG); a folder with a config.json is read as its config says.
+# Folders without a config.json, by the config file that names their layout (a format
+# module's FOLDER_CONFIG, e.g. open_clip_config.json).
 FOLDER_FORMATS: tuple[ModuleType, ...] = tuple(f for f in FORMATS if hasattr(f, "FOLDER_CONFIG"))
 
 
@@ -150,26 +151,46 @@ class HFFolder:
         return hf_format(config, folder).read(folder, arrays, config)
 
 
+class TimmFolder:
+    """A timm hub folder (``config.json`` with an ``architecture``), read by the timm format that
+    claims its weights; the config is passed as the file's metadata (``timm_hub.read_folder``)."""
+
+    NAME = "timm folder"
+
+    @staticmethod
+    def read_folder(folder: Path) -> Any:
+        weights, arrays, metadata = timm_hub.read_folder(folder)
+        fmt = format_for("state_dict", arrays)
+        if not getattr(fmt, "READS_TIMM_FOLDERS", False):
+            raise ValueError(
+                f"{folder}: config.json names the timm model {metadata['timm_model']!r} but its weights"
+                f" have the layout of {fmt.NAME}"
+            )
+        return fmt.read(weights, arrays, metadata)
+
+
 def folder_format(folder: Path) -> Any:
-    """What reads ``folder``: the format whose ``FOLDER_CONFIG`` is there and whose
-    ``claims_folder(config)`` takes that config, else a Hugging Face folder.
+    """What reads ``folder``: by its ``config.json`` a timm hub folder (``TimmFolder``) or a
+    Hugging Face one (``HFFolder``); without one, the format whose ``FOLDER_CONFIG`` file is
+    there and whose ``claims_folder(config)`` takes it (open_clip).
 
     ``config.json`` comes first: a timm hub folder that also holds open_clip's
     files is read as the timm model its ``config.json`` names.
     """
-    by_file: dict[str, list[ModuleType]] = {}
+    if (folder / "config.json").exists():
+        config = files.read_json(validate.member_path(folder, "config.json", "config file"))
+        return TimmFolder if timm_hub.is_timm_config(config) else HFFolder
     for fmt in FOLDER_FORMATS:
-        by_file.setdefault(fmt.FOLDER_CONFIG, []).append(fmt)
-    for name in sorted(by_file, key=lambda n: n != "config.json"):
-        if not (folder / name).exists():
-            continue
-        config = files.read_json(validate.member_path(folder, name, "config file"))
-        chosen = _only_one(by_file[name], f"{folder / name}", lambda f: f.claims_folder(config))
-        if chosen is not None:
-            return chosen
-        if name == "config.json":
-            break
-    return HFFolder
+        if (folder / fmt.FOLDER_CONFIG).exists():
+            config = files.read_json(validate.member_path(folder, fmt.FOLDER_CONFIG, "config file"))
+            chosen = _only_one(
+                [f for f in FOLDER_FORMATS if f.FOLDER_CONFIG == fmt.FOLDER_CONFIG],
+                str(folder / fmt.FOLDER_CONFIG),
+                lambda f, config=config: f.claims_folder(config),
+            )
+            if chosen is not None:
+                return chosen
+    return HFFolder  # which names what a folder needs
 
 
 def exporter(format: str, model: Any) -> ModuleType:

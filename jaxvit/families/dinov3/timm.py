@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxvit import schema
-from jaxvit.checkpoints import layouts
+from jaxvit.checkpoints import layouts, timm_hub
 from jaxvit.checkpoints.checkpoint import (
     Checkpoint,
     Flat,
@@ -31,9 +31,12 @@ from jaxvit.checkpoints.checkpoint import (
     grid_from_config,
     strip_prefix,
 )
-from jaxvit.safety import files
+from jaxvit.families.dinov3 import TIMM_HEADS
+from jaxvit.safety import files, validate
 
 NAME = "timm_dinov3"
+# a timm hub folder's weights are read here when they are DINOv3's (timm_hub)
+READS_TIMM_FOLDERS = True
 HAS_SINCOS = False
 EXPORT_FORMAT = "timm"
 TARGET = "timm Eva (DINOv3)"
@@ -137,6 +140,46 @@ def not_dinov3(arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | 
     return None
 
 
+# the create_model arguments a timm DINOv3 folder may state: those jaxvit's export writes
+MODEL_ARGS = frozenset(
+    "img_size patch_size in_chans num_classes embed_dim depth num_heads mlp_ratio qkv_bias init_values"
+    " rope_temperature num_reg_tokens global_pool swiglu_mlp swiglu_align_to dynamic_img_size".split()
+)
+
+
+def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a timm hub folder's ``config.json`` states: heads, input size, rotary base, labels."""
+    where = f"{path.parent / 'config.json'}"
+    name = timm_hub.architecture(config)
+    if name not in TIMM_HEADS:
+        raise ValueError(f"{where}: timm model {name!r} is not supported (jaxvit reads {sorted(TIMM_HEADS)})")
+    args = config.get("model_args", {})
+    unknown = sorted(set(args) - MODEL_ARGS)
+    if unknown or args.get("global_pool", config.get("global_pool", "token")) != "token":
+        what = f"model_args {unknown}" if unknown else "a global_pool other than 'token'"
+        raise ValueError(f"{where}: timm DINOv3 with {what}: not supported")
+    classes = config.get("num_classes", 0)
+    classifier = params.get("head/classifier/kernel")
+    if (classifier.shape[-1] if classifier is not None else 0) != classes:
+        raise ValueError(f"{where}: num_classes={classes} does not match the weights' classifier")
+    labels = config.get("label_names")
+    theta = validate.float_field(
+        args, "rope_temperature", where, default=IMPLIED_FIELDS["rope_theta"], lo=0.0
+    )
+    return dict(
+        num_heads=validate.int_field(args, "num_heads", where, default=TIMM_HEADS[name], lo=1, hi=4096),
+        size=timm_hub.input_size(config, where),
+        config={"timm_config": dict(config), **({"labels": labels} if labels else {})},
+        fields={**IMPLIED_FIELDS, "rope_theta": theta},
+    )
+
+
+def preprocessing(ckpt: Checkpoint) -> Preprocessing:
+    """A timm folder's ``pretrained_cfg``, else timm's DINOv3 default (``PREPROCESSING``)."""
+    timm_config = ckpt.config.get("timm_config")
+    return timm_hub.preprocessing(timm_config, ckpt.path, PREPROCESSING) if timm_config else PREPROCESSING
+
+
 def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     """A timm DINOv3 state dict (and its safetensors metadata) -> a ``Checkpoint``.
 
@@ -155,7 +198,12 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     saved = config.get("model", {})
     params = _without_exported_fillers(params, saved)
     grid = grid_from_config({**saved, **config})
+    stated = (
+        _stated_by_timm_config(path, params, metadata["timm_config"]) if "timm_config" in metadata else {}
+    )
     kernel = params.get("patch_embed/kernel")
+    if stated.get("size") is not None and kernel is not None:
+        grid = (stated["size"][0] // kernel.shape[0], stated["size"][1] // kernel.shape[1])
     if grid is None and kernel is not None:  # no table to tell it: timm's DINOv3 resolution
         grid = (DEFAULT_IMAGE_SIZE // kernel.shape[0], DEFAULT_IMAGE_SIZE // kernel.shape[1])
     return Checkpoint(
@@ -164,10 +212,10 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         params=params,
         unmatched=unmatched,
         num_prefix_tokens=0,
-        num_heads=saved.get("num_heads"),
+        num_heads=stated.get("num_heads", saved.get("num_heads")),
         grid=grid,
-        config=config,
-        implied_fields=dict(IMPLIED_FIELDS),
+        config={**config, **stated.get("config", {})},
+        implied_fields=stated.get("fields", dict(IMPLIED_FIELDS)),
     )
 
 

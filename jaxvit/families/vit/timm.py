@@ -1,11 +1,15 @@
 """timm ``VisionTransformer`` state dicts (safetensors, or ``.pth``/``.bin`` through PyTorch).
 
-A timm state dict does not say its number of heads nor how its weights were
-trained: jaxvit's own exports put the model fields and the matching
-``timm.create_model(timm_model, **timm_kwargs)`` arguments in the safetensors
-metadata; foreign files get a head count guessed from the width and the
-preprocessing of their family, told from the keys: CLIP towers
-(``vit_*_clip_*``, a ``norm_pre``) CLIP's statistics, SigLIP towers
+A bare timm state dict does not say its number of heads, its grid nor (for
+a CLIP tower) its activation. What says them, in this order: jaxvit's own
+exports (the model fields and the matching ``timm.create_model(timm_model,
+**timm_kwargs)`` arguments in the safetensors metadata); a timm hub folder's
+``config.json`` (``stated_by_timm_config``: the architecture, its
+``model_args`` and ``pretrained_cfg``); else the caller (``num_heads=``,
+``checkpoint_grid=``, ``activation=``): a file that leaves one open is
+refused naming the option, never guessed. The preprocessing is the
+folder's ``pretrained_cfg``, else that of the family the keys show: CLIP
+towers (``vit_*_clip_*``, a ``norm_pre``) CLIP's statistics, SigLIP towers
 (``vit_*_siglip_*``, attention pooling without class token) mean = std =
 0.5, others timm's ImageNet defaults.
 
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from jaxvit import schema
-from jaxvit.checkpoints import layouts
+from jaxvit.checkpoints import layouts, timm_hub
 from jaxvit.checkpoints.checkpoint import (
     CLIP_MEAN,
     CLIP_STD,
@@ -36,13 +40,15 @@ from jaxvit.checkpoints.checkpoint import (
     Flat,
     Preprocessing,
     grid_from_config,
-    log,
     strip_prefix,
 )
+from jaxvit.families.vit import TIMM_ARCHITECTURES
 from jaxvit.safety import files, validate
 from jaxvit.sizes import square_grid
 
 NAME = "timm"
+# a timm hub folder's weights are read here, its config.json as their metadata (timm_hub)
+READS_TIMM_FOLDERS = True
 # any state dict that no narrower format claims
 CLAIMS = "fallback"
 HAS_SINCOS = False
@@ -112,6 +118,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         )
     config = saved_config(path, metadata)
     saved = config.get("model", {})
+    stated = stated_by_timm_config(path, params, metadata["timm_config"]) if "timm_config" in metadata else {}
     for field, key in (
         ("head_bias", "head/classifier/bias"),
         ("head_bias", "head/dist_classifier/bias"),
@@ -120,19 +127,122 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         # timm always has these biases; an export of a model without them wrote zeros
         if saved.get(field) is False and key in params and not np.any(params[key]):
             del params[key]
-    grid = grid_from_config({**saved, **config})
+    grid = stated.get("grid") or grid_from_config({**saved, **config})
+    slots, ambiguity = (stated["slots"], "") if "slots" in stated else _posemb_prefix_slots(params, grid)
     return Checkpoint(
         path=str(path),
         origin=NAME,
         params=params,
         unmatched=unmatched,
-        num_prefix_tokens=_posemb_prefix_slots(params, grid),
-        num_heads=saved.get("num_heads"),
+        num_prefix_tokens=slots,
+        num_heads=stated.get("num_heads", saved.get("num_heads")),
         grid=grid,
-        config=config,
+        config={**config, **stated.get("config", {})},
         posemb_resample="bicubic",
         posemb_antialias=True,
+        implied_fields=stated.get("fields", {}),
+        unstated=_unstated(params, saved, stated),
+        grid_ambiguity=ambiguity and f"{path}: {ambiguity}",
     )
+
+
+# timm create_model arguments (model_args) that jaxvit reads: the sizes and options the keys
+# show, and those the config must state. Any other argument is refused by name.
+MODEL_ARGS = frozenset(
+    "img_size patch_size in_chans num_classes embed_dim depth num_heads mlp_ratio class_token"
+    " global_pool fc_norm pre_norm qkv_bias act_layer mlp_layer init_values reg_tokens"
+    " no_embed_class pos_embed pool_include_prefix dynamic_img_size".split()
+)
+TIMM_POOLS = {"token": "tok", "avg": "gap", "map": "map"}
+TIMM_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def _refuse_model_args(where: str, args: Mapping[str, Any], params: Flat, pool: str) -> None:
+    unknown = sorted(set(args) - MODEL_ARGS)
+    if unknown:
+        raise ValueError(f"{where}: timm model_args {unknown} are not supported")
+    refused = {
+        "fc_norm": args.get("fc_norm") not in (None, False),
+        "act_layer": args.get("act_layer", "gelu") not in TIMM_ACTIVATIONS
+        and not (args.get("act_layer") == "silu" and args.get("mlp_layer") == "SwiGLUPacked"),
+        "mlp_layer": args.get("mlp_layer", "SwiGLUPacked") != "SwiGLUPacked",
+        "pos_embed": args.get("pos_embed", "learn") not in ("learn", "none"),
+        # jaxvit's mean pool leaves the prefix tokens out, its attention pool takes them in
+        "pool_include_prefix": args.get("pool_include_prefix", pool == "map") != (pool == "map")
+        and ("cls_token/token" in params or "registers/tokens" in params),
+    }
+    for name, bad in refused.items():
+        if bad:
+            raise ValueError(f"{where}: timm model_args {name}={args[name]!r} is not supported")
+
+
+def stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a timm hub folder's ``config.json`` states that the weights cannot show.
+
+    ``create_model(architecture, **model_args)`` made the weights: the head
+    count, activation, LayerNorm epsilon and ``no_embed_class`` are the
+    architecture's (``TIMM_ARCHITECTURES``) unless ``model_args`` set them;
+    the grid is ``pretrained_cfg``'s input size. An architecture jaxvit does
+    not know, and a setting it cannot represent, are refused.
+    """
+    where = f"{path.parent / 'config.json'}"
+    name = timm_hub.architecture(config)
+    if name not in TIMM_ARCHITECTURES:
+        raise ValueError(
+            f"{where}: timm model {name!r} is not one jaxvit reads exactly (it knows timm's plain"
+            " VisionTransformer models, jaxvit.families.vit.TIMM_ARCHITECTURES)"
+        )
+    heads, activation, eps, no_embed = TIMM_ARCHITECTURES[name]
+    args = config.get("model_args", {})
+    pool_name = args.get("global_pool", config.get("global_pool", "token"))
+    if pool_name not in TIMM_POOLS:
+        raise ValueError(
+            f"{where}: timm global_pool={pool_name!r} is not supported (jaxvit has {sorted(TIMM_POOLS)})"
+        )
+    pool = TIMM_POOLS[pool_name]
+    _refuse_model_args(where, args, params, pool)
+    num_heads = validate.int_field(args, "num_heads", f"{where}: model_args", default=heads, lo=1, hi=4096)
+    fields: dict[str, Any] = dict(pool=pool, layer_norm_eps=eps)
+    activation = args.get("act_layer", activation)
+    if activation in TIMM_ACTIVATIONS:
+        fields["activation"] = activation
+    no_embed = bool(args.get("no_embed_class", no_embed))
+    stated: dict[str, Any] = dict(num_heads=num_heads, fields=fields)
+    classes = config.get("num_classes", config.get("pretrained_cfg", {}).get("num_classes"))
+    classifier = params.get("head/classifier/kernel")
+    if classes is not None and (classifier.shape[-1] if classifier is not None else 0) != classes:
+        raise ValueError(
+            f"{where}: num_classes={classes} but the weights have"
+            f" {'no classifier' if classifier is None else f'a classifier of {classifier.shape[-1]}'}"
+        )
+    size = timm_hub.input_size(config, where)
+    kernel = params["patch_embed/kernel"]
+    posemb = params.get("pos_embed/embedding")
+    if size is not None and posemb is not None:
+        grid = (size[0] // kernel.shape[0], size[1] // kernel.shape[1])
+        prefix = int("cls_token/token" in params) + int("dist_token/token" in params)
+        prefix += params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
+        slots = 0 if no_embed else prefix
+        if posemb.shape[1] != slots + grid[0] * grid[1]:
+            raise ValueError(
+                f"{where}: input size {size} (a {grid[0]}x{grid[1]} grid) and {slots} prefix slot(s) make"
+                f" {slots + grid[0] * grid[1]} position-embedding rows, but the weights have {posemb.shape[1]}"
+            )
+        stated.update(grid=grid, slots=slots)
+    labels = config.get("label_names")
+    stated["config"] = {"timm_config": dict(config), **({"labels": labels} if labels else {})}
+    if size is not None:
+        stated["config"]["image_size"] = list(size)
+    return stated
+
+
+def _unstated(params: Flat, saved: Mapping[str, Any], stated: Mapping[str, Any]) -> dict[str, str]:
+    if saved or stated or not _is_clip(params):
+        return {}
+    return {
+        "activation": "a bare timm CLIP tower does not say its activation: 'quick_gelu' for OpenAI's"
+        " weights (vit_*_clip_quickgelu_*), 'gelu' for the others"
+    }
 
 
 def saved_config(path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,53 +273,75 @@ def _is_siglip(params: Mapping[str, Any]) -> bool:
 
 
 def preprocessing(ckpt: Checkpoint) -> Preprocessing:
-    """timm's preprocessing for the family the keys show (see the module docstring)."""
+    """A timm folder's ``pretrained_cfg``; for a bare file, timm's preprocessing for the family the
+    keys show (see the module docstring)."""
+    default = IMAGENET_TIMM
     if _is_clip(ckpt.params):
-        return CLIP_TIMM
-    if _is_siglip(ckpt.params):
-        return SIGLIP_TIMM
-    return IMAGENET_TIMM
+        default = CLIP_TIMM
+    elif _is_siglip(ckpt.params):
+        default = SIGLIP_TIMM
+    timm_config = ckpt.config.get("timm_config")
+    return timm_hub.preprocessing(timm_config, ckpt.path, default) if timm_config else default
 
 
 def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
-    """timm's CLIP towers use LayerNorm epsilon 1e-5 (its others 1e-6); the activation stays GELU.
-
-    OpenAI's CLIP weights in timm (``vit_*_clip_quickgelu_*``) use QuickGELU,
-    which the keys cannot show: pass ``activation="quick_gelu"``.
-    """
-    if _is_clip(ckpt.params):
-        log.warning(
-            "%s looks like a timm CLIP tower: using LayerNorm epsilon 1e-5 and exact GELU"
-            " (pass activation='quick_gelu' for OpenAI's weights)",
-            ckpt.path,
-        )
-        return dict(layer_norm_eps=1e-5)
-    return {}
+    """timm's CLIP towers (the only ones of its ViTs with ``norm_pre``) have LayerNorm epsilon 1e-5."""
+    return dict(layer_norm_eps=1e-5) if _is_clip(ckpt.params) else {}
 
 
 # A registered timm model whose fixed arguments (the LayerNorm epsilon, which kwargs
 # cannot set) match; timm_kwargs set everything else.
 TIMM_MODEL_OF_EPS = {1e-6: "vit_base_patch16_224", 1e-5: "vit_base_patch16_clip_224"}
 TIMM_DISTILLED_MODEL = "deit_base_distilled_patch16_224"
+TIMM_SWIGLU_MODEL = "vit_giant_patch14_dinov2"
 
 
-def _posemb_prefix_slots(params: Flat, grid: tuple[int, int] | None) -> int:
-    """How many prefix tokens have a slot in the position embedding (0 for timm's ``no_embed_class``).
+# A bare file's grid is refused as ambiguous when another count of prefix slots leaves a grid
+# this close to square (a 4x6 grid and a class slot is 25 rows, as a 5x5 grid without one is).
+AMBIGUOUS_ASPECT = 1.5
 
-    Told by the grid when the metadata gives it, else by which count leaves a square grid.
+
+def _near_square_grids(length: int) -> list[tuple[int, int]]:
+    """The grids ``(h, w)`` of ``length`` patches with ``max(h, w) <= AMBIGUOUS_ASPECT * min(h, w)``."""
+    return [
+        (h, length // h)
+        for h in range(1, length + 1)
+        if length % h == 0 and max(h, length // h) <= AMBIGUOUS_ASPECT * min(h, length // h)
+    ]
+
+
+def _posemb_prefix_slots(params: Flat, grid: tuple[int, int] | None) -> tuple[int, str]:
+    """``(slots, ambiguity)``: how many prefix tokens have a slot in the position embedding (0 for
+    timm's ``no_embed_class``), and a message when the file cannot tell (else ``""``).
+
+    The grid settles it when the metadata gives it. Otherwise the count of
+    slots that leaves a square grid is taken, unless another count leaves a
+    grid of nearly the same shape: then the file is ambiguous and
+    ``checkpoint_grid`` must say.
     """
     posemb = params.get("pos_embed/embedding")
     if posemb is None:
-        return 0
+        return 0, ""
     length = posemb.shape[1]
     if grid is not None:
-        return length - grid[0] * grid[1]
+        return length - grid[0] * grid[1], ""
     embedded = int("cls_token/token" in params) + int("dist_token/token" in params)
     registers = params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
-    for slots in (embedded, embedded + registers, 0):
-        if square_grid(length - slots):
-            return slots
-    return embedded
+    counts = [c for c in dict.fromkeys((embedded, embedded + registers, 0)) if c < length]
+    readings = {c: _near_square_grids(length - c) for c in counts}
+    squares = [c for c in counts if square_grid(length - c)]
+    if not squares:
+        return embedded, ""
+    others = [(c, g) for c in counts if c != squares[0] for g in readings[c]]
+    if not others:
+        return squares[0], ""
+    choices = [(squares[0], square_grid(length - squares[0])), *others]
+    said = " or ".join(f"{h}x{w} after {c} slot(s)" for c, (h, w) in choices)
+    options = " or ".join(f"({h}, {w})" for _, (h, w) in choices)
+    return squares[0], (
+        f"the position embedding's {length} rows are a {said}, and the file does not say which:"
+        f" pass checkpoint_grid={options} (a timm hub folder's config.json says it)"
+    )
 
 
 def no_embed_class(flat: Flat, model: Any) -> bool:
@@ -225,12 +357,21 @@ def no_embed_class(flat: Flat, model: Any) -> bool:
     return bool(prefix) and posemb is not None and not np.any(posemb[:, :prefix])
 
 
+def timm_model_of(model: Any) -> str:
+    """The registered timm model whose fixed parts (LayerNorm epsilon, MLP class) ``model`` has."""
+    if model.distill_token:
+        return TIMM_DISTILLED_MODEL
+    if model.mlp_type == "swiglu":
+        return TIMM_SWIGLU_MODEL
+    return TIMM_MODEL_OF_EPS[model.layer_norm_eps]
+
+
 def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = False) -> dict[str, Any]:
     """The ``timm.create_model(name, **kwargs)`` arguments of the same architecture.
 
-    ``name`` is a ``vit_*`` model, or a ``deit_*_distilled_*`` one for a model
-    with a distillation token. A SwiGLU model gets ``mlp_layer="SwiGLUPacked"``
-    and ``act_layer="silu"``: pass ``timm.layers.SwiGLUPacked`` for the string.
+    ``name`` is ``timm_model_of(model)``, whose registered defaults these
+    arguments override: for a SwiGLU model ``vit_giant_patch14_dinov2``,
+    whose ``SwiGLUPacked`` MLP and SiLU no JSON argument could name.
     """
     mlp_dim = model.mlp_dim or 4 * model.width
     kwargs: dict[str, Any] = dict(
@@ -259,7 +400,8 @@ def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = 
         kwargs["act_layer"] = activation  # timm's names are the same
     if model.mlp_type == "swiglu":
         # timm's packed fc1 is int(width * mlp_ratio) wide; the half step keeps int() from rounding down.
-        kwargs.update(mlp_ratio=(2 * mlp_dim + 0.5) / model.width, mlp_layer="SwiGLUPacked", act_layer="silu")
+        kwargs.update(mlp_ratio=(2 * mlp_dim + 0.5) / model.width, init_values=model.layer_scale_init)
+        kwargs.pop("act_layer", None)
     if model.layer_scale_init is not None:
         kwargs["init_values"] = model.layer_scale_init
     if model.num_registers:
@@ -279,6 +421,11 @@ def _check_exportable(model: Any) -> None:
         raise ValueError(
             "timm's VisionTransformer with norm_pre (pre_norm=True) has no patch-embedding bias;"
             " the model has pre_norm=True, patch_bias=True"
+        )
+    if model.mlp_type == "swiglu" and (model.distill_token or model.layer_norm_eps != 1e-6):
+        raise ValueError(
+            "timm's SwiGLU ViTs (vit_giant_patch14_dinov2) have LayerNorm epsilon 1e-6 and no distillation"
+            f" token; the model has layer_norm_eps={model.layer_norm_eps}, distill_token={model.distill_token}"
         )
     if model.mlp_type == "swiglu" and model.pool == "map":
         raise ValueError(
@@ -327,9 +474,7 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
         "jaxvit_model": json.dumps(saved),
         "timm_kwargs": json.dumps(timm_kwargs(model, size, without_slots)),
         "timm_class": "VisionTransformerDistilled" if model.distill_token else "VisionTransformer",
-        "timm_model": TIMM_DISTILLED_MODEL
-        if model.distill_token
-        else TIMM_MODEL_OF_EPS[model.layer_norm_eps],
+        "timm_model": timm_model_of(model),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_safetensors(out, path, metadata)
