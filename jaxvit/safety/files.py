@@ -281,9 +281,9 @@ def read_torch(path: str | os.PathLike) -> Flat:
     A dict wrapping the state dict under ``"state_dict"``, ``"model"`` or
     ``"state_dict_ema"`` is unwrapped. Tensors keep their dtype (bfloat16
     becomes float32), so that ``jaxvit.checkpoints.fitting`` can refuse non-float weights.
+    A TorchScript archive (``constants.pkl``) is refused from its zip listing.
     """
     path = Path(path)
-    torch = _import_torch(path)
     with validate.open_regular(path, "checkpoint") as f:
         size = os.fstat(f.fileno()).st_size
         if _is_zip(f.read(4)):
@@ -291,10 +291,19 @@ def read_torch(path: str | os.PathLike) -> Flat:
                 f.seek(0)
                 with zipfile.ZipFile(f) as z:
                     validate.check_zip_expansion(path, z.infolist(), size)
+                    names = z.namelist()
             except (zipfile.BadZipFile, OSError, EOFError) as e:
                 raise ValueError(
                     f"could not read {path}: the zip archive is truncated or corrupt ({type(e).__name__}: {e})"
                 ) from None
+            # Told before PyTorch is asked: torch.load would hand such a file to torch.jit.load.
+            if any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names):
+                raise ValueError(
+                    f"{path} is a TorchScript archive (torch.jit.save: code/ and constants.pkl, as OpenAI's"
+                    " CLIP .pt files are), which jaxvit refuses: loading it runs the code it holds. Save the"
+                    " model's state_dict() as safetensors where you trust the file, then read that"
+                )
+        torch = _import_torch(path)
         f.seek(0)
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
