@@ -76,13 +76,19 @@ def format_text(results: Sequence[dict]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxvit.predict", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--checkpoint", required=True, help=".npz, timm .safetensors/.pth, HF folder or workdir"
+        "--checkpoint",
+        required=True,
+        help=".npz, timm .safetensors/.pth, timm/HF/open_clip folder, hf-hub:ORG/NAME[@REV] or workdir",
     )
     parser.add_argument("--labels", help="class names, one per line, in class-index order")
     parser.add_argument("--image-size", type=int, help="image side in pixels (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--num-heads", type=int, help="for timm files that do not say their head count")
+    parser.add_argument(
+        "--checkpoint-grid", type=int, nargs=2, metavar=("H", "W"), help="for files whose grid reads two ways"
+    )
+    parser.add_argument("--activation", help="for a bare timm CLIP tower: quick_gelu or gelu")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     return parser.parse_args(argv)
@@ -94,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = find_images(args.images)
         overrides = {"num_heads": args.num_heads} if args.num_heads else {}
-        bundle = load_for_inference(args.checkpoint, args.image_size, **overrides)
+        if args.activation:
+            overrides["activation"] = args.activation
+        grid = tuple(args.checkpoint_grid) if args.checkpoint_grid else None
+        bundle = load_for_inference(args.checkpoint, args.image_size, checkpoint_grid=grid, **overrides)
         if args.labels:
             labels = read_labels(args.labels)
             if len(labels) != bundle.model.num_classes:

@@ -90,3 +90,30 @@ def test_an_exported_sincos_table_loads_back_at_another_resolution(tmp_path):
         assert "pos_embed" not in loaded
         x = jnp.ones((1, size, size, 3))
         np.testing.assert_array_equal(model.apply({"params": loaded}, x), model.apply({"params": params}, x))
+
+
+def test_a_vision_transformer_npz_computes_the_origins_tanh_gelu(tmp_path):
+    # flax's nn.gelu, which vision_transformer and big_vision trained with, is the tanh form; timm's
+    # _load_weights and transformers read the same weights with exact GELU. jaxvit follows the origin.
+    model = jaxvit.create_model(None, width=32, depth=1, num_heads=2, patch_size=8, num_classes=3, mlp_dim=64)
+    x = jnp.zeros((1, 16, 16, 3))
+    params = jax.tree_util.tree_map(
+        lambda a: 0.5 * jax.random.normal(jax.random.key(1), a.shape),
+        model.init(jax.random.key(0), x)["params"],
+    )
+    path = jaxvit.export(params, tmp_path / "vt.npz", "npz", model=model)
+    # jaxvit's own export says its fields (exact GELU here) ...
+    assert jaxvit.load_for_inference(path).model.activation == "gelu"
+    # ... a file of the origin's does not: tanh GELU, as flax computed it
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files if k != "jaxvit_model"}
+    np.savez(tmp_path / "origin.npz", **arrays)
+    bundle = jaxvit.load_for_inference(tmp_path / "origin.npz")
+    assert bundle.model.activation == "gelu_tanh"
+    origin = model.clone(activation="gelu_tanh")
+    image = jax.random.uniform(jax.random.key(2), (2, 16, 16, 3))
+    np.testing.assert_allclose(
+        bundle.model.apply({"params": bundle.params}, image),
+        origin.apply({"params": params}, image),
+        atol=1e-6,
+    )

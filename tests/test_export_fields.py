@@ -143,15 +143,10 @@ def _timm_outputs(peer, x: np.ndarray) -> dict:
     return out
 
 
-def _from_metadata(meta: dict) -> dict:
-    kwargs = json.loads(meta["timm_kwargs"])
-    return kwargs
-
-
 def run_timm(path, model, x) -> dict:
     with safe_open(str(path), "np") as f:
         meta = f.metadata()
-    peer = timm.create_model(meta["timm_model"], pretrained=False, **_from_metadata(meta)).eval()
+    peer = timm.create_model(meta["timm_model"], pretrained=False, **json.loads(meta["timm_kwargs"])).eval()
     peer.load_state_dict(load_torch_safetensors(path), strict=True)
     return _timm_outputs(peer, x)
 
@@ -161,7 +156,7 @@ def run_npz(path, model, x) -> dict:
     kwargs = timm_format.timm_kwargs(model, (SIZE, SIZE))
     if model.representation_size:  # timm has no pre_logits layer: the file's is applied below
         kwargs["num_classes"] = 0
-    name = timm_format.TIMM_MODEL_OF_EPS[model.layer_norm_eps]
+    name = timm_format.timm_model_of(model)
     peer = timm.create_model(name, pretrained=False, **kwargs).eval()
     timm_load_npz(peer, str(path))
     out = _timm_outputs(peer, x)

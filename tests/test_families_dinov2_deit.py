@@ -351,7 +351,7 @@ def test_an_unsupported_model_type_lists_the_supported_ones(tmp_path):
 
 
 def test_dinov2_classifier_and_deit_without_teacher_are_refused_by_name(tmp_path):
-    from transformers import DeiTForImageClassification, Dinov2ForImageClassification
+    from transformers import DeiTForImageClassification, DeiTModel, Dinov2ForImageClassification
 
     Dinov2ForImageClassification(Dinov2Config(**TINY, num_labels=3)).save_pretrained(tmp_path / "dino")
     with pytest.raises(ValueError, match="Dinov2ForImageClassification's head reads the class token"):
@@ -359,3 +359,11 @@ def test_dinov2_classifier_and_deit_without_teacher_are_refused_by_name(tmp_path
     DeiTForImageClassification(DeiTConfig(**TINY, intermediate_size=64)).save_pretrained(tmp_path / "deit")
     with pytest.raises(ValueError, match="DeiTForImageClassification .* is not supported"):
         jaxvit.load_for_inference(tmp_path / "deit")
+    # DeiTModel's pooler reads the class token alone; jaxvit's features pool both tokens
+    DeiTModel(DeiTConfig(**TINY, intermediate_size=64)).save_pretrained(tmp_path / "pooled")
+    with pytest.raises(ValueError, match="DeiTModel's pooler .* is not supported"):
+        jaxvit.load_for_inference(tmp_path / "pooled")
+    DeiTModel(DeiTConfig(**TINY, intermediate_size=64), add_pooling_layer=False).save_pretrained(
+        tmp_path / "bare"
+    )
+    assert jaxvit.load_for_inference(tmp_path / "bare").model.distill_token

@@ -542,6 +542,8 @@ def test_every_registered_format_has_what_the_registry_promises():
             "hf",
             "timm_dinov3",
             "timm",
+            "dinov2",
+            "open_clip",
             "workdir",
         ]
     )

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from timm.data import resolve_data_config
 from timm.models._hub import save_for_hf
 
 import jaxvit
+from jaxvit import predict
 from jaxvit.families.vit import TIMM_ARCHITECTURES
 
 KWARGS = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3, dynamic_img_size=True)
@@ -88,6 +90,11 @@ def test_the_bare_file_of_an_ambiguous_grid_is_refused_naming_checkpoint_grid(vi
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="checkpoint_grid"):
         jaxvit.load_pretrained(bare, jaxvit.load_for_inference(folder).model, (32, 48))
+    image = folder.parent / "x.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    argv = ["--checkpoint", str(bare), "--num-heads", "2", "--json", str(image)]
+    assert predict.main(argv) == 2
+    assert predict.main([*argv[:4], "--checkpoint-grid", "4", "6", *argv[4:]]) == 0
     bundle = jaxvit.load_for_inference(bare, num_heads=2, checkpoint_grid=(4, 6))
     x = np.random.default_rng(1).random((1, 32, 48, 3), dtype=np.float32)
     ours = np.asarray(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)))

@@ -41,6 +41,8 @@ def check_architecture(ckpt: Checkpoint, model: VisionTransformer) -> None:
     check_blocks(ckpt)
     problems = []
     kernel = params.get("patch_embed/kernel")
+    if kernel is not None and kernel.ndim != 4:
+        raise ValueError(f"{ckpt.path}: patch_embed/kernel has shape {kernel.shape}, expected 4 dimensions")
     if kernel is not None and kernel.ndim == 4 and kernel.shape[-1] != model.width:
         problems.append(
             f"width {kernel.shape[-1]} (patch_embed/kernel {kernel.shape}) but the model has width={model.width}"

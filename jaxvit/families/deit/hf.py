@@ -8,9 +8,9 @@ distillation token, so every one becomes a jaxvit model with
 ``interpolate_pos_encoding`` does it (bicubic, no antialiasing).
 
 ``DeiTModel``'s pooler (``tanh(dense(cls))``) has no jaxvit counterpart
-with a distillation token and is dropped: the features of the backbone are
-the mean of the class and distillation tokens, as timm's distilled models
-give them.
+with a distillation token: a file with one is refused. jaxvit's features of
+the backbone are the mean of the class and distillation tokens, as timm's
+distilled models give them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxvit.checkpoints import layouts
-from jaxvit.checkpoints.checkpoint import IMAGENET_TIMM, Checkpoint, Flat, grid_from_config, log
+from jaxvit.checkpoints.checkpoint import IMAGENET_TIMM, Checkpoint, Flat, grid_from_config
 from jaxvit.families.vit import hf as hf_vit
 from jaxvit.model import VisionTransformer
 from jaxvit.safety import files
@@ -66,14 +66,12 @@ def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
             f" distillation token) is not supported; supported DeiT architectures: {SUPPORTED_ARCHITECTURES}"
         )
     stripped = {(k[5:] if k.startswith("deit.") else k): v for k, v in arrays.items()}
-    pooler = [k for k in stripped if k.startswith("pooler.")]
-    if pooler:
-        log.info(
-            "dropping DeiTModel's pooler %s of %s: jaxvit pools the class and distillation tokens",
-            pooler,
-            path,
+    if any(k.startswith("pooler.") for k in stripped):
+        raise ValueError(
+            f"{path}: DeiTModel's pooler (tanh(dense) of the class token alone) is not supported: jaxvit's"
+            " DeiT features pool the class and distillation tokens (DeiTModel(config, add_pooling_layer=False)"
+            " saves the model without it)"
         )
-        stripped = {k: v for k, v in stripped.items() if k not in pooler}
     params, unmatched = layouts.rename(stripped, RULES)
     return Checkpoint(
         path=str(path),

@@ -49,3 +49,9 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     return layouts.flax_checkpoint(path, NAME, arrays, RULES, num_prefix_tokens=0)
+
+
+def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
+    """What big_vision computed and the file cannot say: flax's ``nn.gelu``, the tanh form (timm and
+    transformers compute exact GELU for these weights; jaxvit follows the code that trained them)."""
+    return dict(activation="gelu_tanh")

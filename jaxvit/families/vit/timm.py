@@ -400,7 +400,8 @@ def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = 
         kwargs["act_layer"] = activation  # timm's names are the same
     if model.mlp_type == "swiglu":
         # timm's packed fc1 is int(width * mlp_ratio) wide; the half step keeps int() from rounding down.
-        kwargs.update(mlp_ratio=(2 * mlp_dim + 0.5) / model.width, init_values=model.layer_scale_init)
+        # timm drops None arguments; 0 turns the giant's LayerScale off (its Block tests init_values' truth)
+        kwargs.update(mlp_ratio=(2 * mlp_dim + 0.5) / model.width, init_values=0.0)
         kwargs.pop("act_layer", None)
     if model.layer_scale_init is not None:
         kwargs["init_values"] = model.layer_scale_init

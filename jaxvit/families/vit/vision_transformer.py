@@ -8,14 +8,18 @@ writes it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxvit import schema
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import INCEPTION, Checkpoint, Flat, strip_prefix
+from jaxvit.families.vit.timm import saved_config
 
 NAME = "vt"
 # any .npz that big_vision's format does not claim
@@ -35,6 +39,8 @@ CARRIES = ("posemb", "class_token", "pool", "representation_size", "activation",
 EXAMPLE = dict(num_classes=5)
 POSEMBS = ("learn", "sincos2d")
 PREPROCESSING = INCEPTION
+# jaxvit's own exports: the model fields as the UTF-8 bytes of a JSON object
+SAVED_KEY = "jaxvit_model"
 RULES = layouts.flax_vit_rules(
     "Transformer/posembed_input/pos_embedding",
     dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_1", norm2="LayerNorm_2", mlp="MlpBlock_3"),
@@ -49,8 +55,27 @@ def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
 def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     """A vision_transformer ``.npz``'s arrays -> a ``Checkpoint`` in jaxvit's names."""
     _, arrays = strip_prefix(arrays, ("opt/target/",))
+    saved = arrays.pop(SAVED_KEY, None)
     has_cls = "cls" in arrays
-    return layouts.flax_checkpoint(path, NAME, arrays, RULES, num_prefix_tokens=int(has_cls))
+    ckpt = layouts.flax_checkpoint(path, NAME, arrays, RULES, num_prefix_tokens=int(has_cls))
+    if saved is None:
+        return ckpt
+    if saved.dtype != np.uint8 or saved.ndim != 1:
+        raise ValueError(f"{path}: {SAVED_KEY} must be the UTF-8 bytes of a JSON object (uint8, 1-D)")
+    try:
+        text = saved.tobytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {SAVED_KEY} is not UTF-8 ({e})") from None
+    config = saved_config(path, {"jaxvit_model": text})
+    return dataclasses.replace(
+        ckpt, config=config, num_heads=config["model"].get("num_heads", ckpt.num_heads)
+    )
+
+
+def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
+    """What the origin computed and the file cannot say: flax's ``nn.gelu``, the tanh form (timm and
+    transformers compute exact GELU for these weights; jaxvit follows the code that trained them)."""
+    return dict(activation="gelu_tanh")
 
 
 def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Sequence[str] | None) -> Path:
@@ -61,6 +86,9 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
             f" posemb={model.posemb!r} (expected one of {POSEMBS})"
         )
     out = layouts.rename_back(layouts.split_attention(flat, model.num_heads, "heads", "heads"), RULES, "npz")
+    # The layout holds weights only; the model fields ride along as bytes, which peers' loaders skip.
+    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
+    out[SAVED_KEY] = np.frombuffer(json.dumps(saved).encode("utf-8"), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:  # np.savez(str) would append ".npz" to other names
         np.savez(f, **out)
