@@ -40,15 +40,18 @@ def _logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
 
 
-@pytest.fixture(scope="module")
-def deit3_folder(tmp_path_factory):
-    """A DeiT-3 (no_embed_class) at 32x48 px: a bare file of it reads two ways (4x6 + 1 slot = 5x5)."""
-    peer = _perturbed(
-        timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=(32, 48), **KWARGS)
-    )
-    folder = tmp_path_factory.mktemp("deit3") / "peer"
+def _saved_by_timm(tmp_path_factory, name: str):
+    """``(peer, folder)``: timm's ``name`` at 32x48 px, perturbed, saved by timm's ``save_for_hf``."""
+    peer = _perturbed(timm.create_model(name, pretrained=False, img_size=(32, 48), **KWARGS))
+    folder = tmp_path_factory.mktemp(name) / "peer"
     save_for_hf(peer, str(folder), safe_serialization=True)
     return peer, folder
+
+
+@pytest.fixture(scope="module")
+def deit3_folder(tmp_path_factory):
+    """A DeiT-3 (no_embed_class): 24 position-embedding rows for 4x6 patches and a class token."""
+    return _saved_by_timm(tmp_path_factory, "deit3_small_patch16_224")
 
 
 def test_a_timm_folder_loads_with_its_grid_heads_and_preprocessing(deit3_folder):
@@ -72,13 +75,8 @@ def test_a_timm_folder_loads_with_its_grid_heads_and_preprocessing(deit3_folder)
 
 @pytest.fixture(scope="module")
 def vit_folder(tmp_path_factory):
-    """A ViT with a class slot at 32x48 px: 4x6 + 1 = 25 rows, which a 5x5 grid without one also is."""
-    peer = _perturbed(
-        timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(32, 48), **KWARGS)
-    )
-    folder = tmp_path_factory.mktemp("vit") / "peer"
-    save_for_hf(peer, str(folder), safe_serialization=True)
-    return peer, folder
+    """A ViT with a class slot: 4x6 + 1 = 25 rows, which a 5x5 grid without one also is."""
+    return _saved_by_timm(tmp_path_factory, "vit_small_patch16_224")
 
 
 def test_the_bare_file_of_an_ambiguous_grid_is_refused_naming_checkpoint_grid(vit_folder):

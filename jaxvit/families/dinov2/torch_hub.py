@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from jaxvit.checkpoints import layouts
-from jaxvit.checkpoints.checkpoint import IMAGENET_TIMM, Checkpoint, Flat, Preprocessing, log
+from jaxvit.checkpoints.checkpoint import IMAGENET_TIMM, Checkpoint, Flat, Preprocessing
 from jaxvit.families.dinov2 import SIZES
 from jaxvit.sizes import square_grid
 
@@ -115,6 +115,12 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
             f" not a DINOv2 backbone. Its first keys: {sorted(arrays)[:5]}"
         )
     registers = "registers/tokens" in params
+    # the heads of DINOv2's published model of this width; another width cannot say them
+    width = int(params["patch_embed/kernel"].shape[-1])
+    unknown = (
+        f"width {width} is none of DINOv2's published models' ({sorted(HEADS_OF_WIDTH)}), so its number"
+        " of attention heads is unknown"
+    )
     return Checkpoint(
         path=str(path),
         origin=NAME,
@@ -125,36 +131,12 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         grid=square_grid(posemb.shape[1] - 1),
         posemb_resample="bicubic" if registers else "bicubic_offset",
         posemb_antialias=registers,
+        num_heads=HEADS_OF_WIDTH.get(width),
+        unstated={} if width in HEADS_OF_WIDTH else {"num_heads": unknown},
     )
 
 
-def _width(ckpt: Checkpoint) -> int:
-    return int(ckpt.params["patch_embed/kernel"].shape[-1])
-
-
-def build_model(ckpt: Checkpoint, **overrides: Any) -> None:
-    """None: the model is told from the shapes (with ``guess_fields``).
-
-    Raises ``ValueError`` first when the width is none of DINOv2's published
-    ones and ``num_heads`` is not given, since nothing else can say the heads.
-    """
-    width = _width(ckpt)
-    if "num_heads" not in overrides and width not in HEADS_OF_WIDTH:
-        raise ValueError(
-            f"{ckpt.path}: width {width} is none of DINOv2's published models' ({sorted(HEADS_OF_WIDTH)}),"
-            " so its number of attention heads is unknown: pass num_heads=..."
-        )
-    return None
-
-
 def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
-    """DINOv2's own settings: the heads of its published model of this width, LayerNorm epsilon
-    1e-6, exact GELU (the giant's SwiGLU is told from its shapes), the class token pooled."""
-    fields: dict[str, Any] = dict(layer_norm_eps=1e-6, activation="gelu", num_classes=0, pool="tok")
-    width = _width(ckpt)
-    if width in HEADS_OF_WIDTH:
-        log.info(
-            "%s: using %d heads, those of DINOv2's %d-wide model", ckpt.path, HEADS_OF_WIDTH[width], width
-        )
-        fields["num_heads"] = HEADS_OF_WIDTH[width]
-    return fields
+    """DINOv2's own settings: LayerNorm epsilon 1e-6, exact GELU (the giant's SwiGLU is told from
+    its shapes), the class token pooled."""
+    return dict(layer_norm_eps=1e-6, activation="gelu", num_classes=0, pool="tok")
