@@ -86,6 +86,11 @@ for hub_id in sys.argv[3:]:
     except (FileNotFoundError, ValueError) as e:
         out[hub_id] = str(e)
 out["predict"] = predict.main(["--checkpoint", "hf-hub:org/tiny-vit", "--json", sys.argv[0]])
+from jaxvit.training import configs
+config = configs.base_config()
+config.init_from, config.num_classes = "hf-hub:org/tiny-vit", 5
+model, _ = configs.model_from_init_checkpoint(config)  # init_from, as train.py reads it
+out["init_from"] = [model.width, model.num_classes]
 print("RESULT" + json.dumps(out))
 """
 
@@ -117,7 +122,7 @@ def test_a_hub_id_loads_from_the_offline_cache(hub_home, tmp_path):
         theirs = peer(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     ours = np.asarray(out["logits"])
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
-    assert out["tag"] == [32, 32] and out["same"] and out["predict"] == 0
+    assert out["tag"] == [32, 32] and out["same"] and out["predict"] == 0 and out["init_from"] == [32, 5]
     assert out["hf-hub:org/missing"] == "hf-hub:org/missing: not in the local cache and HF_HUB_OFFLINE is set"
     assert out["hf-hub:org/tiny-vit@v9"].startswith("hf-hub:org/tiny-vit@v9: not in the local cache")
     assert out["hf-hub:not a repo"].startswith("'hf-hub:not a repo' is not a hub id")
