@@ -63,6 +63,10 @@ def intermediate_features(
     registers...]``. Runs the model once in eval mode.
     """
     grid = model.patch_grid(images)
+    if norm and model.pool == "attn_pool":
+        raise ValueError(
+            "norm=True: a model with pool='attn_pool' (CoCa) has no final LayerNorm of its tokens"
+        )
     indices = block_indices(model.depth, layers)
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     outputs = _block_outputs(model, state)

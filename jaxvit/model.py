@@ -12,8 +12,9 @@ step's layers live in ``jaxvit/layers/``:
 3. ``Encoder`` (``layers/encoder.py``): pre-LayerNorm blocks of
    ``SelfAttention`` and ``MlpBlock`` or ``SwiGLUMlp``, optionally scanned and
    rematerialised.
-4. ``Head`` (``layers/head.py``): pooling (class token, mean, or attention
-   pooling), an optional representation layer, and the classifier.
+4. ``Head`` (``layers/head.py``): pooling (class token, mean, attention
+   pooling, or CoCa's attentional pooler), an optional representation layer,
+   and the classifier.
 
 The model's options are declared once, in ``jaxvit/schema.py`` (``ViTConfig``):
 the model takes them all as fields, and the encoder and its blocks take their
@@ -36,6 +37,7 @@ import numpy as np
 from jaxvit import compat, schema
 from jaxvit.layers.common import (
     Array,
+    check_attn_pool_heads,
     check_distill_pool,
     check_heads,
     check_pool_has_token,
@@ -66,6 +68,8 @@ def check_config(config: schema.ViTConfig) -> None:
                 f" class_token={config.class_token}, representation_size={config.representation_size}"
             )
     check_heads(config.width, config.num_heads)
+    if config.pool == "attn_pool":
+        check_attn_pool_heads(config.pool_width or config.width, config.pool_heads or config.num_heads)
     if config.posemb == "sincos2d":
         check_sincos_width(config.width)
     if config.posemb == "rope" and (config.width // config.num_heads) % 4:
@@ -83,7 +87,8 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
     gives them as one hashable object). Intermediate outputs come through
     ``sow``: ``mutable=["intermediates"]`` returns the patch tokens, each
     block's output, the encoder output ``encoded`` (all tokens after the final
-    LayerNorm, in the order ``[cls, dist, registers..., patches]``) and the
+    LayerNorm, in the order ``[cls, dist, registers..., patches]``; with
+    ``pool="attn_pool"``, which has no final LayerNorm, the last block's output) and the
     pooled ``features`` (what the classifier sees); ``mutable=["attention"]``
     returns every block's attention weights ``(N, heads, T, T)`` (see
     ``attention_weights``).
@@ -166,7 +171,11 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         rope = dict(
             rope_grid=grid if config.posemb == "rope" else None, rope_prefix_tokens=self.num_prefix_tokens
         )
-        x = Encoder(**schema.pick(config, Encoder, **rope), name="encoder")(x, train=train)
+        # CoCa's pooler normalises the tokens itself: its ln_post comes after the pooling
+        final_norm = config.pool != "attn_pool"
+        x = Encoder(**schema.pick(config, Encoder, final_norm=final_norm, **rope), name="encoder")(
+            x, train=train
+        )
         sow(self, "intermediates", "encoded", x)
 
         # 4. Head: pooled features -> (N, num_classes)
@@ -178,6 +187,9 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
             representation_size=config.representation_size,
             num_heads=config.num_heads,
             mlp_dim=config.mlp_dim or 4 * config.width,
+            pool_queries=config.pool_queries,
+            pool_heads=config.pool_heads,
+            pool_width=config.pool_width,
             layer_norm_eps=config.layer_norm_eps,
             activation=config.activation,
             classifier_bias=config.head_bias_init,
@@ -185,7 +197,10 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
             name="head",
             **common,
         )(x)
-        chex.assert_shape(out, (n, config.num_classes or config.representation_size or config.width))
+        pooled = config.pool_width if config.pool == "attn_pool" else None
+        chex.assert_shape(
+            out, (n, config.num_classes or config.representation_size or pooled or config.width)
+        )
         return out
 
 

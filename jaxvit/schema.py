@@ -31,7 +31,8 @@ from jaxvit.safety import validate
 from jaxvit.safety.validate import MAX_CHANNELS, MAX_CLASSES, MAX_DEPTH, MAX_MLP_DIM, MAX_PATCH, MAX_WIDTH
 
 ROLES = ("architecture", "regularization", "init", "compute")
-POOLINGS = ("tok", "gap", "map")
+# "attn_pool": CoCa's attentional pooler (open_clip), with its own queries, heads and width.
+POOLINGS = ("tok", "gap", "map", "attn_pool")
 # How an encoder with unrolled parameters (scan=False) runs its blocks: "auto" runs them as
 # one lax.scan over the stacked parameters when training and unrolled otherwise.
 BLOCK_LOOPS = ("auto", "scan", "unrolled")
@@ -87,6 +88,10 @@ def option(default: Any, kind: str, role: str, doc: str = "", **spec: Any) -> An
     return dataclasses.field(default=default, metadata={_SPEC: Spec(kind, role, doc=doc, **spec)})
 
 
+def _attn_pool(config: Any) -> bool:
+    return config.pool == "attn_pool"
+
+
 _B = (BLOCK, ENCODER)  # options every block takes, and so the encoder that builds them
 _E = (ENCODER,)
 
@@ -106,6 +111,9 @@ class ViTConfig:
     class_token: bool = option(True, "bool", "architecture", "a class token in front")
     pool: str = option("tok", "str", "architecture", "pooling of the head", choices=POOLINGS)
     representation_size: int | None = option(None, "int", "architecture", "Dense + tanh before the classifier", lo=1, hi=MAX_WIDTH, optional=True)  # fmt: skip
+    pool_queries: int = option(1, "int", "architecture", "learned queries of pool='attn_pool' (the first is pooled)", lo=1, hi=MAX_WIDTH, applies=_attn_pool)  # fmt: skip
+    pool_heads: int | None = option(None, "int", "architecture", "heads of pool='attn_pool'; None: num_heads", lo=1, hi=MAX_WIDTH, optional=True, applies=_attn_pool)  # fmt: skip
+    pool_width: int | None = option(None, "int", "architecture", "width of pool='attn_pool' (its queries and output); None: width", lo=1, hi=MAX_WIDTH, optional=True, applies=_attn_pool)  # fmt: skip
     dropout: float = option(0.0, "float", "regularization", "dropout rate", lo=0.0, hi=1.0, modules=_B)
     attention_dropout: float = option(0.0, "float", "regularization", "dropout of the attention weights", lo=0.0, hi=1.0, modules=_B)  # fmt: skip
     drop_path_rate: float = option(0.0, "float", "regularization", "stochastic depth of the last block", lo=0.0, hi=1.0, modules=_E)  # fmt: skip

@@ -14,7 +14,8 @@ FLOPs are given two ways, per image:
   embedding, each block's ``qkv``, attention logits ``q k^T``, attention times
   values, output projection, ``fc1`` and ``fc2``; the MAP head's query, key,
   value and output projections, its logits and values, and its MLP (on the
-  one probe token); ``pre_logits`` and the classifier. Not counted:
+  one probe token); the projections, logits and values of CoCa's attentional
+  pooler (``pool="attn_pool"``); ``pre_logits`` and the classifier. Not counted:
   LayerNorm, softmax, GELU, bias and residual adds, the position embedding.
 * **XLA** (``xla_flops``): what ``jax.jit(...).lower(...).compile().cost_analysis()``
   reports for the compiled forward pass on abstract inputs. It also counts
@@ -52,7 +53,17 @@ def _size(tree: Any) -> int:
 
 
 # The order of the forward pass; the parameter tree itself comes sorted by name.
-_ORDER = ("patch_embed", "cls_token", "pos_embed", "encoder", "head", "map", "pre_logits", "classifier")
+_ORDER = (
+    "patch_embed",
+    "cls_token",
+    "pos_embed",
+    "encoder",
+    "head",
+    "map",
+    "attn_pool",
+    "pre_logits",
+    "classifier",
+)
 
 
 def _module_order(name: str) -> tuple[int, int, str]:
@@ -115,6 +126,14 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> int:
     return projections + attention + matmul_flops(1, m, d) + matmul_flops(1, d, m)
 
 
+def attn_pool_flops(tokens: int, width: int, pool_width: int, queries: int) -> int:
+    """FLOPs of CoCa's attentional pooler: ``queries`` queries of width ``pool_width`` over ``tokens``
+    keys and values of width ``width``, projected to ``pool_width``."""
+    t, d, e, q = tokens, width, pool_width, queries
+    projections = matmul_flops(q, e, e) + 2 * matmul_flops(t, e, d) + matmul_flops(q, e, e)
+    return projections + matmul_flops(q, t, e) + matmul_flops(q, e, t)
+
+
 def formula_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 224) -> dict[str, int]:
     """``{module: FLOPs}`` of one image's forward pass by the closed form (see the module docstring).
 
@@ -139,6 +158,9 @@ def formula_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 
     features = d
     if model.pool == "map":
         flops["head/map"] = map_head_flops(tokens, d, mlp_dim)
+    elif model.pool == "attn_pool":
+        features = model.pool_width or d
+        flops["head/attn_pool"] = attn_pool_flops(tokens, d, features, model.pool_queries)
     if model.representation_size:
         flops["head/pre_logits"] = matmul_flops(1, model.representation_size, d)
         features = model.representation_size

@@ -41,7 +41,7 @@ from jaxvit.training.curves import (  # noqa: F401 (part of this command's API)
 Array = Any  # jax.Array or np.ndarray
 
 HEAD_FUSIONS = ("mean", "max", "min")
-POOLS = ("tok", "gap", "map")
+POOLS = ("tok", "gap", "map", "attn_pool")
 
 # ---------------------------------------------------------------------------
 # Attention rollout (pure)
@@ -111,10 +111,10 @@ def rollout_map(
 ) -> Array:
     """``(..., T, T) -> (..., h, w)``: the attention of the pooled output on each patch.
 
-    ``pool="tok"`` reads the class token's row (row 0); ``"gap"`` and
-    ``"map"`` average the rows of the ``h*w`` patch tokens (for ``map`` this
-    leaves out the probe's own attention, which is not in the encoder's
-    weights). Only the patch columns are kept, in the ``(h w)`` order of
+    ``pool="tok"`` reads the class token's row (row 0); ``"gap"``, ``"map"``
+    and ``"attn_pool"`` average the rows of the ``h*w`` patch tokens (for the
+    attention pools this leaves out the pooler's own attention, which is not in
+    the encoder's weights). Only the patch columns are kept, in the ``(h w)`` order of
     ``patchify``. Works on a rollout ``(N, T, T)`` or on raw weights
     ``(N, heads, T, T)`` for per-head maps.
     """
@@ -132,7 +132,7 @@ def rollout_map(
         if num_prefix_tokens < 1:
             raise ValueError("pool='tok' needs a class token (num_prefix_tokens >= 1); use pool='gap'")
         rows = rollout[..., 0, num_prefix_tokens:]
-    elif pool in ("gap", "map"):
+    elif pool in ("gap", "map", "attn_pool"):
         rows = rollout[..., num_prefix_tokens:, num_prefix_tokens:].mean(axis=-2)
     else:
         raise ValueError(f"unknown pool {pool!r}: expected one of {POOLS}")

@@ -153,11 +153,19 @@ def test_distill_token_logits_average_the_two_classifiers():
         (dict(distill_token=True, pool="gap"), "distill_token=True .*pool='tok'"),
         (dict(distill_token=True, representation_size=8), "distill_token=True needs"),
         (dict(num_registers=-1), "num_registers must be >= 0"),
+        (
+            dict(pool="attn_pool", pool_heads=3),
+            "pool='attn_pool' needs a pooler width divisible by its heads",
+        ),
+        (dict(pool="attn_pool", pool_width=20, pool_heads=8), "pool_width=20, pool_heads=8"),
+        (dict(pool="attn_pool", pool_queries=0), "pool_queries must be >= 1"),
+        (dict(pool="attn_pool", distill_token=True), "distill_token=True .*pool='tok'"),
     ],
 )
 def test_bad_options_are_named(fields, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         tiny(**fields)
+    assert "\n" not in str(info.value)
 
 
 def test_every_option_keeps_params_fp32_and_runs_in_bf16_scanned():
@@ -174,6 +182,68 @@ def test_every_option_keeps_params_fp32_and_runs_in_bf16_scanned():
     assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(variables))
     logits = model.apply(variables, IMAGES)
     assert logits.dtype == jnp.bfloat16 and logits.shape == (2, 5)
+
+
+# -- CoCa's attentional pooler ---------------------------------------------------------------
+
+
+def _layer_norm(x, params, eps=1e-6):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * params["scale"] + params["bias"]
+
+
+def test_attn_pool_pools_the_first_normed_query_over_tokens_without_the_final_norm():
+    model = tiny(pool="attn_pool", pool_queries=3, pool_heads=4, pool_width=16)
+    variables = random_variables(model)
+    params = jax.tree_util.tree_map(np.asarray, variables["params"])
+    pooler = params["head"]["attn_pool"]
+    shapes = jax.tree_util.tree_map(np.shape, pooler)
+    assert shapes["query"] == (3, 16) and shapes["norm_q"]["scale"] == (16,)
+    assert shapes["norm_kv"]["scale"] == (32,) and shapes["norm_out"]["scale"] == (16,)
+    assert shapes["attn"]["query"]["kernel"] == (16, 4, 4) and shapes["attn"]["key"]["kernel"] == (32, 4, 4)
+    assert shapes["attn"]["out"]["kernel"] == (4, 4, 16)
+    assert params["head"]["classifier"]["kernel"].shape == (16, 5)
+    assert "norm" not in params["encoder"]
+    # the gap model's count, less its final norm and classifier, plus the pooler and a classifier of 16
+    pooler_count = 3 * 16 + 2 * 16 + 2 * 32 + (16 * 16 + 16) + 2 * (32 * 16 + 16) + (16 * 16 + 16) + 2 * 16
+    expected = jaxvit.count_params(tiny(pool="gap"), 16) - 2 * 32 - (32 * 5 + 5) + pooler_count + 16 * 5 + 5
+    assert jaxvit.count_params(model, 16) == expected
+
+    logits, inter = run(model, variables)
+    tokens = np.asarray(inter["encoded"][0])
+    np.testing.assert_array_equal(tokens, inter["encoder"]["block_0"]["out"][0])
+    attn = pooler["attn"]
+    q = np.einsum("qe,ehd->qhd", _layer_norm(pooler["query"], pooler["norm_q"]), attn["query"]["kernel"])
+    context = _layer_norm(tokens, pooler["norm_kv"])
+    k, v = (
+        np.einsum("nte,ehd->nthd", context, attn[n]["kernel"]) + attn[n]["bias"] for n in ("key", "value")
+    )
+    weights = jax.nn.softmax(np.einsum("qhd,nthd->nhqt", q + attn["query"]["bias"], k) / 2.0, axis=-1)
+    y = np.einsum("nhqt,nthd,hde->nqe", weights, v, attn["out"]["kernel"]) + attn["out"]["bias"]
+    features = _layer_norm(y, pooler["norm_out"])[:, 0]
+    np.testing.assert_allclose(inter["head"]["features"][0], features, atol=1e-5)
+    classifier = params["head"]["classifier"]
+    np.testing.assert_allclose(logits, features @ classifier["kernel"] + classifier["bias"], atol=1e-5)
+
+
+def test_attn_pool_fields_count_only_with_that_pool():
+    from jaxvit import schema
+    from jaxvit.summary import formula_flops, xla_flops
+
+    pooler = {"pool_queries": 4, "pool_width": 16}
+    assert not set(pooler) & set(schema.differs_from_default(tiny(**pooler)))
+    assert set(pooler) <= set(schema.differs_from_default(tiny(pool="attn_pool", **pooler)))
+    alone = tiny(pool="attn_pool", class_token=False, num_classes=0)
+    out = jax.eval_shape(lambda x: alone.apply(alone.init(jax.random.key(0), x), x), IMAGES)
+    assert out.shape == (2, 32)  # the pooler's heads and width are the model's
+    # the sizes of the plain model's bound (tests/test_summary.py): XLA adds only elementwise work
+    model = tiny(
+        width=64, depth=2, mlp_dim=128, pool="attn_pool", pool_queries=8, pool_width=48, pool_heads=4
+    )
+    formula = sum(formula_flops(model, 32).values())
+    assert formula <= xla_flops(model, 32) <= 1.05 * formula
+    with pytest.raises(ValueError, match="pool='attn_pool' .* has no final LayerNorm"):
+        jaxvit.intermediate_features(model, {}, IMAGES, layers=1)  # refused before the params are read
 
 
 # -- variants --------------------------------------------------------------------------------

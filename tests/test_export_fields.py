@@ -65,6 +65,10 @@ VALUES = [
     ("mlp_type", dict(mlp_type="swiglu")),
     ("pool", dict(pool="gap")),
     ("pool", dict(pool="map")),
+    ("pool", dict(pool="attn_pool")),
+    ("pool_queries", dict(pool="attn_pool", pool_queries=3)),  # the pooler's fields count only with it
+    ("pool_heads", dict(pool="attn_pool", pool_heads=4)),
+    ("pool_width", dict(pool="attn_pool", pool_width=16)),
     ("class_token", dict(class_token=False, pool="gap")),
     ("class_token", dict(class_token=False, pool="map")),
     ("distill_token", dict(distill_token=True)),
@@ -79,6 +83,7 @@ VALUES = [
 REFUSED_VALUES = {
     ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip"},
     ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip"},
+    ("pool", "attn_pool"): {"vt", "timm"},
 }
 
 

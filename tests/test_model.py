@@ -701,7 +701,7 @@ def test_bad_images_raise_before_compiling(tiny_variables, shape, dtype, message
     "overrides, message",
     [
         (dict(width=30, num_heads=4), "width 30 is not divisible by num_heads=4"),
-        (dict(pool="cls"), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map'\)"),
+        (dict(pool="cls"), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map', 'attn_pool'\)"),
         (
             dict(posemb="sincos"),
             r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d', 'rope', 'none'\)",

@@ -36,6 +36,7 @@ from jaxvit.families.vit import TIMM_ARCHITECTURES  # noqa: E402
 # well under the 1e-4 asked: exact GELU read as its tanh form moves these outputs by ~3e-5
 RTOL = 1e-5
 TEXT = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+COCA_TEXT = dict(TEXT, embed_cls=True, output_tokens=True)  # as open_clip's coca_* configs
 MEASURED: list[tuple[str, int, float]] = []
 CASES = {
     # OpenAI's own towers: QuickGELU, everything else at open_clip's defaults
@@ -61,6 +62,43 @@ CASES = {
             patch_dropout=0.5,
         ),
     ),
+    # CoCa: the attentional pooler over the un-normed tokens, at embed_dim, narrower than the tower
+    # (torch then keeps q, k, v apart), the multimodal decoder beside it
+    "coca": dict(
+        embed_dim=32,
+        custom_text=True,
+        text_cfg=COCA_TEXT,
+        multimodal_cfg=TEXT,
+        vision_cfg=dict(
+            image_size=32,
+            layers=2,
+            width=48,
+            head_width=16,
+            patch_size=8,
+            attentional_pool=True,
+            attn_pooler_queries=4,
+            attn_pooler_heads=2,
+            output_tokens=True,
+        ),
+    ),
+    # the pooler as wide as the tower: torch stacks q, k, v in one in_proj_weight
+    "coca_stacked": dict(
+        embed_dim=32,
+        custom_text=True,
+        text_cfg=COCA_TEXT,
+        multimodal_cfg=TEXT,
+        vision_cfg=dict(
+            image_size=32,
+            layers=2,
+            width=32,
+            head_width=16,
+            patch_size=8,
+            attentional_pool=True,
+            attn_pooler_queries=3,
+            attn_pooler_heads=4,
+            output_tokens=True,
+        ),
+    ),
     # SigLIP 2: a timm trunk without class token, attention-pooled, tanh GELU, no projection
     "siglip_trunk": dict(
         embed_dim=48,
@@ -81,6 +119,8 @@ CASES = {
 SIZES = {
     "openai_quickgelu": (32, 48, 24),
     "openai_gelu": (32, 48),
+    "coca": (32, 48),
+    "coca_stacked": (32, 24),
     "siglip_trunk": (32, 48),
     "clip_trunk": (32, 24),
 }
@@ -120,7 +160,9 @@ def images(size: int, seed: int) -> np.ndarray:
 
 def encode(model, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model.encode_image(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+        # CoCa normalises by default, CLIP does not
+        x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        return model.encode_image(x, normalize=False).numpy()
 
 
 def make_case(root: Path, name: str) -> dict:
@@ -185,6 +227,10 @@ def test_the_models_state_what_the_configs_say(cases):
     assert siglip.num_classes == 0
     clip = models["clip_trunk"]
     assert (clip.pre_norm, clip.patch_bias, clip.layer_norm_eps, clip.head_bias) == (True, False, 1e-5, True)
+    coca = models["coca"]
+    assert (coca.pool, coca.pool_queries, coca.pool_heads, coca.pool_width) == ("attn_pool", 4, 2, 32)
+    assert (coca.width, coca.num_heads, coca.num_classes, coca.head_bias) == (48, 3, 32, False)
+    assert models["coca_stacked"].pool_heads == 4
 
 
 def test_preprocessing_comes_from_preprocess_cfg(cases):
@@ -229,6 +275,14 @@ def test_a_folder_with_pytorch_weights_reads_the_same(cases, tmp_path):
     assert relative_error(run(jaxvit.load_for_inference(tmp_path), x), expected) < RTOL
 
 
+def test_a_bare_coca_tower_is_refused(cases, tmp_path):
+    bare = tmp_path / "open_clip_model.safetensors"
+    bare.write_bytes((cases["coca"]["folder"] / "open_clip_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="attentional pooler .* does not say the pooler's heads") as info:
+        jaxvit.load_for_inference(bare, activation="gelu")
+    assert "\n" not in str(info.value)
+
+
 def test_a_bare_timm_trunk_is_refused(cases, tmp_path):
     bare = tmp_path / "open_clip_model.safetensors"
     bare.write_bytes((cases["siglip_trunk"]["folder"] / "open_clip_model.safetensors").read_bytes())
@@ -242,7 +296,10 @@ REFUSED = {
         {"timm_model_name": "vitamin_base_224", "timm_pool": "", "timm_proj": "linear"},
         "vitamin",
     ),
-    "attentional_pool": ({"attentional_pool": True}, "attentional_pool"),
+    "attentional_pool_parallel": ({"attentional_pool": "parallel"}, "attentional_pool='parallel'"),
+    "attentional_pool_cascade": ({"attentional_pool": "cascade"}, "attentional_pool='cascade'"),
+    "attentional_pool_avg": ({"attentional_pool": True, "pool_type": "avg"}, "pool_type='avg'"),
+    "attentional_pool_eps": ({"attentional_pool": True, "norm_kwargs": {"eps": 1e-6}}, "epsilon 1e-06"),
     "final_ln_after_pool": ({"pool_type": "avg", "final_ln_after_pool": True}, "final_ln_after_pool"),
     "pool_none": ({"pool_type": "none"}, "pool_type"),
     "qk_norm": ({"qk_norm": True}, "qk_norm"),

@@ -172,6 +172,45 @@ def torch_block_rules(src: str, names: Mapping[str, str]) -> list[Rule]:
     return rules
 
 
+def torch_mha_rules(src: str, dst: str) -> list[Rule]:
+    """torch's ``nn.MultiheadAttention`` at ``src`` -> flax's ``MultiHeadDotProductAttention`` at
+    ``dst``, with flat kernels (``mha_heads`` shapes them). torch stacks the q, k, v weights in one
+    ``in_proj_weight`` when keys and values have the queries' width, else keeps three
+    ``{q,k,v}_proj_weight``; the bias is always stacked."""
+    separate = [
+        Rule(f"{src}.{x}_proj_weight", f"{dst}/{name}/kernel", "linear")
+        for x, name in (("q", "query"), ("k", "key"), ("v", "value"))
+    ]
+    stacked = [
+        Rule(f"{src}.in_proj_weight", f"{dst}/qkv/kernel", "linear"),
+        Rule(f"{src}.in_proj_bias", f"{dst}/qkv/bias"),
+    ]
+    return stacked + separate + torch_rules(f"{src}.out_proj", f"{dst}/out", "linear")
+
+
+def mha_heads(flat: Mapping[str, np.ndarray], dst: str, heads: int) -> Flat:
+    """The attention that ``torch_mha_rules`` read to ``dst``, in flax's shapes: ``query``, ``key``,
+    ``value`` ``(in, heads, head_dim)`` (a stacked ``qkv`` split first), ``out`` ``(heads,
+    head_dim, out)``. Shapes that do not split are left as they are, for the key check to name."""
+    out = dict(flat)
+    for n in ("kernel", "bias"):
+        stacked = out.get(f"{dst}/qkv/{n}")
+        if stacked is not None and stacked.shape[-1] % 3 == 0:
+            del out[f"{dst}/qkv/{n}"]
+            for name, part in zip(("query", "key", "value"), np.split(stacked, 3, axis=-1), strict=True):
+                out[f"{dst}/{name}/{n}"] = part
+    for name in ("query", "key", "value"):
+        kernel, bias = out.get(f"{dst}/{name}/kernel"), out.get(f"{dst}/{name}/bias")
+        if kernel is not None and kernel.ndim == 2 and kernel.shape[1] % heads == 0:
+            out[f"{dst}/{name}/kernel"] = kernel.reshape(kernel.shape[0], heads, -1)
+        if bias is not None and bias.ndim == 1 and bias.shape[0] % heads == 0:
+            out[f"{dst}/{name}/bias"] = bias.reshape(heads, -1)
+    kernel = out.get(f"{dst}/out/kernel")
+    if kernel is not None and kernel.ndim == 2 and kernel.shape[0] % heads == 0:
+        out[f"{dst}/out/kernel"] = kernel.reshape(heads, -1, kernel.shape[1])
+    return out
+
+
 def flax_checkpoint(
     path: Path, origin: str, arrays: Flat, rules: tuple[Rule, ...], num_prefix_tokens: int
 ) -> Checkpoint:

@@ -41,6 +41,15 @@ def check_pool_has_token(pool: str, class_token: bool) -> None:
         raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
 
 
+def check_attn_pool_heads(pool_width: int, pool_heads: int) -> None:
+    """Raises ``ValueError`` unless the attentional pooler's width splits evenly into its heads."""
+    if pool_width % pool_heads:
+        raise ValueError(
+            f"pool='attn_pool' needs a pooler width divisible by its heads, got pool_width={pool_width},"
+            f" pool_heads={pool_heads}"
+        )
+
+
 def check_distill_pool(pool: str) -> None:
     """Raises ``ValueError`` unless a model with a distillation token pools its tokens (``pool="tok"``)."""
     if pool != "tok":

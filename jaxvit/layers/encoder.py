@@ -97,12 +97,15 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     between that layout and ``block_0 ... block_{depth-1}``.
     Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
     ``rope_grid`` turns on DINOv3's rotary position embedding in every block.
-    Its options are the schema's encoder fields (``schema.names(module="encoder")``),
-    with the schema's defaults: ``Encoder(depth=2, num_heads=4)`` composes on its own.
+    ``final_norm=False`` leaves out the final LayerNorm (CoCa's attentional pooler normalises
+    the tokens itself). Its options are the schema's encoder fields
+    (``schema.names(module="encoder")``), with the schema's defaults:
+    ``Encoder(depth=2, num_heads=4)`` composes on its own.
     """
 
     rope_grid: tuple[int, int] | None = None
     rope_prefix_tokens: int = 0
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -137,7 +140,7 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
             block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=False), prevent_cse=True)
             for i in range(self.depth):
                 x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i])
-        return nn.LayerNorm(name="norm", **norm)(x)
+        return nn.LayerNorm(name="norm", **norm)(x) if self.final_norm else x
 
     def _remat_policy(self, scanned: bool) -> str:
         if self.remat_policy == "auto":

@@ -7,7 +7,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxvit import compat, ops, schema
-from jaxvit.layers.common import Array, DType, check_choice, check_distill_pool, check_pool_has_token, sow
+from jaxvit.layers.common import (
+    Array,
+    DType,
+    check_attn_pool_heads,
+    check_choice,
+    check_distill_pool,
+    check_pool_has_token,
+    sow,
+)
 from jaxvit.layers.mlp import MlpBlock
 from jaxvit.layers.patch import Dense
 
@@ -51,12 +59,60 @@ class MAPHead(nn.Module):
         return y[:, 0]
 
 
+class AttentionalPooler(nn.Module):
+    """``(N, T, D) -> (N, Q, E)``: CoCa's attentional pooler (open_clip's ``AttentionalPooler``
+    followed by its ``ln_post``).
+
+    ``num_queries`` learned queries ``(Q, E)``, LayerNormed (``norm_q``), attend with
+    ``num_heads`` heads to the LayerNormed tokens (``norm_kv``, of width ``D``); the attention's
+    outputs are LayerNormed (``norm_out``). Unlike ``MAPHead`` there is no residual and no MLP,
+    and the width ``E`` is the pooler's own.
+    """
+
+    num_queries: int
+    num_heads: int
+    width: int
+    layer_norm_eps: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        chex.assert_rank(x, 3)
+        check_attn_pool_heads(self.width, self.num_heads)
+        n = x.shape[0]
+        norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        # open_clip draws its queries from N(0, 1); they are LayerNormed before use anyway
+        query = self.param(
+            "query", nn.initializers.normal(1.0), (self.num_queries, self.width), self.param_dtype
+        )
+        query = nn.LayerNorm(name="norm_q", **norm)(query.astype(self.dtype))
+        query = jnp.broadcast_to(query, (n, self.num_queries, self.width))
+        context = nn.LayerNorm(name="norm_kv", **norm)(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            qkv_features=self.width,
+            out_features=self.width,
+            kernel_init=nn.initializers.xavier_uniform(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            qkv_dot_general=ops.dot_general,
+            out_dot_general=ops.dot_general,
+            name="attn",
+        )(query, context)
+        y = nn.LayerNorm(name="norm_out", **norm)(y)
+        chex.assert_shape(y, (n, self.num_queries, self.width))
+        return y
+
+
 class Head(nn.Module):
     """``(N, P + S, D) -> (N, num_classes)``, or ``(N, D')`` features when ``num_classes=0``.
 
     ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
     ``S`` patch tokens (after all ``P`` prefix tokens: class, distillation,
-    registers), ``"map"`` attention pooling. ``representation_size`` adds
+    registers), ``"map"`` attention pooling, ``"attn_pool"`` the first of ``pool_queries`` outputs
+    of CoCa's ``AttentionalPooler`` (``pool_heads`` heads, width ``pool_width``: the features are
+    then ``(N, pool_width)``). ``representation_size`` adds
     ``Dense + tanh`` (``pre_logits``) before the zero-init classifier;
     ``use_classifier_bias=False`` leaves out its bias (a projection such as
     CLIP's ``visual_projection``). ``distill_token`` (DeiT; ``pool="tok"``):
@@ -73,6 +129,9 @@ class Head(nn.Module):
     representation_size: int | None = None
     num_heads: int = 1
     mlp_dim: int | None = None
+    pool_queries: int = 1
+    pool_heads: int | None = None  # None: num_heads
+    pool_width: int | None = None  # None: the tokens' width
     layer_norm_eps: float = 1e-6
     activation: str = "gelu"
     classifier_bias: float = 0.0
@@ -107,6 +166,17 @@ class Head(nn.Module):
                 param_dtype=self.param_dtype,
                 name="map",
             )(x)
+        elif self.pool == "attn_pool":
+            d = self.pool_width or d
+            x = AttentionalPooler(
+                num_queries=self.pool_queries,
+                num_heads=self.pool_heads or self.num_heads,
+                width=d,
+                layer_norm_eps=self.layer_norm_eps,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="attn_pool",
+            )(x)[:, 0]
         else:
             check_choice("pool", self.pool, POOLINGS)
         chex.assert_shape(x, (n, d))

@@ -144,7 +144,10 @@ def test_batch_12_on_8_devices():
         (dict(log_every=-1), "log_every must be >= 0, got -1"),
         (dict(checkpoint_every=-5), "checkpoint_every must be >= 0, got -5"),
         (dict(num_classes=0), "num_classes must be >= 1, got 0"),
-        (dict(model={"pool": "cls"}), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map'\)"),
+        (
+            dict(model={"pool": "cls"}),
+            r"unknown pool 'cls': expected one of \('tok', 'gap', 'map', 'attn_pool'\)",
+        ),
         (dict(model={"num_heads": 3}), "width 16 is not divisible by num_heads=3"),
         (dict(model={"variant": "Q/4"}), "unknown variant 'Q/4'"),
     ],

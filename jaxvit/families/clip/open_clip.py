@@ -16,6 +16,9 @@ before it is normalised):
   ``int(width * mlp_ratio)`` the MLP. ``pool_type="tok"`` is ``pool="tok"`` (with or without
   ``final_ln_after_pool``: a LayerNorm of the class token alone is that token of the normed
   sequence), ``"avg"`` is ``pool="gap"``. A ``sin_cos_2d`` table is stored like a learned one.
+  CoCa's ``attentional_pool=true`` is ``pool="attn_pool"``: ``attn_pool`` (``attn_pooler_queries``,
+  ``attn_pooler_heads``, width ``embed_dim``) pools the tokens without a final norm, ``ln_post``
+  norms its queries, and the first (``pool_type="tok"``) goes through ``proj`` (``embed_dim`` square).
 - a timm trunk (``visual.trunk.``, and ``visual.head.proj`` for ``timm_proj="linear"``): the timm
   ``VisionTransformer`` that ``timm_model_name`` registers, read with the timm layout. Its head
   count, activation, LayerNorm epsilon and ``no_embed_class`` are the registered architecture's
@@ -25,15 +28,15 @@ before it is normalised):
   adds ``head.proj`` (a bias with ``timm_proj_bias``), unset keeps the trunk's own head (with bias).
   open_clip gives timm trunks their own activation whatever ``quick_gelu`` says; so does jaxvit.
 
-Refused in one line naming the setting: ResNet towers (``layers`` a list), CoCa's
-``attentional_pool``, ``pool_type`` ``"avg"`` with ``final_ln_after_pool`` (a norm of the mean) or
-``"none"``, open_clip's custom attention block (``qk_norm``, ``scaled_cosine_attn``, ...), other
-``act_kwargs``/``norm_kwargs``, timm Eva trunks (PE, EVA-02), other timm models and SwiGLU trunks,
-``timm_pool`` ``""`` (the trunk's default, which the file does not say), ``abs_attn``/``rot_attn``,
-``timm_proj="mlp"``, a ``map`` pool over class or register tokens (timm leaves them out, jaxvit's
-attention pool takes them in), and a ``preprocess_cfg`` with ``resize_mode="longest"`` (resize and
-pad). ``patch_dropout``, ``timm_drop``, ``timm_drop_path`` and ``output_tokens`` change nothing of
-the pooled output at inference and are read.
+Refused in one line naming the setting: ResNet towers (``layers`` a list), ``attentional_pool``
+``"parallel"``/``"cascade"`` (open_clip's WIP) or with another ``pool_type`` or epsilon,
+``pool_type`` ``"avg"`` with ``final_ln_after_pool`` (a norm of the mean) or ``"none"``, open_clip's
+custom attention block (``qk_norm``, ``scaled_cosine_attn``, ...), other ``act_kwargs``/``norm_kwargs``,
+timm Eva trunks (PE, EVA-02), other timm models and SwiGLU trunks, ``timm_pool`` ``""`` (the trunk's
+default, which the file does not say), ``abs_attn``/``rot_attn``, ``timm_proj="mlp"``, a ``map`` pool
+over class or register tokens (timm leaves them out, jaxvit's attention pool takes them in), and a
+``preprocess_cfg`` with ``resize_mode="longest"`` (resize and pad). ``patch_dropout``, ``timm_drop``,
+``timm_drop_path`` and ``output_tokens`` change nothing of the pooled output at inference and are read.
 
 A bare ``open_clip_model.safetensors`` (no JSON) is read too: a timm trunk is refused (the file
 does not name its timm model), and an OpenAI-layout tower takes open_clip's defaults where they are
@@ -86,6 +89,7 @@ TOWER = "visual."
 
 _BLOCK = "transformer.resblocks.{i}"
 _OURS = "encoder/block_{i}"
+_POOLER = "head/attn_pool"
 OPENAI_RULES = tuple(
     [
         # open_clip's conv has no bias (a file with one is refused, as open_clip refuses it)
@@ -99,7 +103,12 @@ OPENAI_RULES = tuple(
         layouts.Rule(f"{_BLOCK}.ls_2.gamma", f"{_OURS}/ls2/scale"),
         # pooled @ proj: already (in, out)
         layouts.Rule("proj", "head/classifier/kernel"),
+        layouts.Rule("attn_pool.query", f"{_POOLER}/query"),
     ]
+    # CoCa's attentional pooler (its attention shaped per head by _pooler_params)
+    + layouts.torch_mha_rules("attn_pool.attn", f"{_POOLER}/attn")
+    + layouts.torch_rules("attn_pool.ln_q", f"{_POOLER}/norm_q", "ln")
+    + layouts.torch_rules("attn_pool.ln_k", f"{_POOLER}/norm_kv", "ln")
     + layouts.torch_rules("ln_pre", "encoder/norm_pre", "ln")
     + layouts.torch_block_rules(
         _BLOCK,
@@ -252,6 +261,13 @@ def _openai_checkpoint(path: Path, tower: Flat, config: Mapping[str, Any] | None
         fields, size = _openai_fields(_model_cfg(config, where), where)
         (p, q), num_heads = to_pair(fields["patch_size"]), fields["num_heads"]
         grid = (size[0] // p, size[1] // q)
+        if fields["pool"] == "attn_pool":
+            params = _pooler_params(params, fields["pool_heads"])
+    elif any(k.startswith(f"{_POOLER}/") for k in params):
+        raise ValueError(
+            f"{path}: a bare open_clip state dict with CoCa's attentional pooler (visual.attn_pool) does"
+            f" not say the pooler's heads: read the folder it came in, with {FOLDER_CONFIG}"
+        )
     else:
         kernel = params.get("patch_embed/kernel")
         if kernel is not None and kernel.ndim == 4:
@@ -272,6 +288,12 @@ def _openai_checkpoint(path: Path, tower: Flat, config: Mapping[str, Any] | None
         implied_fields={} if config else dict(layer_norm_eps=1e-5),
         unstated=unstated,
     )
+
+
+def _pooler_params(params: Flat, heads: int) -> Flat:
+    """CoCa's pooler in jaxvit's shapes; its ``ln_post`` (of the pooler's width) is ``norm_out``."""
+    out = {k.replace("encoder/norm/", f"{_POOLER}/norm_out/"): v for k, v in params.items()}
+    return layouts.mha_heads(out, f"{_POOLER}/attn", heads)
 
 
 def _unstated(params: Flat) -> dict[str, str]:
@@ -327,11 +349,7 @@ def _refuse_openai_settings(vision: Mapping[str, Any], where: str) -> str:
         raise ValueError(
             f"{w}.layers={vision['layers']!r} is a ResNet (ModifiedResNet) tower; jaxvit reads ViTs only"
         )
-    if vision.get("attentional_pool"):
-        raise ValueError(
-            f"{w}.attentional_pool={vision['attentional_pool']!r} (CoCa's attention pooler: normed queries,"
-            " no MLP, its own width) is not part of jaxvit's model"
-        )
+    attentional = _attentional_pool(vision, where)
     for name in CUSTOM_BLOCK:
         if vision.get(name):
             raise ValueError(
@@ -351,7 +369,28 @@ def _refuse_openai_settings(vision: Mapping[str, Any], where: str) -> str:
     position = validate.str_field(vision, "pos_embed_type", w, default="learnable")
     if position not in ("learnable", "sin_cos_2d"):
         raise ValueError(f"{w}.pos_embed_type={position!r} is not supported")
-    return {"tok": "tok", "avg": "gap"}[pool_type]
+    return "attn_pool" if attentional else {"tok": "tok", "avg": "gap"}[pool_type]
+
+
+def _attentional_pool(vision: Mapping[str, Any], where: str) -> bool:
+    """Whether CoCa's attentional pooler (``attentional_pool=true``) pools the tower; ``ValueError``
+    for the forms and settings of it that jaxvit does not compute."""
+    w, value = f"{where}: vision_cfg", vision.get("attentional_pool")
+    if isinstance(value, str) and value:
+        raise ValueError(
+            f"{w}.attentional_pool={value!r} (two poolers, untested work in progress in open_clip itself)"
+            " is not part of jaxvit's model"
+        )
+    if not value or not validate.bool_field(vision, "attentional_pool", w):  # open_clip tests its truth
+        return False
+    pool_type, eps = validate.str_field(vision, "pool_type", w, default="tok"), _layer_norm_eps(vision, where)
+    if pool_type != "tok" or eps != 1e-5:
+        raise ValueError(
+            f"{w}: attentional_pool=true with pool_type={pool_type!r} and norm_kwargs epsilon {eps} is not"
+            " supported: jaxvit pools the first query ('tok'), and the pooler's ln_q and ln_k keep torch's"
+            " epsilon 1e-5"
+        )
+    return True
 
 
 def _openai_fields(model_cfg: Mapping[str, Any], where: str) -> tuple[dict[str, Any], tuple[int, int]]:
@@ -384,6 +423,17 @@ def _openai_fields(model_cfg: Mapping[str, Any], where: str) -> tuple[dict[str, 
         posemb="learn",
         layer_scale_init=None if scale is None else validate.float_field(vision, "ls_init_value", w),
     )
+    if pool == "attn_pool":
+        fields.update(
+            pool_queries=validate.int_field(
+                vision, "attn_pooler_queries", w, default=256, lo=1, hi=validate.MAX_WIDTH
+            ),
+            pool_heads=validate.int_field(
+                vision, "attn_pooler_heads", w, default=8, lo=1, hi=validate.MAX_WIDTH
+            ),
+            # open_clip's pooler has the width of the output (embed_dim); proj is (embed_dim, embed_dim)
+            pool_width=fields["num_classes"],
+        )
     return fields, to_pair(validate.size_field(vision, "image_size", w, default=224))
 
 

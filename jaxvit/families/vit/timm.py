@@ -414,6 +414,11 @@ def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = 
 
 def _check_exportable(model: Any) -> None:
     """Raises ``ValueError`` for values of carried fields that timm's ViT cannot take, naming them."""
+    if model.pool not in TIMM_POOLS.values():
+        raise ValueError(
+            f"timm's VisionTransformer has no pool={model.pool!r} (its global_pools are jaxvit's"
+            f" {sorted(TIMM_POOLS.values())})"
+        )
     if model.posemb not in ("learn", "sincos2d", "none"):
         raise ValueError(
             f"timm's VisionTransformer has no posemb={model.posemb!r} (timm_dinov3 writes 'rope')"

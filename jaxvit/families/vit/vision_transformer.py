@@ -38,6 +38,7 @@ CARRIES = ("posemb", "class_token", "pool", "representation_size", "activation",
 # The options of a model this writer takes (with any sizes): the family's example, for tests.
 EXAMPLE = dict(num_classes=5)
 POSEMBS = ("learn", "sincos2d")
+POOLS = ("tok", "gap", "map")
 PREPROCESSING = INCEPTION
 # jaxvit's own exports: the model fields as the UTF-8 bytes of a JSON object
 SAVED_KEY = "jaxvit_model"
@@ -84,6 +85,10 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
         raise ValueError(
             f"format='npz' writes {TARGET}, whose position embedding is a table; the model has"
             f" posemb={model.posemb!r} (expected one of {POSEMBS})"
+        )
+    if model.pool not in POOLS:
+        raise ValueError(
+            f"format='npz' writes {TARGET}, whose loader pools {POOLS}; the model has pool={model.pool!r}"
         )
     out = layouts.rename_back(layouts.split_attention(flat, model.num_heads, "heads", "heads"), RULES, "npz")
     # The layout holds weights only; the model fields ride along as bytes, which peers' loaders skip.
