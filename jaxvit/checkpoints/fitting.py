@@ -20,6 +20,7 @@ import numpy as np
 from jaxvit import schema
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import Checkpoint, block_indices, depth_of, log
+from jaxvit.layers.patch import resample_patch_embed
 from jaxvit.layers.posemb import posemb_sincos_2d, resample_posemb
 from jaxvit.layers.scan import unrolled_to_scan
 from jaxvit.model import VisionTransformer, param_shapes
@@ -326,15 +327,48 @@ def with_checkpoint_grid(ckpt: Checkpoint, grid: tuple[int, int]) -> Checkpoint:
     return dataclasses.replace(ckpt, grid=grid, num_prefix_tokens=slots, grid_ambiguity="")
 
 
+# Origins whose own FlexiViT code resizes with jax.image.resize (bilinear); the others as timm.
+BILINEAR_PATCH_ORIGINS = ("big_vision", "vt")
+
+
+def with_patch_size(
+    ckpt: Checkpoint, model: VisionTransformer, patch_size: int | tuple[int, int]
+) -> Checkpoint:
+    """``ckpt`` with its patch embedding resampled to ``patch_size`` (see ``fit_to_model``)."""
+    patch = to_pair(patch_size)
+    if patch != to_pair(model.patch_size):
+        raise ValueError(
+            f"patch_size={patch_size} must be the model's, which has patch_size={model.patch_size}"
+        )
+    kernel = ckpt.params.get("patch_embed/kernel")
+    if kernel is None or kernel.ndim != 4:
+        raise ValueError(f"{ckpt.path}: no (p, q, channels, width) patch embedding to resample")
+    method = "bilinear" if ckpt.origin in BILINEAR_PATCH_ORIGINS else "bicubic"
+    resampled = np.asarray(resample_patch_embed(kernel, patch, method))
+    log.info(
+        "resampling the patch embedding of %s from %s to %s (%s)", ckpt.path, kernel.shape[:2], patch, method
+    )
+    return dataclasses.replace(ckpt, params={**ckpt.params, "patch_embed/kernel": resampled})
+
+
 def fit_to_model(
     ckpt: Checkpoint,
     model: VisionTransformer,
     image_size: ImageSize = 224,
     *,
     checkpoint_grid: tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """A read ``Checkpoint`` -> params for ``model`` at ``image_size`` (scanned if ``model.scan``)."""
+    """A read ``Checkpoint`` -> params for ``model`` at ``image_size`` (scanned if ``model.scan``).
+
+    ``patch_size``: resample the checkpoint's patch embedding to it (FlexiViT's
+    pseudo-inverse, ``resample_patch_embed``), the way its origin does: bilinear
+    for big_vision and vision_transformer files, timm's antialiased bicubic for
+    the others. It must be the model's patch size.
+    """
     h, w = to_pair(image_size)
+    if patch_size is not None:
+        ckpt = with_patch_size(ckpt, model, patch_size)
     if checkpoint_grid is not None:
         ckpt = with_checkpoint_grid(ckpt, checkpoint_grid)
     if ckpt.grid_ambiguity:

@@ -59,6 +59,7 @@ def load_pretrained(
     image_size: ImageSize = 224,
     *,
     checkpoint_grid: tuple[int, int] | None = None,
+    patch_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """A checkpoint file or folder -> ``params`` for ``model`` (``variables["params"]``).
 
@@ -71,9 +72,13 @@ def load_pretrained(
     ``checkpoint_grid`` is given). A classifier of another class count is
     replaced by a zero-initialised one; ``pre_logits`` is dropped when the
     model has no ``representation_size``. Any other mismatch raises
-    ``ValueError`` naming the keys and shapes.
+    ``ValueError`` naming the keys and shapes. ``patch_size`` (the model's)
+    resamples a patch embedding of another size as FlexiViT does
+    (``jaxvit.resample_patch_embed``).
     """
-    return fit_to_model(read_checkpoint(path), model, image_size, checkpoint_grid=checkpoint_grid)
+    return fit_to_model(
+        read_checkpoint(path), model, image_size, checkpoint_grid=checkpoint_grid, patch_size=patch_size
+    )
 
 
 def model_from_hf_config(

@@ -10,7 +10,7 @@ from jaxvit.layers.attention import SelfAttention
 from jaxvit.layers.encoder import Encoder, EncoderBlock, drop_path
 from jaxvit.layers.head import Head, MAPHead
 from jaxvit.layers.mlp import LayerScale, MlpBlock, SwiGLUMlp, swiglu_hidden_size
-from jaxvit.layers.patch import Dense, PatchEmbed, patchify, unpatchify
+from jaxvit.layers.patch import Dense, PatchEmbed, patchify, resample_patch_embed, unpatchify
 from jaxvit.layers.posemb import (
     PositionEmbedding,
     apply_rope,
@@ -39,6 +39,7 @@ __all__ = [
     "apply_rope",
     "drop_path",
     "patchify",
+    "resample_patch_embed",
     "posemb_sincos_2d",
     "resample_posemb",
     "resize_matrix",

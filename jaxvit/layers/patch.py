@@ -6,11 +6,14 @@ from typing import Any
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from jaxvit import ops
-from jaxvit.layers.common import Array, DType, PatchSize
+from jaxvit.layers.common import Array, DType, PatchSize, check_choice
+from jaxvit.layers.posemb import resize_matrix
 from jaxvit.sizes import to_pair
 
 
@@ -94,3 +97,44 @@ class PatchEmbed(nn.Module):
             tokens = ops.add_bias(tokens, bias.astype(tokens.dtype))
         chex.assert_shape(tokens, (n, (height // p) * (width // q), self.width))
         return tokens
+
+
+PATCH_RESAMPLE_METHODS = ("bicubic", "bilinear")
+
+
+def _resize_operator(old: tuple[int, int], new: tuple[int, int], method: str) -> np.ndarray:
+    """``(new_h * new_w, old_h * old_w)``: the image resize ``method`` as a matrix on flat patches.
+
+    ``"bicubic"``: PyTorch's antialiased bicubic (timm's ``resample_patch_embed``);
+    ``"bilinear"``: ``jax.image.resize``'s antialiased bilinear (big_vision's FlexiViT).
+    """
+    if method == "bicubic":
+        return np.kron(
+            resize_matrix(old[0], new[0], "bicubic", antialias=True),
+            resize_matrix(old[1], new[1], "bicubic", antialias=True),
+        )
+    basis = np.eye(old[0] * old[1]).reshape(-1, *old)
+    resized = jax.vmap(lambda b: jax.image.resize(b, new, "bilinear", antialias=True))(jnp.asarray(basis))
+    return np.asarray(resized, np.float64).reshape(len(basis), -1).T
+
+
+def resample_patch_embed(kernel: Array, new_patch_size: PatchSize, method: str = "bicubic") -> Array:
+    """``(p, q, C, D) -> (p', q', C, D)``: FlexiViT's pseudo-inverse resize of a patch kernel.
+
+    With ``A`` the resize of a ``p x q`` patch to ``p' x q'`` (``method``),
+    the new kernel is ``pinv(A^T) w``, so that a resized patch ``A x`` meets
+    it as ``x`` met the old one: ``<A x, w'> = <x, w>`` exactly when
+    upsampling (Beyer et al. 2023). ``method="bicubic"`` gives timm's
+    ``resample_patch_embed``, ``"bilinear"`` big_vision's ``resample_patchemb``.
+    """
+    check_choice("patch resample method", method, PATCH_RESAMPLE_METHODS)
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"kernel must have shape (p, q, channels, width), got {kernel.shape}")
+    old, new = tuple(kernel.shape[:2]), to_pair(new_patch_size)
+    if old == new:
+        return kernel
+    operator = _resize_operator(old, new, method)
+    inverse = jnp.asarray(np.linalg.pinv(operator.T), jnp.float32)
+    flat = kernel.reshape(old[0] * old[1], -1).astype(jnp.float32)
+    return (inverse @ flat).reshape(*new, *kernel.shape[2:]).astype(kernel.dtype)
