@@ -199,6 +199,14 @@ def mha_heads(flat: Mapping[str, np.ndarray], dst: str, heads: int) -> Flat:
             del out[f"{dst}/qkv/{n}"]
             for name, part in zip(("query", "key", "value"), np.split(stacked, 3, axis=-1), strict=True):
                 out[f"{dst}/{name}/{n}"] = part
+    _split_heads(out, dst, heads)
+    return out
+
+
+def _split_heads(out: Flat, dst: str, heads: int) -> None:
+    """Flat ``query``/``key``/``value`` kernels ``(in, H*Dh)`` and biases of the attention at ``dst``
+    -> ``(in, H, Dh)`` / ``(H, Dh)``, ``out`` ``(H*Dh, D)`` -> ``(H, Dh, D)``, in place; shapes that
+    do not split are left for the key check to name."""
     for name in ("query", "key", "value"):
         kernel, bias = out.get(f"{dst}/{name}/kernel"), out.get(f"{dst}/{name}/bias")
         if kernel is not None and kernel.ndim == 2 and kernel.shape[1] % heads == 0:
@@ -208,7 +216,6 @@ def mha_heads(flat: Mapping[str, np.ndarray], dst: str, heads: int) -> Flat:
     kernel = out.get(f"{dst}/out/kernel")
     if kernel is not None and kernel.ndim == 2 and kernel.shape[0] % heads == 0:
         out[f"{dst}/out/kernel"] = kernel.reshape(heads, -1, kernel.shape[1])
-    return out
 
 
 def flax_checkpoint(
@@ -338,15 +345,7 @@ def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
         kernel, bias = out.pop(f"{head}/kv/kernel"), out.pop(f"{head}/kv/bias")
         out[f"{head}/key/kernel"], out[f"{head}/value/kernel"] = np.split(kernel, 2, axis=1)
         out[f"{head}/key/bias"], out[f"{head}/value/bias"] = np.split(bias, 2)
-    for n in ("query", "key", "value"):
-        kernel, bias = out.get(f"{head}/{n}/kernel"), out.get(f"{head}/{n}/bias")
-        if kernel is not None and kernel.ndim == 2 and kernel.shape[1] % num_heads == 0:
-            out[f"{head}/{n}/kernel"] = kernel.reshape(kernel.shape[0], num_heads, -1)
-        if bias is not None and bias.ndim == 1 and bias.shape[0] % num_heads == 0:
-            out[f"{head}/{n}/bias"] = bias.reshape(num_heads, -1)
-    kernel = out.get(f"{head}/out/kernel")
-    if kernel is not None and kernel.ndim == 2 and kernel.shape[0] % num_heads == 0:
-        out[f"{head}/out/kernel"] = kernel.reshape(num_heads, -1, kernel.shape[1])
+    _split_heads(out, head, num_heads)
     return out
 
 

@@ -76,6 +76,27 @@ def read_folder(folder: Path) -> tuple[Path, Flat, dict[str, Any]]:
     return weights, arrays, {**metadata, "timm_model": config["architecture"], "timm_config": config}
 
 
+def check_num_classes(
+    config: Mapping[str, Any], params: Flat, where: str, default: int | None = None
+) -> None:
+    """Raises unless the config's ``num_classes`` (else ``pretrained_cfg``'s, else ``default``; None:
+    not checked) is the class count of the weights' classifier (0 without one)."""
+    classes = config.get("num_classes", config.get("pretrained_cfg", {}).get("num_classes", default))
+    classifier = params.get("head/classifier/kernel")
+    if classes is not None and (classifier.shape[-1] if classifier is not None else 0) != classes:
+        raise ValueError(
+            f"{where}: num_classes={classes} but the weights have"
+            f" {'no classifier' if classifier is None else f'a classifier of {classifier.shape[-1]}'}"
+        )
+
+
+def checkpoint_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reader keeps of the folder's config in ``Checkpoint.config``: the config itself
+    (``timm_config``, for the preprocessing) and its ``label_names`` as ``labels``."""
+    labels = config.get("label_names")
+    return {"timm_config": dict(config), **({"labels": labels} if labels else {})}
+
+
 def input_size(config: Mapping[str, Any], where: str) -> tuple[int, int] | None:
     """``(h, w)`` the model was made for: ``model_args``' ``img_size``, else ``pretrained_cfg``'s ``input_size``."""
     args, cfg = config.get("model_args", {}), config.get("pretrained_cfg", {})
@@ -128,7 +149,6 @@ def folder_config(
     pre: Preprocessing,
 ) -> dict[str, Any]:
     """The ``config.json`` of a timm hub folder for a jaxvit export (see the module docstring)."""
-    pool = {"tok": "token", "gap": "avg", "map": "map"}.get(getattr(model, "pool", "tok"), "token")
     pretrained_cfg = {
         "input_size": [model.num_channels, *size],
         "fixed_input_size": False,
@@ -146,7 +166,7 @@ def folder_config(
         "architecture": timm_model,
         "num_classes": model.num_classes,
         "num_features": model.width,
-        "global_pool": pool,
+        "global_pool": model_args.get("global_pool", "token"),
         "model_args": dict(model_args),
         "pretrained_cfg": pretrained_cfg,
     }

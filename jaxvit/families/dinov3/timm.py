@@ -158,18 +158,14 @@ def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) 
     if unknown or args.get("global_pool", config.get("global_pool", "token")) != "token":
         what = f"model_args {unknown}" if unknown else "a global_pool other than 'token'"
         raise ValueError(f"{where}: timm DINOv3 with {what}: not supported")
-    classes = config.get("num_classes", 0)
-    classifier = params.get("head/classifier/kernel")
-    if (classifier.shape[-1] if classifier is not None else 0) != classes:
-        raise ValueError(f"{where}: num_classes={classes} does not match the weights' classifier")
-    labels = config.get("label_names")
+    timm_hub.check_num_classes(config, params, where, default=0)
     theta = validate.float_field(
         args, "rope_temperature", where, default=IMPLIED_FIELDS["rope_theta"], lo=0.0
     )
     return dict(
         num_heads=validate.int_field(args, "num_heads", where, default=TIMM_HEADS[name], lo=1, hi=4096),
         size=timm_hub.input_size(config, where),
-        config={"timm_config": dict(config), **({"labels": labels} if labels else {})},
+        config=timm_hub.checkpoint_config(config),
         fields={**IMPLIED_FIELDS, "rope_theta": theta},
     )
 

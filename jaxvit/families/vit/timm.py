@@ -208,29 +208,20 @@ def stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -
         fields["activation"] = activation
     no_embed = bool(args.get("no_embed_class", no_embed))
     stated: dict[str, Any] = dict(num_heads=num_heads, fields=fields)
-    classes = config.get("num_classes", config.get("pretrained_cfg", {}).get("num_classes"))
-    classifier = params.get("head/classifier/kernel")
-    if classes is not None and (classifier.shape[-1] if classifier is not None else 0) != classes:
-        raise ValueError(
-            f"{where}: num_classes={classes} but the weights have"
-            f" {'no classifier' if classifier is None else f'a classifier of {classifier.shape[-1]}'}"
-        )
+    timm_hub.check_num_classes(config, params, where)
     size = timm_hub.input_size(config, where)
     kernel = params["patch_embed/kernel"]
     posemb = params.get("pos_embed/embedding")
     if size is not None and posemb is not None:
         grid = (size[0] // kernel.shape[0], size[1] // kernel.shape[1])
-        prefix = int("cls_token/token" in params) + int("dist_token/token" in params)
-        prefix += params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
-        slots = 0 if no_embed else prefix
+        slots = 0 if no_embed else sum(_prefix_tokens(params))
         if posemb.shape[1] != slots + grid[0] * grid[1]:
             raise ValueError(
                 f"{where}: input size {size} (a {grid[0]}x{grid[1]} grid) and {slots} prefix slot(s) make"
                 f" {slots + grid[0] * grid[1]} position-embedding rows, but the weights have {posemb.shape[1]}"
             )
         stated.update(grid=grid, slots=slots)
-    labels = config.get("label_names")
-    stated["config"] = {"timm_config": dict(config), **({"labels": labels} if labels else {})}
+    stated["config"] = timm_hub.checkpoint_config(config)
     if size is not None:
         stated["config"]["image_size"] = list(size)
     return stated
@@ -310,6 +301,12 @@ def _near_square_grids(length: int) -> list[tuple[int, int]]:
     ]
 
 
+def _prefix_tokens(params: Flat) -> tuple[int, int]:
+    """``(class and distillation tokens, registers)`` the keys hold."""
+    embedded = int("cls_token/token" in params) + int("dist_token/token" in params)
+    return embedded, params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
+
+
 def _posemb_prefix_slots(params: Flat, grid: tuple[int, int] | None) -> tuple[int, str]:
     """``(slots, ambiguity)``: how many prefix tokens have a slot in the position embedding (0 for
     timm's ``no_embed_class``), and a message when the file cannot tell (else ``""``).
@@ -325,8 +322,7 @@ def _posemb_prefix_slots(params: Flat, grid: tuple[int, int] | None) -> tuple[in
     length = posemb.shape[1]
     if grid is not None:
         return length - grid[0] * grid[1], ""
-    embedded = int("cls_token/token" in params) + int("dist_token/token" in params)
-    registers = params["registers/tokens"].shape[1] if "registers/tokens" in params else 0
+    embedded, registers = _prefix_tokens(params)
     counts = [c for c in dict.fromkeys((embedded, embedded + registers, 0)) if c < length]
     readings = {c: _near_square_grids(length - c) for c in counts}
     squares = [c for c in counts if square_grid(length - c)]
@@ -384,7 +380,7 @@ def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = 
         num_heads=model.num_heads,
         mlp_ratio=mlp_dim / model.width,
         class_token=model.class_token,
-        global_pool={"tok": "token", "gap": "avg", "map": "map"}[model.pool],
+        global_pool={ours: theirs for theirs, ours in TIMM_POOLS.items()}[model.pool],
         fc_norm=False,
         # explicit: the model named for epsilon 1e-5 (a CLIP tower) has norm_pre
         pre_norm=model.pre_norm,
