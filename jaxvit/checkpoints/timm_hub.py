@@ -62,17 +62,10 @@ def read_folder(folder: Path) -> tuple[Path, Flat, dict[str, Any]]:
     """
     where = str(folder / "config.json")
     config = _check_config(files.read_json(validate.member_path(folder, "config.json", "config file")), where)
-    for name in WEIGHTS:
-        if (folder / name).exists():
-            weights = validate.member_path(folder, name, "weights file")
-            break
-    else:
+    found = files.read_folder_weights(folder, WEIGHTS)
+    if found is None:
         raise FileNotFoundError(f"{folder} is a timm folder (config.json) without {' or '.join(WEIGHTS)}")
-    metadata: dict[str, Any] = {}
-    if weights.suffix == ".safetensors":
-        arrays, metadata = files.read_safetensors(weights)  # a jaxvit export's fields are in it
-    else:
-        arrays = files.read_torch(weights)
+    weights, arrays, metadata = found  # a jaxvit export's fields are in the safetensors metadata
     return weights, arrays, {**metadata, "timm_model": config["architecture"], "timm_config": config}
 
 

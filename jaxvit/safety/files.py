@@ -18,7 +18,7 @@ import json
 import os
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -341,6 +341,21 @@ def read_weights(path: str | os.PathLike) -> tuple[str, Flat, dict[str, str]]:
     if path.suffix == ".npz":
         read_npz(path)  # raises the pickle-in-an-npz error
     return "torch", read_torch(path), {}
+
+
+def read_folder_weights(
+    folder: str | os.PathLike, names: Sequence[str]
+) -> tuple[Path, Flat, dict[str, str]] | None:
+    """``(path, arrays, metadata)`` of the first of ``names`` in ``folder`` (safetensors, else a
+    PyTorch file), opened through ``validate.member_path``; None when there is none of them."""
+    folder = Path(folder)
+    for name in names:
+        if (folder / name).exists():
+            path = validate.member_path(folder, name, "weights file")
+            if path.suffix == ".safetensors":
+                return (path, *read_safetensors(path))
+            return path, read_torch(path), {}
+    return None
 
 
 def write_safetensors(arrays: Mapping[str, np.ndarray], path: str | os.PathLike, metadata=None) -> None:

@@ -178,16 +178,10 @@ def read_folder(folder: Path) -> Checkpoint:
     else:
         _openai_fields(model_cfg, where)
     _preprocessing(config, where)
-    for name in WEIGHTS:
-        if (folder / name).exists():
-            weights = validate.member_path(folder, name, "weights file")
-            break
-    else:
+    found = files.read_folder_weights(folder, WEIGHTS)
+    if found is None:
         raise FileNotFoundError(f"{folder} has {FOLDER_CONFIG} but none of {', '.join(WEIGHTS)}")
-    if weights.suffix == ".safetensors":
-        arrays = files.read_safetensors(weights)[0]
-    else:
-        arrays = files.read_torch(weights)
+    weights, arrays, _ = found
     return _tower_checkpoint(weights, arrays, config)
 
 
