@@ -63,9 +63,10 @@ def intermediate_features(
     registers...]``. Runs the model once in eval mode.
     """
     grid = model.patch_grid(images)
-    if norm and model.pool == "attn_pool":
+    if norm and (model.pool == "attn_pool" or model.fc_norm):
         raise ValueError(
-            "norm=True: a model with pool='attn_pool' (CoCa) has no final LayerNorm of its tokens"
+            "norm=True: a model with pool='attn_pool' (CoCa) or fc_norm=True (its LayerNorm comes after"
+            " the pooling) has no final LayerNorm of its tokens: pass norm=False"
         )
     indices = block_indices(model.depth, layers)
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])

@@ -67,10 +67,16 @@ def check_config(config: schema.ViTConfig) -> None:
                 "distill_token=True needs class_token=True and no representation_size, got"
                 f" class_token={config.class_token}, representation_size={config.representation_size}"
             )
+    if config.fc_norm and (config.pool == "attn_pool" or config.distill_token):
+        raise ValueError(
+            "fc_norm=True (a LayerNorm after pooling) needs a pool other than 'attn_pool', which"
+            f" normalises its own output, and no distillation token; got pool={config.pool!r},"
+            f" distill_token={config.distill_token}"
+        )
     check_heads(config.width, config.num_heads)
     if config.pool == "attn_pool":
         check_attn_pool_heads(config.pool_width or config.width, config.pool_heads or config.num_heads)
-    if config.posemb == "sincos2d":
+    if config.posemb in schema.SINCOS_POSEMBS:
         check_sincos_width(config.width)
     if config.posemb == "rope" and (config.width // config.num_heads) % 4:
         raise ValueError(
@@ -88,7 +94,8 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
     ``sow``: ``mutable=["intermediates"]`` returns the patch tokens, each
     block's output, the encoder output ``encoded`` (all tokens after the final
     LayerNorm, in the order ``[cls, dist, registers..., patches]``; with
-    ``pool="attn_pool"``, which has no final LayerNorm, the last block's output) and the
+    ``pool="attn_pool"`` or ``fc_norm=True``, which have no final LayerNorm of the tokens, the
+    last block's output) and the
     pooled ``features`` (what the classifier sees); ``mutable=["attention"]``
     returns every block's attention weights ``(N, heads, T, T)`` (see
     ``attention_weights``).
@@ -113,8 +120,9 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         """Prefix slots of the position embedding: the class and distillation tokens (registers get none)."""
         return int(self.class_token) + int(self.distill_token)
 
-    def patch_grid(self, images: Any) -> tuple[int, int]:
-        """The patch grid ``(h, w)`` of ``images`` ``(N, H, W, C)``; ``ValueError`` unless they fit the model.
+    def patch_grid(self, images: Any, patch_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """The patch grid ``(h, w)`` of ``images`` ``(N, H, W, C)`` at ``patch_size`` (None: the
+        model's); ``ValueError`` unless they fit the model.
 
         Takes arrays and ``jax.ShapeDtypeStruct``s alike, so it checks before anything is traced.
         """
@@ -124,7 +132,7 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be floating point, got dtype {images.dtype}")
         _, height, width, channels = shape
-        p, q = to_pair(self.patch_size)
+        p, q = to_pair(self.patch_size if patch_size is None else patch_size)
         if height % p or width % q:
             raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}x{q}")
         if height < p or width < q:
@@ -142,16 +150,25 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         return self.patch_grid(images)
 
     @nn.compact
-    def __call__(self, images: Array, *, train: bool = False) -> Array:
+    def __call__(
+        self, images: Array, *, train: bool = False, patch_size: int | tuple[int, int] | None = None
+    ) -> Array:
+        """``patch_size`` (FlexiViT): cut the images into patches of this size instead of the
+        model's. The parameters stay those of the model's patch size and grid: the patch kernel is
+        resampled (``resample_patch_embed``, bilinear as big_vision's FlexiViT) and a learned
+        position table, kept at the grid of the model's patch size, resized bilinearly to the new
+        grid, inside the computation."""
         config = self.config
         check_config(config)
-        grid = self.patch_grid(images)
+        flexi = patch_size is not None and to_pair(patch_size) != to_pair(config.patch_size)
+        grid = self.patch_grid(images, patch_size if flexi else None)
+        table_grid = self.patch_grid(images) if flexi else grid
         n = images.shape[0]
         common = dict(dtype=config.dtype, param_dtype=config.param_dtype)
 
         # 1. Patch embedding: (N, H, W, C) -> (N, h*w, D)
         x = PatchEmbed(config.width, config.patch_size, config.patch_bias, name="patch_embed", **common)(
-            images
+            images, patch_size=patch_size if flexi else None
         )
         sow(self, "intermediates", "patch_tokens", x)
 
@@ -161,7 +178,7 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         if config.class_token:
             x = ClassToken(name="cls_token", **common)(x)
         prefix = self.num_posemb_prefix_tokens
-        x = PositionEmbedding(grid, config.posemb, prefix, name="pos_embed", **common)(x)
+        x = PositionEmbedding(grid, config.posemb, prefix, table_grid, name="pos_embed", **common)(x)
         if config.num_registers:
             x = RegisterTokens(config.num_registers, prefix, name="registers", **common)(x)
         x = nn.Dropout(config.dropout)(x, deterministic=not train)
@@ -171,8 +188,9 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         rope = dict(
             rope_grid=grid if config.posemb == "rope" else None, rope_prefix_tokens=self.num_prefix_tokens
         )
-        # CoCa's pooler normalises the tokens itself: its ln_post comes after the pooling
-        final_norm = config.pool != "attn_pool"
+        # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling), and
+        # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02)
+        final_norm = config.pool != "attn_pool" and not config.fc_norm
         x = Encoder(**schema.pick(config, Encoder, final_norm=final_norm, **rope), name="encoder")(
             x, train=train
         )
@@ -185,6 +203,7 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
             num_prefix_tokens=self.num_prefix_tokens,
             distill_token=config.distill_token,
             representation_size=config.representation_size,
+            fc_norm=config.fc_norm,
             num_heads=config.num_heads,
             mlp_dim=config.mlp_dim or 4 * config.width,
             pool_queries=config.pool_queries,

@@ -36,7 +36,9 @@ POOLINGS = ("tok", "gap", "map", "attn_pool")
 # How an encoder with unrolled parameters (scan=False) runs its blocks: "auto" runs them as
 # one lax.scan over the stacked parameters when training and unrolled otherwise.
 BLOCK_LOOPS = ("auto", "scan", "unrolled")
-POSEMBS = ("learn", "sincos2d", "rope", "none")
+# "sincos2d_mae": MAE's fixed sin-cos (frequencies k / (D/4), not big_vision's k / (D/4 - 1)).
+POSEMBS = ("learn", "sincos2d", "sincos2d_mae", "rope", "none")
+SINCOS_POSEMBS = ("sincos2d", "sincos2d_mae")
 MLP_TYPES = ("mlp", "swiglu")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
 # factories and belong in user code. "auto" is dots_with_no_batch_dims_saveable
@@ -114,6 +116,7 @@ class ViTConfig:
     pool_queries: int = option(1, "int", "architecture", "learned queries of pool='attn_pool' (the first is pooled)", lo=1, hi=MAX_WIDTH, applies=_attn_pool)  # fmt: skip
     pool_heads: int | None = option(None, "int", "architecture", "heads of pool='attn_pool'; None: num_heads", lo=1, hi=MAX_WIDTH, optional=True, applies=_attn_pool)  # fmt: skip
     pool_width: int | None = option(None, "int", "architecture", "width of pool='attn_pool' (its queries and output); None: width", lo=1, hi=MAX_WIDTH, optional=True, applies=_attn_pool)  # fmt: skip
+    fc_norm: bool = option(False, "bool", "architecture", "the final LayerNorm after pooling, not before (MAE, BEiT, EVA02)")  # fmt: skip
     dropout: float = option(0.0, "float", "regularization", "dropout rate", lo=0.0, hi=1.0, modules=_B)
     attention_dropout: float = option(0.0, "float", "regularization", "dropout of the attention weights", lo=0.0, hi=1.0, modules=_B)  # fmt: skip
     drop_path_rate: float = option(0.0, "float", "regularization", "stochastic depth of the last block", lo=0.0, hi=1.0, modules=_E)  # fmt: skip

@@ -74,6 +74,9 @@ VALUES = [
     ("distill_token", dict(distill_token=True)),
     ("representation_size", dict(representation_size=16)),
     ("posemb", dict(posemb="sincos2d")),
+    ("posemb", dict(posemb="sincos2d_mae")),
+    ("fc_norm", dict(fc_norm=True)),
+    ("fc_norm", dict(fc_norm=True, pool="gap")),
     ("posemb", dict(posemb="rope")),
     ("posemb", dict(posemb="none")),
     ("rope_theta", dict(rope_theta=50.0)),  # counts only with posemb="rope"
@@ -186,6 +189,10 @@ def run_hf(path, model, x) -> dict:
         out = {"features": tower.pooler_output}  # last_hidden_state is before post_layernorm
         if arch.endswith("WithProjection"):
             out["logits"] = peer(pixel_values=px).image_embeds
+    elif arch == "ViTMAEModel":  # every token, in order: no masking, no shuffle
+        noise = torch.arange(x.shape[1] * x.shape[2] // model.patch_size**2, dtype=torch.float32)
+        tokens = peer(px, noise=noise[None].repeat(len(x), 1)).last_hidden_state
+        out = {"tokens": tokens, "features": tokens[:, 0]}
     elif arch.startswith(("ViT", "DeiT")):
         backbone = getattr(peer, "vit", None) or getattr(peer, "deit", None) or peer
         tokens = backbone(px).last_hidden_state

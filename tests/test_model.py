@@ -704,7 +704,7 @@ def test_bad_images_raise_before_compiling(tiny_variables, shape, dtype, message
         (dict(pool="cls"), r"unknown pool 'cls': expected one of \('tok', 'gap', 'map', 'attn_pool'\)"),
         (
             dict(posemb="sincos"),
-            r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d', 'rope', 'none'\)",
+            r"unknown posemb 'sincos': expected one of \('learn', 'sincos2d', 'sincos2d_mae', 'rope', 'none'\)",
         ),
         (dict(remat_policy="all"), "unknown remat_policy 'all'.*nothing_saveable"),
         (dict(class_token=False), "pool='tok' needs class_token=True"),

@@ -132,13 +132,17 @@ def test_timm_pth_file_loads_with_weights_only(tmp_path):
     assert_close(jax_logits(model, params, images), torch_logits(peer, images))
 
 
-def test_timm_fc_norm_is_refused_with_a_reason(tmp_path):
-    peer = TimmViT(**TIMM_SMALL, class_token=False, global_pool="avg")  # fc_norm after pooling
+def test_timm_fc_norm_needs_a_model_with_fc_norm(tmp_path):
+    peer = randomize_torch(TimmViT(**TIMM_SMALL, class_token=False, global_pool="avg"), seed=3)
     save_torch_safetensors(peer.state_dict(), tmp_path / "peer.safetensors")
     with pytest.raises(
-        ValueError, match=r"unexpected in the checkpoint: fc_norm.weight \(64,\).*fc_norm=False"
+        ValueError, match=r"unexpected in the checkpoint: head/fc_norm/bias \(64,\) .*needs fc_norm=True"
     ):
         jaxvit.load_pretrained(tmp_path / "peer.safetensors", small_model(class_token=False, pool="gap"), 32)
+    model = small_model(class_token=False, pool="gap", fc_norm=True)
+    params = jaxvit.load_pretrained(tmp_path / "peer.safetensors", model, 32)
+    images = random_images(2, 32, 32)
+    assert_close(jax_logits(model, params, images), torch_logits(peer, images))
 
 
 # -- Hugging Face --------------------------------------------------------------

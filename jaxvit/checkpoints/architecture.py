@@ -52,6 +52,14 @@ def _shape(params: Any, key: str, ndim: int, path: str) -> tuple[int, ...]:
     return shape
 
 
+def _refuse_unstated(ckpt: Checkpoint, overrides: dict[str, Any]) -> None:
+    """Raises for the first field the file cannot tell (``Checkpoint.unstated``) that the caller left open."""
+    unstated = {k: why for k, why in ckpt.unstated.items() if k not in overrides}
+    if unstated:
+        field, why = next(iter(unstated.items()))
+        raise ValueError(f"{ckpt.path}: {why}: pass {field}=...")
+
+
 def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransformer, tuple[int, int]]:
     fmt = registry.by_origin(ckpt.origin)
     build = registry.hook(fmt, "build_model")
@@ -101,6 +109,7 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
             else None
         ),
         pre_norm="encoder/norm_pre/scale" in params,
+        fc_norm="head/fc_norm/scale" in params,
         patch_bias="patch_embed/bias" in params,
         qkv_bias=not any(k.startswith(first_attn) for k in params)
         or any(k in params for k in (first_attn + "qkv/bias", first_attn + "query/bias")),
@@ -111,10 +120,7 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
     if "head/classifier/kernel" in params:
         fields["head_bias"] = "head/classifier/bias" in params
     fields.update(ckpt.implied_fields)
-    unstated = {k: why for k, why in ckpt.unstated.items() if k not in overrides}
-    if unstated:
-        field, why = next(iter(unstated.items()))
-        raise ValueError(f"{ckpt.path}: {why}: pass {field}=...")
+    _refuse_unstated(ckpt, overrides)
     fields.update(overrides)
     if "num_heads" not in fields:
         if ckpt.num_heads is None:

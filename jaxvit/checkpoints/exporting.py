@@ -116,7 +116,7 @@ def export(
     flat = flat_params(params)
     size = _image_size(flat, model, image_size)
     check_keys(flat, {}, target_shapes(model, size), "the params to export")
-    if model.posemb == "sincos2d" and not writer.HAS_SINCOS:
+    if model.posemb in schema.SINCOS_POSEMBS and not writer.HAS_SINCOS:
         # The peer has no fixed sin-cos option; a learned table with these values computes the same.
         p, q = to_pair(model.patch_size)
         flat["pos_embed/embedding"] = sincos_table(model, (size[0] // p, size[1] // q))

@@ -161,7 +161,11 @@ def check_declared(
 
 def sincos_table(model: VisionTransformer, grid: tuple[int, int]) -> np.ndarray:
     """The fixed sin-cos position embedding ``model`` adds, with its class slot: ``(1, P + h*w, D)``."""
-    return np.asarray(posemb_sincos_2d(grid, model.width, num_prefix_tokens=model.num_posemb_prefix_tokens))
+    return np.asarray(
+        posemb_sincos_2d(
+            grid, model.width, num_prefix_tokens=model.num_posemb_prefix_tokens, kind=model.posemb
+        )
+    )
 
 
 def _fit_posemb(
@@ -196,10 +200,12 @@ def _fit_posemb(
     if key not in target:
         # A fixed sin-cos table the file holds (a peer needs it) is compared at the file's own grid.
         own_grid = checkpoint_grid or ckpt.grid or square_grid(posemb.shape[1] - prefix)
-        table = sincos_table(model, own_grid) if model.posemb == "sincos2d" and own_grid else None
+        table = sincos_table(model, own_grid) if model.posemb in schema.SINCOS_POSEMBS and own_grid else None
         if table is not None and posemb.shape == table.shape:
             if np.allclose(posemb, table, atol=1e-5):
-                log.info("the checkpoint's position embedding is the fixed sincos2d table; not loading it")
+                log.info(
+                    "the checkpoint's position embedding is the fixed %s table; not loading it", model.posemb
+                )
                 return {k: v for k, v in flat.items() if k != key}
         return {**flat, key: posemb}  # reported as unexpected
     stated_grid = checkpoint_grid or ckpt.grid
@@ -282,7 +288,7 @@ def _hint(key: str) -> str:
         if fragment in key:
             return f" ({hint})"
     if key == "pos_embed/embedding":
-        return " (the model has posemb='sincos2d', which has no parameter)"
+        return " (the model has a fixed sin-cos posemb, which has no parameter)"
     return ""
 
 

@@ -295,8 +295,8 @@ def image_tower(arrays: Mapping[str, np.ndarray], keep: Iterable[str] = ()) -> t
 
 # Why some checkpoint keys have no jaxvit counterpart; shown with the error.
 UNSUPPORTED_HINTS = {
-    "fc_norm": "timm's fc_norm (a LayerNorm after pooling) has no jaxvit counterpart: jaxvit's 'gap'"
-    " pools after the final norm, like timm with global_pool='avg', fc_norm=False",
+    "fc_norm": "a LayerNorm after the pooling instead of before it (timm's fc_norm): the model needs"
+    " fc_norm=True",
     "reg_token": "register tokens are not part of jaxvit's model",
     ".ls1.": "LayerScale is not part of jaxvit's model",
     ".ls2.": "LayerScale is not part of jaxvit's model",

@@ -112,7 +112,8 @@ class Head(nn.Module):
     ``S`` patch tokens (after all ``P`` prefix tokens: class, distillation,
     registers), ``"map"`` attention pooling, ``"attn_pool"`` the first of ``pool_queries`` outputs
     of CoCa's ``AttentionalPooler`` (``pool_heads`` heads, width ``pool_width``: the features are
-    then ``(N, pool_width)``). ``representation_size`` adds
+    then ``(N, pool_width)``). ``fc_norm`` LayerNorms the pooled features (``fc_norm``: MAE's,
+    BEiT's and EVA02's final LayerNorm, after the pooling). ``representation_size`` adds
     ``Dense + tanh`` (``pre_logits``) before the zero-init classifier;
     ``use_classifier_bias=False`` leaves out its bias (a projection such as
     CLIP's ``visual_projection``). ``distill_token`` (DeiT; ``pool="tok"``):
@@ -127,6 +128,7 @@ class Head(nn.Module):
     num_prefix_tokens: int = 1
     distill_token: bool = False
     representation_size: int | None = None
+    fc_norm: bool = False
     num_heads: int = 1
     mlp_dim: int | None = None
     pool_queries: int = 1
@@ -180,6 +182,10 @@ class Head(nn.Module):
         else:
             check_choice("pool", self.pool, POOLINGS)
         chex.assert_shape(x, (n, d))
+        if self.fc_norm:
+            x = nn.LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="fc_norm"
+            )(x)
         if self.representation_size:
             x = Dense(
                 self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_logits"

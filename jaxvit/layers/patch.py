@@ -73,6 +73,8 @@ class PatchEmbed(nn.Module):
     The kernel is kept in conv layout ``(p, q, C, D)`` so weights of conv-based
     checkpoints load unchanged; it is applied as one matmul on ``patchify``.
     ``use_bias=False`` leaves out the bias (CLIP's patch embedding has none).
+    Called with another ``patch_size`` (FlexiViT), the kernel, still ``(p, q, C, D)``, is
+    resampled to it first (``resample_patch_embed``, ``FLEXI_RESAMPLE``).
     """
 
     width: int
@@ -84,11 +86,14 @@ class PatchEmbed(nn.Module):
     bias_init: Any = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, images: Array) -> Array:
+    def __call__(self, images: Array, patch_size: PatchSize | None = None) -> Array:
         p, q = to_pair(self.patch_size)
         chex.assert_rank(images, 4)
         n, height, width, c = images.shape
         kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
+        if patch_size is not None and to_pair(patch_size) != (p, q):
+            kernel = resample_patch_embed(kernel, patch_size, FLEXI_RESAMPLE)
+            p, q = to_pair(patch_size)
         patches = patchify(images, (p, q))
         patches, kernel = promote_dtype(patches, kernel, dtype=self.dtype)
         tokens = ops.dot_general(patches, kernel.reshape(p * q * c, self.width), (((2,), (0,)), ((), ())))
@@ -100,6 +105,9 @@ class PatchEmbed(nn.Module):
 
 
 PATCH_RESAMPLE_METHODS = ("bicubic", "bilinear")
+# How a model called at another patch size resamples its kernel: big_vision's FlexiViT, which
+# trains that way.
+FLEXI_RESAMPLE = "bilinear"
 
 
 def _resize_operator(old: tuple[int, int], new: tuple[int, int], method: str) -> np.ndarray:
@@ -114,8 +122,9 @@ def _resize_operator(old: tuple[int, int], new: tuple[int, int], method: str) ->
             resize_matrix(old[1], new[1], "bicubic", antialias=True),
         )
     basis = np.eye(old[0] * old[1]).reshape(-1, *old)
-    resized = jax.vmap(lambda b: jax.image.resize(b, new, "bilinear", antialias=True))(jnp.asarray(basis))
-    return np.asarray(resized, np.float64).reshape(len(basis), -1).T
+    with jax.ensure_compile_time_eval():  # a constant, also when the kernel is being traced
+        resized = jax.vmap(lambda b: jax.image.resize(b, new, "bilinear", antialias=True))(jnp.asarray(basis))
+        return np.asarray(resized, np.float64).reshape(len(basis), -1).T
 
 
 def resample_patch_embed(kernel: Array, new_patch_size: PatchSize, method: str = "bicubic") -> Array:

@@ -29,17 +29,22 @@ def posemb_sincos_2d(
     temperature: float = 10_000.0,
     dtype: DType = jnp.float32,
     num_prefix_tokens: int = 0,
+    kind: str = "sincos2d",
 ) -> Array:
     """The fixed 2-D sin-cos embedding: ``(1, P + h*w, width)``, rows in ``(h w)`` order.
 
     A quarter of the channels each hold sin(x), cos(x), sin(y), cos(y) at
-    geometric frequencies, as in "Better plain ViT baselines". The
-    ``num_prefix_tokens`` rows in front (class token slots) are zeros.
+    geometric frequencies ``temperature ** -(k / K)``, ``k < width / 4``. ``kind="sincos2d"``
+    is big_vision's ("Better plain ViT baselines"), ``K = width / 4 - 1``; ``"sincos2d_mae"``
+    MAE's (its ``get_2d_sincos_pos_embed``, transformers' ``ViTMAEModel``), ``K = width / 4``.
+    The ``num_prefix_tokens`` rows in front (class token slots) are zeros.
     """
+    check_choice("sin-cos kind", kind, schema.SINCOS_POSEMBS)
     h, w = grid
     check_sincos_width(width)
     y, x = np.mgrid[:h, :w]
-    omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
+    steps = width // 4 if kind == "sincos2d_mae" else max(width // 4 - 1, 1)
+    omega = np.arange(width // 4) / steps
     omega = 1.0 / (temperature**omega)
     y = np.einsum("m,d->md", y.flatten(), omega)
     x = np.einsum("m,d->md", x.flatten(), omega)
@@ -105,14 +110,17 @@ class PositionEmbedding(nn.Module):
     """``(N, P + h*w, D) -> (N, P + h*w, D)``: adds a position embedding.
 
     ``kind="learn"`` holds a parameter ``(1, P + h*w, D)`` drawn from
-    normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front;
-    ``kind="sincos2d"`` adds a fixed embedding (zeros in the prefix slots);
+    normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front (with ``table_grid``,
+    FlexiViT's: the table is kept at that grid and resized bilinearly to ``grid``);
+    ``kind="sincos2d"`` (or MAE's ``"sincos2d_mae"``) adds a fixed embedding (zeros in the prefix
+    slots);
     ``"rope"`` (rotary, applied in attention) and ``"none"`` add nothing here.
     """
 
     grid: tuple[int, int]
     kind: str = "learn"
     num_prefix_tokens: int = 1
+    table_grid: tuple[int, int] | None = None  # the learned table's grid; None: ``grid``
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -122,7 +130,8 @@ class PositionEmbedding(nn.Module):
         h, w = self.grid
         chex.assert_shape(tokens, (n, self.num_prefix_tokens + h * w, d))
         if self.kind == "learn":
-            shape = (1, t, d)
+            table = tuple(self.table_grid or self.grid)
+            shape = (1, self.num_prefix_tokens + table[0] * table[1], d)
             if self.has_variable("params", "embedding"):
                 stored = self.get_variable("params", "embedding").shape
                 if tuple(stored) != shape:
@@ -132,11 +141,15 @@ class PositionEmbedding(nn.Module):
                         " jaxvit.resample_posemb (load_pretrained does this for you)"
                     )
             posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+            if table != (h, w):  # FlexiViT: the table follows the grid of the patch size asked for
+                prefix, rows = posemb[:, : self.num_prefix_tokens], posemb[0, self.num_prefix_tokens :]
+                rows = jax.image.resize(rows.reshape(*table, d), (h, w, d), "bilinear", antialias=True)
+                posemb = jnp.concatenate([prefix, rows.reshape(1, h * w, d)], axis=1)
         elif self.kind in ("rope", "none"):
             return tokens.astype(self.dtype)  # rope rotates queries and keys in attention instead
-        elif self.kind == "sincos2d":
+        elif self.kind in schema.SINCOS_POSEMBS:
             posemb = posemb_sincos_2d(
-                (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens
+                (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens, kind=self.kind
             )
         else:
             check_choice("posemb", self.kind, schema.POSEMBS)

@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
     # parameters that get no update: a regex (or a sequence of them) over parameter paths such as
     # "encoder/block_0/mlp/fc1/kernel", naming a parameter or a module; "backbone" = all but head/
     c.freeze = ml_collections.FieldReference((), field_type=object)
+    # FlexiViT: each step cuts the images into patches of a size drawn from this list (ints that
+    # divide image_size; the model's own parameters, see VisionTransformer.__call__); () is off
+    c.flexi_patch_sizes = ml_collections.FieldReference((), field_type=object)
     return c
 
 

@@ -152,8 +152,12 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     cfg: StepConfig,
+    patch_size: int | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on ``batch = {"image": (N, H, W, C), "label": (N,)}``.
+
+    ``patch_size`` (FlexiViT): the model sees the images in patches of this size, with its one
+    set of parameters (see ``VisionTransformer.__call__``); None: the model's own.
 
     Dropout and mixing keys are folded from ``rng`` and the step number, so a
     resumed run draws the same ones. A non-finite loss, gradient or update leaves the
@@ -165,8 +169,10 @@ def train_step(
     targets = soft_targets(batch["label"], cfg.num_classes, cfg.label_smoothing)
     images, targets = mix_batch(mix_rng, batch["image"], targets, cfg.mix)
 
+    flexi = {} if patch_size is None else {"patch_size": patch_size}
+
     def loss_fn(params):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng}, **flexi)
         return jnp.mean(cross_entropy(logits, targets)), logits
 
     (loss, logits), grads = _loss_and_grads(loss_fn, state.params, cfg.freeze)
@@ -313,16 +319,28 @@ def compile_steps(
     mesh: Mesh,
     abstract_state: TrainState,
 ) -> tuple[Any, Any, Any]:
-    """``(train_step, eval_step, state_sharding)`` jitted with explicit shardings; the state is donated."""
+    """``(train_step, eval_step, state_sharding)`` jitted with explicit shardings; the state is donated.
+
+    ``train_step(state, batch, rng, patch_size=None)``: each patch size (FlexiViT) is its own
+    jitted step, compiled the first time it is asked for.
+    """
     shardings = state_shardings(mesh, abstract_state)
     data = batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
-    train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg),
-        in_shardings=(shardings, data, replicated),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
-    )
+    steps: dict[int | None, Any] = {}
+
+    def train(state: TrainState, batch: Batch, rng: jax.Array, patch_size: int | None = None) -> Any:
+        if patch_size not in steps:
+            steps[patch_size] = jax.jit(
+                functools.partial(
+                    train_step, model=model, tx=tx, schedule=schedule, cfg=cfg, patch_size=patch_size
+                ),
+                in_shardings=(shardings, data, replicated),
+                out_shardings=(shardings, replicated),
+                donate_argnums=(0,),
+            )
+        return steps[patch_size](state, batch, rng)
+
     evaluate = jax.jit(
         functools.partial(eval_step, model=model),
         in_shardings=(shardings.params, data),

@@ -245,7 +245,29 @@ def validate_config(config: Any, num_devices: int) -> VisionTransformer:
         raise ValueError(
             f"image_size={config.image_size} is not divisible by the model's patch size {model.patch_size}"
         )
+    sizes = flexi_patch_sizes(config)
+    if any(
+        isinstance(s, bool) or not isinstance(s, int) or s < 1 or size[0] % s or size[1] % s for s in sizes
+    ):
+        raise ValueError(
+            f"flexi_patch_sizes={list(sizes)} must be positive ints that divide image_size={config.image_size}"
+        )
     return model
+
+
+def flexi_patch_sizes(config: Any) -> tuple[int, ...]:
+    """The patch sizes a FlexiViT run draws from (``config.flexi_patch_sizes``); () when off."""
+    sizes = config.get("flexi_patch_sizes") or ()
+    return tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,)
+
+
+def patch_size_of_step(config: Any, step: int) -> int | None:
+    """The patch size of ``step`` in a FlexiViT run, drawn uniformly from ``flexi_patch_sizes`` by
+    the seed and the step alone (a resumed run draws the same); None when off."""
+    sizes = flexi_patch_sizes(config)
+    if not sizes:
+        return None
+    return sizes[int(np.random.default_rng([config.seed, step]).integers(len(sizes)))]
 
 
 def _data_sources(config: Any) -> tuple[Any, Any]:
@@ -468,7 +490,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                 with meter.waiting_for_data():
                     batch = next(batches)
                 state, metrics = compiled.train_step(
-                    state, train_lib.to_global(batch, compiled.batch_sharding), train_rng
+                    state,
+                    train_lib.to_global(batch, compiled.batch_sharding),
+                    train_rng,
+                    patch_size_of_step(config, step),
                 )
                 step += 1
                 meter.add(step, metrics)

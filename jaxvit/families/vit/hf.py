@@ -33,7 +33,7 @@ CARRIES = ("posemb", "activation", "qkv_bias", "layer_norm_eps")
 # The options of a model this writer takes (with any sizes): the family's example, for tests.
 EXAMPLE = dict(num_classes=5)
 # The position embeddings transformers' ViT-like models can take: a table (the sin-cos one written).
-POSEMBS = ("learn", "sincos2d")
+POSEMBS = ("learn", "sincos2d", "sincos2d_mae")
 PREPROCESSING = INCEPTION
 # Hugging Face ViT, without the "vit." prefix. The first block names are those of the
 # google/vit-* checkpoints (and what export writes); the second those that

@@ -71,6 +71,7 @@ CARRIES = (
     "layer_scale_init",
     "mlp_type",
     "distill_token",
+    "fc_norm",
 )
 # The options of a model this writer takes (with any sizes): the family's example, for tests.
 EXAMPLE = dict(num_classes=5)
@@ -90,6 +91,7 @@ RULES = tuple(
     ]
     + layouts.torch_rules("norm_pre", "encoder/norm_pre", "ln")
     + layouts.TIMM_ENCODER_RULES
+    + layouts.torch_rules("fc_norm", "head/fc_norm", "ln")
     + layouts.torch_rules("head", "head/classifier", "linear")
     + layouts.torch_rules("head_dist", "head/dist_classifier", "linear")
     + [layouts.Rule("attn_pool.latent", "head/map/probe")]
@@ -162,7 +164,6 @@ def _refuse_model_args(where: str, args: Mapping[str, Any], params: Flat, pool: 
     if unknown:
         raise ValueError(f"{where}: timm model_args {unknown} are not supported")
     refused = {
-        "fc_norm": args.get("fc_norm") not in (None, False),
         "act_layer": args.get("act_layer", "gelu") not in TIMM_ACTIVATIONS
         and not (args.get("act_layer") == "silu" and args.get("mlp_layer") == "SwiGLUPacked"),
         "mlp_layer": args.get("mlp_layer", "SwiGLUPacked") != "SwiGLUPacked",
@@ -201,6 +202,13 @@ def stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -
         )
     pool = TIMM_POOLS[pool_name]
     _refuse_model_args(where, args, params, pool)
+    # timm's fc_norm=None means a LayerNorm after the pooling exactly when the pool is the mean
+    fc_norm = pool == "gap" if args.get("fc_norm") is None else bool(args["fc_norm"])
+    if fc_norm != ("head/fc_norm/scale" in params):
+        raise ValueError(
+            f"{where}: global_pool={pool_name!r}, fc_norm={args.get('fc_norm')!r} make timm's fc_norm"
+            f" {'on' if fc_norm else 'off'}, but the weights {'lack' if fc_norm else 'have'} fc_norm.weight"
+        )
     num_heads = validate.int_field(args, "num_heads", f"{where}: model_args", default=heads, lo=1, hi=4096)
     fields: dict[str, Any] = dict(pool=pool, layer_norm_eps=eps)
     activation = args.get("act_layer", activation)
@@ -228,12 +236,20 @@ def stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -
 
 
 def _unstated(params: Flat, saved: Mapping[str, Any], stated: Mapping[str, Any]) -> dict[str, str]:
-    if saved or stated or not _is_clip(params):
+    if saved or stated:
         return {}
-    return {
-        "activation": "a bare timm CLIP tower does not say its activation: 'quick_gelu' for OpenAI's"
-        " weights (vit_*_clip_quickgelu_*), 'gelu' for the others"
-    }
+    unstated = {}
+    if _is_clip(params):
+        unstated["activation"] = (
+            "a bare timm CLIP tower does not say its activation: 'quick_gelu' for OpenAI's"
+            " weights (vit_*_clip_quickgelu_*), 'gelu' for the others"
+        )
+    if "head/fc_norm/scale" in params and "cls_token/token" in params:
+        unstated["pool"] = (
+            "a bare timm state dict with fc_norm and a class token does not say what it pools:"
+            " 'gap' (global_pool='avg', MAE's fine-tuned models) or 'tok'"
+        )
+    return unstated
 
 
 def saved_config(path: Path, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -381,7 +397,7 @@ def timm_kwargs(model: Any, size: tuple[int, int], without_prefix_slots: bool = 
         mlp_ratio=mlp_dim / model.width,
         class_token=model.class_token,
         global_pool={ours: theirs for theirs, ours in TIMM_POOLS.items()}[model.pool],
-        fc_norm=False,
+        fc_norm=model.fc_norm,
         # explicit: the model named for epsilon 1e-5 (a CLIP tower) has norm_pre
         pre_norm=model.pre_norm,
     )
@@ -415,7 +431,7 @@ def _check_exportable(model: Any) -> None:
             f"timm's VisionTransformer has no pool={model.pool!r} (its global_pools are jaxvit's"
             f" {sorted(TIMM_POOLS.values())})"
         )
-    if model.posemb not in ("learn", "sincos2d", "none"):
+    if model.posemb not in ("learn", "sincos2d", "sincos2d_mae", "none"):
         raise ValueError(
             f"timm's VisionTransformer has no posemb={model.posemb!r} (timm_dinov3 writes 'rope')"
         )

@@ -37,7 +37,7 @@ TARGET = "the vision_transformer .npz layout (timm's _load_weights)"
 CARRIES = ("posemb", "class_token", "pool", "representation_size", "activation", "layer_norm_eps", "mlp_type")
 # The options of a model this writer takes (with any sizes): the family's example, for tests.
 EXAMPLE = dict(num_classes=5)
-POSEMBS = ("learn", "sincos2d")
+POSEMBS = ("learn", "sincos2d", "sincos2d_mae")
 POOLS = ("tok", "gap", "map")
 PREPROCESSING = INCEPTION
 # jaxvit's own exports: the model fields as the UTF-8 bytes of a JSON object
