@@ -77,7 +77,7 @@ def check_config(config: schema.ViTConfig) -> None:
     if config.pool == "attn_pool":
         check_attn_pool_heads(config.pool_width or config.width, config.pool_heads or config.num_heads)
     if config.posemb in schema.SINCOS_POSEMBS:
-        check_sincos_width(config.width)
+        check_sincos_width(config.width, config.posemb)
     if config.posemb == "rope" and (config.width // config.num_heads) % 4:
         raise ValueError(
             f"posemb='rope' needs a head dimension divisible by 4, got {config.width // config.num_heads}"

@@ -140,14 +140,15 @@ def _accuracy(model, params, config, patch_size: int) -> float:
 def test_flexivit_trains_one_model_that_reads_the_digits_at_two_patch_sizes(tmp_path, monkeypatch):
     # one trace per patch size: a recompile after the first round fails the run
     monkeypatch.setattr(train_lib, "train_step", chex.assert_max_traces(train_lib.train_step, n=2))
-    config = _flexi_config(1200, eval_every=0, checkpoint_every=0)
+    small = {"model.width": 32, "model.depth": 2, "model.mlp_dim": 64, "model.num_heads": 2}
+    config = _flexi_config(1200, eval_every=0, checkpoint_every=0, **small)
     drawn = [trainer.patch_size_of_step(config, step) for step in range(1200)]
     assert 500 < drawn.count(2) < 700 and drawn.count(2) + drawn.count(4) == 1200
     metrics = trainer.train_and_evaluate(config, str(tmp_path))
     model, params, _ = checkpointing.restore_params(str(tmp_path))
     at_2, at_4 = (_accuracy(model, params, config, p) for p in (2, 4))
     assert at_2 == pytest.approx(metrics["eval/top1"])  # the run's own eval is at the model's patch size
-    # measured: 0.881 at patch 2 (16 tokens), 0.908 at patch 4 (4 tokens); chance is 0.1
+    # measured: 0.839 at patch 2 (16 tokens), 0.875 at patch 4 (4 tokens); chance is 0.1
     assert at_2 > 0.8 and at_4 > 0.8, (at_2, at_4)
     with pytest.raises(ValueError, match=r"flexi_patch_sizes=\[3\] must be positive ints that divide"):
         trainer.validate_config(_flexi_config(2, flexi_patch_sizes=(3,)), 1)

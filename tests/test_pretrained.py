@@ -543,6 +543,7 @@ def test_every_registered_format_has_what_the_registry_promises():
             "hf_deit",
             "hf_dinov2",
             "hf_dinov3",
+            "hf_mae",
             "hf",
             "timm_dinov3",
             "timm",

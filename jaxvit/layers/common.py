@@ -29,10 +29,11 @@ def check_heads(width: int, num_heads: int) -> None:
         raise ValueError(f"width {width} is not divisible by num_heads={num_heads}")
 
 
-def check_sincos_width(width: int) -> None:
-    """Raises ``ValueError`` unless the 2-D sin-cos table fits ``width`` (sin, cos of x and y: 4 parts)."""
+def check_sincos_width(width: int, kind: str = "sincos2d") -> None:
+    """Raises ``ValueError`` unless the 2-D sin-cos table ``kind`` fits ``width`` (sin, cos of x and
+    y: 4 parts)."""
     if width % 4:
-        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width} (a multiple of 4)")
+        raise ValueError(f"posemb={kind!r} needs a width divisible by 4, got {width} (a multiple of 4)")
 
 
 def check_pool_has_token(pool: str, class_token: bool) -> None:

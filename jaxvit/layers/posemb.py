@@ -41,7 +41,7 @@ def posemb_sincos_2d(
     """
     check_choice("sin-cos kind", kind, schema.SINCOS_POSEMBS)
     h, w = grid
-    check_sincos_width(width)
+    check_sincos_width(width, kind)
     y, x = np.mgrid[:h, :w]
     steps = width // 4 if kind == "sincos2d_mae" else max(width // 4 - 1, 1)
     omega = np.arange(width // 4) / steps

@@ -207,8 +207,8 @@ def test_check_config_raises_exactly_for_broken_rules(
             broken.append(f"{name} must be >= {low} and <= {schema.SPECS[name].hi}, got {value}")
     if width >= 1 and depth >= 0 and heads >= 1 and width % heads:
         broken.append(f"width {width} is not divisible by num_heads={heads}")
-    if posemb == "sincos2d" and width % 4:
-        broken.append(f"posemb='sincos2d' needs a width divisible by 4, got {width}")
+    if posemb in ("sincos2d", "sincos2d_mae") and width % 4:
+        broken.append(f"posemb={posemb!r} needs a width divisible by 4, got {width}")
     if posemb == "rope" and width >= 1 and heads >= 1 and not width % heads and (width // heads) % 4:
         broken.append(f"posemb='rope' needs a head dimension divisible by 4, got {width // heads}")
     if min(patch) < 1:
