@@ -67,6 +67,14 @@ def check_config(config: schema.ViTConfig) -> None:
                 "distill_token=True needs class_token=True and no representation_size, got"
                 f" class_token={config.class_token}, representation_size={config.representation_size}"
             )
+    if config.rel_pos_bias != "none" and (
+        not config.class_token or config.distill_token or config.num_registers
+    ):
+        raise ValueError(
+            f"rel_pos_bias={config.rel_pos_bias!r} (BEiT's) needs one class token in front and nothing"
+            f" else: got class_token={config.class_token}, distill_token={config.distill_token},"
+            f" num_registers={config.num_registers}"
+        )
     if config.fc_norm and (config.pool == "attn_pool" or config.distill_token):
         raise ValueError(
             "fc_norm=True (a LayerNorm after pooling) needs a pool other than 'attn_pool', which"
@@ -161,6 +169,11 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         config = self.config
         check_config(config)
         flexi = patch_size is not None and to_pair(patch_size) != to_pair(config.patch_size)
+        if flexi and config.rel_pos_bias != "none":
+            raise ValueError(
+                f"patch_size={patch_size}: a model with rel_pos_bias={config.rel_pos_bias!r} has tables of"
+                " its own grid and is not called at another patch size"
+            )
         grid = self.patch_grid(images, patch_size if flexi else None)
         table_grid = self.patch_grid(images) if flexi else grid
         n = images.shape[0]
@@ -186,7 +199,9 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
 
         # 3. Encoder: (N, T, D) -> (N, T, D)
         rope = dict(
-            rope_grid=grid if config.posemb == "rope" else None, rope_prefix_tokens=self.num_prefix_tokens
+            rope_grid=grid if config.posemb == "rope" else None,
+            rope_prefix_tokens=self.num_prefix_tokens,
+            rel_pos_grid=grid if config.rel_pos_bias == "block" else None,
         )
         # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling), and
         # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02)

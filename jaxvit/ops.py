@@ -96,25 +96,35 @@ def gelu(x: Array, approximate: bool = False) -> Array:
 
 
 def explicit_attention(
-    q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array] | None = None
+    q: Array,
+    k: Array,
+    v: Array,
+    weights_fn: Callable[[Array], Array] | None = None,
+    bias: Array | None = None,
 ) -> Array:
-    """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh)) v``, heads-major.
+    """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh) + bias) v``, heads-major.
 
     Heads-major operands make both products plain batched matmuls, forward and
     backward, which XLA:CPU runs much faster than the ``(N, T, H, Dh)`` layout
     of ``jax.nn.dot_product_attention`` (see benchmarks/README.md). The softmax
     runs in float32. ``weights_fn`` sees (and may replace, e.g. with dropout)
     the weights ``(N, H, T, T)``; without it the forward pass normalizes the
-    rows after the product with ``v`` (same values, less work).
+    rows after the product with ``v`` (same values, less work). ``bias`` ``(H, T, T)`` (or
+    broadcastable to ``(N, H, T, T)``: BEiT's relative position bias) is added to the logits in float32.
     """
     q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    if bias is not None:
+        return _attend_with(q, k, v, weights_fn or (lambda w: w), bias)
     if weights_fn is None:
         return _attend_bf16(q, k, v) if _takes_fast_product(q, k) else _attend(q, k, v)
     return _attend_with(q, k, v, weights_fn)
 
 
-def _attend_with(q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array]) -> Array:
-    weights = weights_fn(softmax(einsum("nhqd,nhkd->nhqk", q, k, jnp.float32)))
+def _attend_with(
+    q: Array, k: Array, v: Array, weights_fn: Callable[[Array], Array], bias: Array | None = None
+) -> Array:
+    logits = einsum("nhqd,nhkd->nhqk", q, k, jnp.float32)
+    weights = weights_fn(softmax(logits if bias is None else logits + bias.astype(jnp.float32)))
     return einsum("nhqk,nhkd->nhqd", weights.astype(v.dtype), v)
 
 

@@ -40,6 +40,8 @@ BLOCK_LOOPS = ("auto", "scan", "unrolled")
 POSEMBS = ("learn", "sincos2d", "sincos2d_mae", "rope", "none")
 SINCOS_POSEMBS = ("sincos2d", "sincos2d_mae")
 MLP_TYPES = ("mlp", "swiglu")
+# "block": BEiT's learned relative position bias on the attention logits, one table per block.
+REL_POS_BIASES = ("none", "block")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
 # factories and belong in user code. "auto" is dots_with_no_batch_dims_saveable
 # wherever the blocks run as one scan and "none" where they run unrolled.
@@ -132,6 +134,7 @@ class ViTConfig:
     mlp_type: str = option("mlp", "str", "architecture", "'swiglu': DINOv2-g's packed SwiGLU", choices=MLP_TYPES, modules=_B)  # fmt: skip
     distill_token: bool = option(False, "bool", "architecture", "DeiT's distillation token")
     rope_theta: float = option(100.0, "float", "architecture", "rotary base (posemb='rope')", lo=0.0, lo_open=True, modules=_B, applies=lambda c: c.posemb == "rope")  # fmt: skip
+    rel_pos_bias: str = option("none", "str", "architecture", "'block': BEiT's relative position bias, a table per block", choices=REL_POS_BIASES)  # fmt: skip
     gelu_approximate: bool = option(False, "bool", "architecture", "deprecated: activation='gelu_tanh'")
     scan: bool = option(False, "bool", "compute", "blocks stored stacked under encoder/blocks", modules=_E)  # fmt: skip
     remat_policy: str = option("auto", "str", "compute", "jax.checkpoint_policies name", choices=REMAT_POLICIES, modules=_E)  # fmt: skip

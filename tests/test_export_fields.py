@@ -77,6 +77,7 @@ VALUES = [
     ("posemb", dict(posemb="sincos2d_mae")),
     ("fc_norm", dict(fc_norm=True)),
     ("fc_norm", dict(fc_norm=True, pool="gap")),
+    ("rel_pos_bias", dict(rel_pos_bias="block")),
     ("posemb", dict(posemb="rope")),
     ("posemb", dict(posemb="none")),
     ("rope_theta", dict(rope_theta=50.0)),  # counts only with posemb="rope"
@@ -84,9 +85,10 @@ VALUES = [
 
 # Values of a carried field that a writer refuses by name: its layout has the field, not the value.
 REFUSED_VALUES = {
-    ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip"},
+    ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip", "hf_beit"},
     ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip"},
-    ("pool", "attn_pool"): {"vt", "timm"},
+    ("pool", "attn_pool"): {"vt", "timm", "hf_beit"},
+    ("pool", "map"): {"hf_beit"},
 }
 
 
@@ -193,6 +195,12 @@ def run_hf(path, model, x) -> dict:
         noise = torch.arange(x.shape[1] * x.shape[2] // model.patch_size**2, dtype=torch.float32)
         tokens = peer(px, noise=noise[None].repeat(len(x), 1)).last_hidden_state
         out = {"tokens": tokens, "features": tokens[:, 0]}
+    elif arch.startswith("Beit"):
+        backbone = getattr(peer, "beit", peer)
+        result = backbone(px)
+        out = {"tokens": result.last_hidden_state, "features": result.pooler_output}
+        if backbone is not peer:
+            out["logits"] = peer(px).logits
     elif arch.startswith(("ViT", "DeiT")):
         backbone = getattr(peer, "vit", None) or getattr(peer, "deit", None) or peer
         tokens = backbone(px).last_hidden_state
@@ -246,8 +254,9 @@ def _params(model, x: np.ndarray, seed: int) -> dict:
         return noise + (name == "scale")  # LayerNorm and LayerScale scales around one
 
     params = jax.tree_util.tree_map_with_path(draw, _shapes(model, x))
-    if model.posemb == "rope" and registry.exporter("timm", model).NAME == "timm_dinov3":
-        for i in range(model.depth):  # timm's DINOv3 fixes the key bias at zero (jaxvit's init too)
+    dinov3 = model.posemb == "rope" and registry.exporter("timm", model).NAME == "timm_dinov3"
+    if dinov3 or model.rel_pos_bias != "none":
+        for i in range(model.depth):  # timm's DINOv3 and BEiT have no key bias (jaxvit's init is zero)
             bias = params["encoder"][f"block_{i}"]["attn"]["qkv"].get("bias")
             if bias is not None:
                 bias[model.width : 2 * model.width] = 0.0

@@ -345,7 +345,7 @@ def test_an_unsupported_model_type_lists_the_supported_ones(tmp_path):
     save_torch_safetensors({"x": torch.zeros(1)}, tmp_path / "swin" / "model.safetensors")
     with pytest.raises(
         ValueError,
-        match=r"model_type='swin'.*supported model types: \['clip', 'clip_vision_model', 'deit', 'dinov2',",
+        match=r"model_type='swin'.*supported model types: \['beit', 'clip', 'clip_vision_model', 'deit', 'dinov2',",
     ):
         jaxvit.load_for_inference(tmp_path / "swin")
 

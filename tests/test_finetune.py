@@ -1,5 +1,5 @@
 """Fine-tuning and probes from pretrained checkpoints: ``config.freeze``, ``optimizer.layer_decay``,
-``model_from_checkpoint``, and short runs on the digits from tiny DINOv2- and SigLIP-shaped
+``model_from_checkpoint``, and short runs on the digits from tiny DINOv2-, SigLIP- and BEiT-shaped
 checkpoints (transformers models of random weights, saved here; nothing is downloaded)."""
 
 import json
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
+    BeitConfig,
+    BeitModel,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
     SiglipVisionConfig,
@@ -245,3 +247,33 @@ def test_siglip_probe_on_digits_keeps_the_frozen_backbone_bit_identical(siglip_f
     native = flat(fit_to_model(read_checkpoint(siglip_folder), model, NATIVE))["pos_embed/embedding"]
     expected = jaxvit.resample_posemb(native, (4, 4), (8, 8), num_prefix_tokens=0, method="bicubic")
     np.testing.assert_allclose(after["pos_embed/embedding"], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def beit_folder(tmp_path_factory):
+    """BEiT: a relative position table per block, LayerScale, mean pooling + fc_norm, 8x8 grid, 1 channel."""
+    torch.manual_seed(0)
+    config = BeitConfig(**TINY, image_size=NATIVE, intermediate_size=64, use_relative_position_bias=True)
+    model = BeitModel(config)
+    with torch.no_grad():  # transformers starts the tables at zero; a pretrained one is not
+        for i in range(config.num_hidden_layers):
+            model.layers[i].relative_position_bias.relative_position_bias_table.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("beit")
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_beit_fine_tunes_on_digits_with_layer_decay_and_its_tables_resized(beit_folder, tmp_path):
+    config = digits_finetune_config(beit_folder, **{"optimizer.lr": 5e-3, "optimizer.layer_decay": 0.75})
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert metrics["eval/top1"] > 0.6, metrics  # measured 0.714 (random-weight backbone, 2-core CPU)
+    model, tuned, _ = checkpointing.restore_params(str(tmp_path))
+    assert (model.rel_pos_bias, model.pool, model.fc_norm, model.num_classes) == ("block", "gap", True, 10)
+    table = "encoder/block_1/attn/rel_pos_bias/table"
+    assert optim.layer_decay_scale(table, (0,), 0.75, model.depth) == 0.75
+    # the 8x8 grid's tables (15x15 offsets) went to the digits' 4x4 (7x7) as transformers resizes them
+    native = flat(fit_to_model(read_checkpoint(beit_folder), model, NATIVE))[table]
+    start = flat(fit_to_model(read_checkpoint(beit_folder), model, 8))[table]
+    np.testing.assert_allclose(start, jaxvit.layers.resample_rel_pos_bias(native, (4, 4), (8, 8)), atol=1e-6)
+    assert start.shape == flat(tuned)[table].shape == (7 * 7 + 3, 2)
+    assert not np.array_equal(start, flat(tuned)[table])  # the tables train

@@ -544,6 +544,7 @@ def test_every_registered_format_has_what_the_registry_promises():
             "hf_dinov2",
             "hf_dinov3",
             "hf_mae",
+            "hf_beit",
             "hf",
             "timm_dinov3",
             "timm",

@@ -110,6 +110,7 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         ),
         pre_norm="encoder/norm_pre/scale" in params,
         fc_norm="head/fc_norm/scale" in params,
+        rel_pos_bias="block" if "encoder/block_0/attn/rel_pos_bias/table" in params else "none",
         patch_bias="patch_embed/bias" in params,
         qkv_bias=not any(k.startswith(first_attn) for k in params)
         or any(k in params for k in (first_attn + "qkv/bias", first_attn + "query/bias")),

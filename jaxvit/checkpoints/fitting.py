@@ -9,6 +9,7 @@ classifier as the model asks, and names every key that still does not fit.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from jaxvit import schema
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import Checkpoint, block_indices, depth_of, log
+from jaxvit.layers.attention import rel_pos_table_rows, resample_rel_pos_bias
 from jaxvit.layers.patch import resample_patch_embed
 from jaxvit.layers.posemb import posemb_sincos_2d, resample_posemb
 from jaxvit.layers.scan import unrolled_to_scan
@@ -246,6 +248,37 @@ def _fit_posemb(
     return {**flat, key: posemb}
 
 
+def _fit_rel_pos_tables(
+    flat: dict[str, np.ndarray],
+    ckpt: Checkpoint,
+    target: Mapping[str, Any],
+    grid: tuple[int, int],
+    checkpoint_grid: tuple[int, int] | None,
+) -> dict[str, np.ndarray]:
+    """BEiT's relative position tables of the checkpoint's grid, resized to the model's as
+    transformers' ``BeitRelativePositionBias`` resizes them (bilinear over the offsets)."""
+    keys = [k for k in flat if k.endswith("/attn/rel_pos_bias/table") and k in target]
+    stale = [k for k in keys if flat[k].shape != tuple(target[k].shape)]
+    if not stale:
+        return flat
+    old_grid = checkpoint_grid or ckpt.grid
+    if old_grid is None:  # a square grid: (2s - 1)^2 + 3 rows
+        side = (math.isqrt(flat[stale[0]].shape[0] - 3) + 1) // 2
+        if rel_pos_table_rows((side, side)) != flat[stale[0]].shape[0]:
+            raise ValueError(
+                f"{ckpt.path}: cannot tell the grid of the relative position table {flat[stale[0]].shape}:"
+                " pass checkpoint_grid=(h, w)"
+            )
+        old_grid = (side, side)
+    log.info(
+        "resampling %d relative position tables of %s from %s to %s", len(stale), ckpt.path, old_grid, grid
+    )
+    out = dict(flat)
+    for key in stale:
+        out[key] = np.asarray(resample_rel_pos_bias(flat[key], grid, tuple(old_grid)))
+    return out
+
+
 def _fit_head(
     flat: dict[str, np.ndarray], ckpt: Checkpoint, model: VisionTransformer, target: Mapping[str, Any]
 ) -> dict[str, np.ndarray]:
@@ -386,6 +419,7 @@ def fit_to_model(
     p, q = to_pair(model.patch_size)
     flat = layouts.fuse_attention(ckpt.params, model.num_heads)
     flat = _fit_posemb(flat, ckpt, model, target, (h // p, w // q), checkpoint_grid)
+    flat = _fit_rel_pos_tables(flat, ckpt, target, (h // p, w // q), checkpoint_grid)
     flat = _fit_head(flat, ckpt, model, target)
     check_keys(flat, ckpt.unmatched, target, ckpt.path)
     params = {k: jnp.asarray(np.asarray(v, np.float32), target[k].dtype) for k, v in flat.items()}

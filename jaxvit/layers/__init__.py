@@ -6,7 +6,12 @@ parameters between the scanned and unrolled layouts; ``common`` holds what they
 share. ``jaxvit.model.VisionTransformer`` composes them.
 """
 
-from jaxvit.layers.attention import SelfAttention
+from jaxvit.layers.attention import (
+    RelativePositionBias,
+    SelfAttention,
+    relative_position_index,
+    resample_rel_pos_bias,
+)
 from jaxvit.layers.encoder import Encoder, EncoderBlock, drop_path
 from jaxvit.layers.head import Head, MAPHead
 from jaxvit.layers.mlp import LayerScale, MlpBlock, SwiGLUMlp, swiglu_hidden_size
@@ -34,6 +39,7 @@ __all__ = [
     "PatchEmbed",
     "PositionEmbedding",
     "RegisterTokens",
+    "RelativePositionBias",
     "SelfAttention",
     "SwiGLUMlp",
     "apply_rope",
@@ -41,7 +47,9 @@ __all__ = [
     "patchify",
     "resample_patch_embed",
     "posemb_sincos_2d",
+    "relative_position_index",
     "resample_posemb",
+    "resample_rel_pos_bias",
     "resize_matrix",
     "rope_2d_tables",
     "scan_to_unrolled",

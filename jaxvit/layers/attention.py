@@ -1,4 +1,5 @@
-"""Multi-head self-attention with one fused ``qkv`` projection (and DINOv3's rotary embedding)."""
+"""Multi-head self-attention with one fused ``qkv`` projection (and DINOv3's rotary embedding,
+BEiT's relative position bias)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvit import ops
 from jaxvit.layers.common import Array, DType, check_heads, sow
@@ -28,6 +30,74 @@ def _per_projection_init(init: Any, parts: int) -> Any:
     return fused
 
 
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+    """BEiT's ``(1 + h*w, 1 + h*w)`` index into a relative position table of ``(2h-1)(2w-1) + 3`` rows.
+
+    Patch ``i`` attending to patch ``j`` reads row ``(dy + h - 1) * (2w - 1) + dx + w - 1`` of
+    their offset ``(dy, dx) = i - j``; the last three rows are class-to-patch, patch-to-class and
+    class-to-class, for the class token in front. As BEiT, timm and transformers compute it.
+    """
+    h, w = grid
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    coords = np.stack([ys.reshape(-1), xs.reshape(-1)])
+    offsets = coords[:, :, None] - coords[:, None, :]
+    rows = 2 * h - 1, 2 * w - 1
+    patches = (offsets[0] + h - 1) * rows[1] + offsets[1] + w - 1
+    distances = rows[0] * rows[1]
+    index = np.zeros((h * w + 1, h * w + 1), np.int32)
+    index[1:, 1:] = patches
+    index[0, :], index[:, 0], index[0, 0] = distances, distances + 1, distances + 2
+    return index
+
+
+def rel_pos_table_rows(grid: tuple[int, int]) -> int:
+    """Rows of BEiT's relative position table for a patch ``grid``: ``(2h-1)(2w-1) + 3``."""
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+
+
+def resample_rel_pos_bias(table: Array, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> Array:
+    """``(rows, H)`` for ``old_grid`` -> ``(rows', H)`` for ``new_grid``: the ``(2h-1, 2w-1)`` offsets
+    resized bilinearly (``torch.nn.functional.interpolate(mode="bilinear")``, as transformers'
+    ``BeitRelativePositionBias`` resizes them), the three class rows kept."""
+    table = jnp.asarray(table)
+    if table.ndim != 2 or table.shape[0] != rel_pos_table_rows(old_grid):
+        raise ValueError(
+            f"a relative position table for the grid {tuple(old_grid)} has shape"
+            f" ({rel_pos_table_rows(old_grid)}, heads), got {table.shape}"
+        )
+    if tuple(new_grid) == tuple(old_grid):
+        return table
+    old = (2 * old_grid[0] - 1, 2 * old_grid[1] - 1)
+    new = (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
+    heads = table.shape[1]
+    offsets = table[:-3].reshape(*old, heads).astype(jnp.float32)
+    resized = jax.image.resize(offsets, (*new, heads), "bilinear", antialias=False)
+    return jnp.concatenate([resized.reshape(-1, heads).astype(table.dtype), table[-3:]])
+
+
+class RelativePositionBias(nn.Module):
+    """``() -> (H, 1 + h*w, 1 + h*w)``: BEiT's learned relative position bias of a patch ``grid``
+    behind one class token, gathered from a ``table`` ``((2h-1)(2w-1) + 3, H)`` (zero init)."""
+
+    grid: tuple[int, int]
+    num_heads: int
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> Array:
+        shape = (rel_pos_table_rows(self.grid), self.num_heads)
+        if self.has_variable("params", "table"):
+            stored = tuple(self.get_variable("params", "table").shape)
+            if stored != shape:
+                raise ValueError(
+                    f"the relative position table has shape {stored} but these images give a"
+                    f" {self.grid[0]}x{self.grid[1]} grid, which needs {shape}: resample it with"
+                    " jaxvit.layers.resample_rel_pos_bias (load_pretrained does this for you)"
+                )
+        table = self.param("table", nn.initializers.zeros, shape, self.param_dtype)
+        return jnp.transpose(table[relative_position_index(self.grid)], (2, 0, 1))
+
+
 class SelfAttention(nn.Module):
     """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
 
@@ -39,7 +109,9 @@ class SelfAttention(nn.Module):
     ``ops.explicit_attention`` (``jaxvit.ops.set_attention_impl`` chooses).
     ``rope_grid`` (DINOv3): queries and keys of the patch tokens, which
     follow ``rope_prefix_tokens`` prefix tokens and form that grid, are
-    rotated (``apply_rope``) before attention.
+    rotated (``apply_rope``) before attention. ``rel_pos_grid`` (BEiT): a learned relative
+    position bias of that patch grid behind one class token (``RelativePositionBias``, under
+    ``rel_pos_bias``) is added to the attention logits.
     """
 
     num_heads: int
@@ -49,6 +121,7 @@ class SelfAttention(nn.Module):
     rope_grid: tuple[int, int] | None = None
     rope_prefix_tokens: int = 0
     rope_theta: float = 100.0
+    rel_pos_grid: tuple[int, int] | None = None
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
@@ -68,6 +141,12 @@ class SelfAttention(nn.Module):
             q, k, v = (qkv[:, :, i] for i in range(3))
             q, k = (apply_rope(a, cos, sin, self.rope_prefix_tokens) for a in (q, k))
             qkv = jnp.stack([q, k, v], axis=2)
+        bias = None
+        if self.rel_pos_grid is not None:
+            bias = RelativePositionBias(
+                self.rel_pos_grid, self.num_heads, self.param_dtype, name="rel_pos_bias"
+            )()
+            chex.assert_shape(bias, (self.num_heads, t, t))
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights or ops.use_explicit_attention():
@@ -80,10 +159,12 @@ class SelfAttention(nn.Module):
             # the backward pass concatenates rather than pads and adds.
             q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
             # Without a reader of the weights, explicit_attention normalizes after the product with v.
-            out = ops.explicit_attention(q, k, v, weights_fn if dropout_active or want_weights else None)
+            out = ops.explicit_attention(
+                q, k, v, weights_fn if dropout_active or want_weights else None, bias=bias
+            )
             out = jnp.transpose(out, (0, 2, 1, 3))
         else:
             q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
-            out = jax.nn.dot_product_attention(q, k, v)
+            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
         return Dense(d, name="out", **dense)(out.reshape(n, t, d))

@@ -39,6 +39,7 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
     use_drop_path: bool = False
     rope_grid: tuple[int, int] | None = None
     rope_prefix_tokens: int = 0
+    rel_pos_grid: tuple[int, int] | None = None
     deterministic: bool = True
 
     @nn.compact
@@ -68,6 +69,7 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
             rope_grid=self.rope_grid,
             rope_prefix_tokens=self.rope_prefix_tokens,
             rope_theta=self.rope_theta,
+            rel_pos_grid=self.rel_pos_grid,
             name="attn",
             **common,
         )(y)
@@ -96,7 +98,8 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     compiles one block; ``scan_to_unrolled`` / ``unrolled_to_scan`` convert
     between that layout and ``block_0 ... block_{depth-1}``.
     Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
-    ``rope_grid`` turns on DINOv3's rotary position embedding in every block.
+    ``rope_grid`` turns on DINOv3's rotary position embedding in every block, ``rel_pos_grid``
+    BEiT's relative position bias (a table per block, for one class token in front).
     ``final_norm=False`` leaves out the final LayerNorm (CoCa's attentional pooler normalises
     the tokens itself). Its options are the schema's encoder fields
     (``schema.names(module="encoder")``), with the schema's defaults:
@@ -105,6 +108,7 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
 
     rope_grid: tuple[int, int] | None = None
     rope_prefix_tokens: int = 0
+    rel_pos_grid: tuple[int, int] | None = None
     final_norm: bool = True
 
     @nn.compact
@@ -121,6 +125,7 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
             use_drop_path=self.drop_path_rate > 0.0,
             rope_grid=self.rope_grid,
             rope_prefix_tokens=self.rope_prefix_tokens,
+            rel_pos_grid=self.rel_pos_grid,
             deterministic=not train,
         )
         rates = jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)

@@ -161,7 +161,7 @@ def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
 def exports(model: VisionTransformer) -> bool:
     """Whether ``format="hf"`` writes ``model`` as a CLIP tower: CLIP's norm before the blocks
     (and no rotary embedding, which is DINOv3's). One family writer at most takes a model."""
-    return model.pre_norm and model.posemb != "rope"
+    return model.pre_norm and model.posemb != "rope" and model.rel_pos_bias == "none"
 
 
 def _check_exportable(model: VisionTransformer, size: tuple[int, int]) -> None:

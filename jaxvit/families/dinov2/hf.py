@@ -192,6 +192,7 @@ def exports(model: VisionTransformer) -> bool:
         or model.pre_norm  # CLIP
         or model.posemb == "rope"  # DINOv3
         or (model.pool == "map" and not model.class_token)  # SigLIP
+        or model.rel_pos_bias != "none"  # BEiT
     )
     return dinov2_feature and not other_family
 

@@ -184,7 +184,7 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> tuple[VisionTransformer, 
 
 def exports(model: VisionTransformer) -> bool:
     """Whether ``format="hf"`` writes ``model`` as DINOv3 (it has the rotary position embedding)."""
-    return model.posemb == "rope"
+    return model.posemb == "rope" and model.rel_pos_bias == "none"
 
 
 def write(

@@ -83,6 +83,7 @@ def exports(model: VisionTransformer) -> bool:
         or model.num_registers > 0
         or model.mlp_type == "swiglu"
         or (model.pool == "map" and not model.class_token)
+        or model.rel_pos_bias != "none"  # BEiT
     )
     return model.num_classes == 0 and model.posemb in ("learn", "sincos2d_mae") and not other_family
 

@@ -1,0 +1,148 @@
+"""BEiT: the relative position bias (``rel_pos_bias="block"``) and transformers' ``BeitModel`` /
+``BeitForImageClassification`` read and written, at the checkpoint's grid and at another.
+
+transformers' own code builds every file: tiny random weights, perturbed everywhere (the
+relative position tables, zero at init, too).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.beit.modeling_beit import BeitRelativePositionBias
+
+import jaxvit
+from jaxvit.layers import relative_position_index, resample_rel_pos_bias
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("grid", [(3, 3), (2, 4)])
+def test_the_relative_position_index_is_transformers(grid):
+    theirs = BeitRelativePositionBias.generate_relative_position_index.__wrapped__(grid).numpy()
+    np.testing.assert_array_equal(relative_position_index(grid), theirs)
+
+
+def test_the_table_is_resized_as_transformers_resizes_it():
+    config = transformers.BeitConfig(image_size=12, use_relative_position_bias=True, **TINY)
+    peer = BeitRelativePositionBias(config)
+    with torch.no_grad():
+        peer.relative_position_bias_table.normal_()
+        theirs = peer((5, 5), interpolate_pos_encoding=True, dim_size=26)[0].numpy()  # (H, T, T)
+    table = peer.relative_position_bias_table.detach().numpy()
+    resized = resample_rel_pos_bias(table, (5, 5), (3, 3))
+    ours = np.transpose(np.asarray(resized)[relative_position_index((5, 5))], (2, 0, 1))
+    assert _rel(ours, theirs) < 1e-5
+
+
+# (pooling, absolute position table): the fine-tuned BEiTs' mean pooling with fc_norm, and the
+# class token after a final LayerNorm with a learned absolute table
+FORMS = {
+    "mean": dict(use_mean_pooling=True, use_absolute_position_embeddings=False),
+    "cls_abs": dict(use_mean_pooling=False, use_absolute_position_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(FORMS))
+def beit_folder(request, tmp_path_factory):
+    config = transformers.BeitConfig(
+        image_size=16,
+        use_relative_position_bias=True,
+        num_labels=3,
+        layer_norm_eps=1e-6,
+        **TINY,
+        **FORMS[request.param],
+    )
+    peer = transformers.BeitForImageClassification(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("beit") / request.param
+    peer.eval().save_pretrained(folder)
+    return request.param, peer, folder
+
+
+def _theirs(peer, x: np.ndarray) -> dict:
+    interpolate = x.shape[1] != peer.config.image_size
+    with torch.no_grad():
+        backbone = peer.beit(_nchw(x), interpolate_pos_encoding=interpolate)
+        logits = peer(_nchw(x), interpolate_pos_encoding=interpolate).logits
+    return {"tokens": backbone.last_hidden_state, "features": backbone.pooler_output, "logits": logits}
+
+
+def _ours(model, params, x: np.ndarray) -> dict:
+    logits, state = model.apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
+    inter = state["intermediates"]
+    return {"tokens": inter["encoded"][0], "features": inter["head"]["features"][0], "logits": logits}
+
+
+@pytest.mark.parametrize("size", [16, 24])
+def test_beit_loads_with_the_peers_tokens_features_and_logits(beit_folder, size):
+    form, peer, folder = beit_folder
+    bundle = jaxvit.load_for_inference(folder)
+    model = bundle.model
+    assert (model.rel_pos_bias, model.layer_scale_init, model.num_classes) == ("block", 0.1, 3)
+    assert (model.pool, model.fc_norm, model.posemb) == (
+        ("gap", True, "none") if form == "mean" else ("tok", False, "learn")
+    )
+    params = jaxvit.load_pretrained(folder, model, size)
+    assert params["encoder"]["block_1"]["attn"]["rel_pos_bias"]["table"].shape == (
+        (2 * size // 4 - 1) ** 2 + 3,
+        2,
+    )
+    x = np.random.default_rng(size).random((2, size, size, 3), dtype=np.float32)
+    ours, theirs = _ours(model, params, x), _theirs(peer, x)
+    for what in theirs:
+        assert _rel(ours[what], theirs[what].numpy()) < 1e-4, what
+
+
+def test_beit_exports_back_for_transformers(beit_folder, tmp_path):
+    form, peer, folder = beit_folder
+    bundle = jaxvit.load_for_inference(folder)
+    out = jaxvit.export(bundle.params, tmp_path / "out", "hf", model=bundle.model, image_size=16)
+    again, info = transformers.BeitForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    x = np.random.default_rng(5).random((2, 16, 16, 3), dtype=np.float32)
+    with torch.no_grad():
+        np.testing.assert_array_equal(again.eval()(_nchw(x)).logits.numpy(), peer(_nchw(x)).logits.numpy())
+
+
+def test_what_jaxvit_does_not_compute_is_refused(tmp_path):
+    shared = transformers.BeitConfig(image_size=16, use_shared_relative_position_bias=True, **TINY)
+    transformers.BeitModel(shared).save_pretrained(tmp_path / "shared")
+    with pytest.raises(ValueError, match="use_shared_relative_position_bias=True .* not supported"):
+        jaxvit.load_for_inference(tmp_path / "shared")
+    mim = transformers.BeitConfig(image_size=16, use_mask_token=True, **TINY)
+    transformers.BeitForMaskedImageModeling(mim).save_pretrained(tmp_path / "mim")
+    with pytest.raises(ValueError, match=r"\['BeitForMaskedImageModeling'\] is not supported"):
+        jaxvit.load_for_inference(tmp_path / "mim")
+
+
+def test_the_bias_is_an_option_of_the_one_model():
+    model = jaxvit.create_model("beit:B/16", num_classes=1000)
+    # microsoft/beit-base-patch16-224's 86,530,984 parameters, and the 12 x 768 key biases of
+    # jaxvit's fused qkv (zero in a BEiT checkpoint, which has none)
+    assert jaxvit.count_params(model) == 86_530_984 + 12 * 768
+    tiny = jaxvit.create_model("mu/4", num_classes=0, rel_pos_bias="block", posemb="none")
+    x = jnp.zeros((1, 8, 8, 3))
+    params = tiny.init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"relative position table has shape \(12, 2\) .* needs \(52, 2\)"):
+        tiny.apply({"params": params}, jnp.zeros((1, 16, 16, 3)))
+    for bad in (dict(class_token=False, pool="gap"), dict(num_registers=1)):
+        with pytest.raises(ValueError, match="rel_pos_bias='block' .* needs one class token"):
+            jaxvit.create_model("mu/4", rel_pos_bias="block", **bad)
