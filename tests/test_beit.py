@@ -1,7 +1,8 @@
-"""BEiT: the relative position bias (``rel_pos_bias="block"``) and transformers' ``BeitModel`` /
-``BeitForImageClassification`` read and written, at the checkpoint's grid and at another.
+"""BEiT: the relative position bias (``rel_pos_bias="block"``), transformers' ``BeitModel`` /
+``BeitForImageClassification`` and timm's ``Beit`` read and written, at the checkpoint's grid and
+at another.
 
-transformers' own code builds every file: tiny random weights, perturbed everywhere (the
+The peers' own code builds every file: tiny random weights, perturbed everywhere (the
 relative position tables, zero at init, too).
 """
 
@@ -11,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
 import torch
 import transformers
+from safetensors.torch import save_file
+from timm.models._hub import save_for_hf
 from transformers.models.beit.modeling_beit import BeitRelativePositionBias
 
 import jaxvit
@@ -146,3 +150,97 @@ def test_the_bias_is_an_option_of_the_one_model():
     for bad in (dict(class_token=False, pool="gap"), dict(num_registers=1)):
         with pytest.raises(ValueError, match="rel_pos_bias='block' .* needs one class token"):
             jaxvit.create_model("mu/4", rel_pos_bias="block", **bad)
+
+
+# -- timm's BEiT: hub folders and state dicts, read and written -------------------------------------
+
+TIMM = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
+def _timm_beit(**kwargs):
+    peer = timm.create_model("beit_base_patch16_224", **{**TIMM, **kwargs})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return peer.eval()
+
+
+@pytest.fixture(scope="module")
+def timm_folder(tmp_path_factory):
+    peer = _timm_beit()
+    folder = tmp_path_factory.mktemp("timm_beit") / "peer"
+    save_for_hf(peer, str(folder), safe_serialization=True)
+    return peer, folder
+
+
+@pytest.mark.parametrize("size", [16, 24])
+def test_a_timm_beit_folder_loads_with_timms_outputs_at_its_size_and_another(timm_folder, size):
+    peer, folder = timm_folder
+    bundle = jaxvit.load_for_inference(folder)
+    model = bundle.model
+    assert (model.rel_pos_bias, model.pool, model.fc_norm, model.num_heads, model.layer_norm_eps) == (
+        "block",
+        "gap",
+        True,
+        2,
+        1e-6,
+    )
+    if size != 16:  # timm's own resize of the tables (checkpoint_filter_fn), into a model at 24 px
+        resized = timm.create_model("beit_base_patch16_224", **{**TIMM, "img_size": size}).eval()
+        resized.load_state_dict(timm.models.beit.checkpoint_filter_fn(peer.state_dict(), resized))
+        peer = resized
+    params = jaxvit.load_pretrained(folder, model, size)
+    x = np.random.default_rng(size).random((2, size, size, 3), dtype=np.float32)
+    logits, state = model.apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
+    with torch.no_grad():
+        tokens = peer.forward_features(_nchw(x))
+        theirs = {"tokens": tokens, "features": peer.forward_head(tokens, pre_logits=True)}
+        theirs["logits"] = peer.forward_head(tokens)
+    ours = {"tokens": state["intermediates"]["encoded"][0], "logits": logits}
+    ours["features"] = state["intermediates"]["head"]["features"][0]
+    for what in theirs:
+        assert _rel(ours[what], theirs[what].numpy()) < 1e-4, what
+
+
+def test_a_timm_beit_exports_back_for_timm(timm_folder, tmp_path):
+    peer, folder = timm_folder
+    bundle = jaxvit.load_for_inference(folder)
+    out = jaxvit.export(bundle.params, tmp_path / "out", "timm", model=bundle.model, image_size=16)
+    fresh = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = np.random.default_rng(3).random((2, 16, 16, 3), dtype=np.float32)
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh(_nchw(x)).numpy(), peer(_nchw(x)).numpy())
+
+
+def test_a_bare_timm_beit_file_must_be_told_its_heads_and_pool(timm_folder, tmp_path):
+    peer, _ = timm_folder
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(path))
+    with pytest.raises(ValueError, match=r"does not say what it pools: 'gap'.*pass pool=\.\.\."):
+        jaxvit.load_for_inference(path, num_heads=2)
+    with pytest.raises(ValueError, match=r"does not say its number of attention heads"):
+        jaxvit.load_for_inference(path, pool="gap")
+    bundle = jaxvit.load_for_inference(path, pool="gap", num_heads=2)
+    x = np.random.default_rng(4).random((2, 16, 16, 3), dtype=np.float32)
+    with torch.no_grad():
+        theirs = peer(_nchw(x)).numpy()
+    assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
+    shared = _timm_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+    save_file(
+        {k: v.contiguous() for k, v in shared.state_dict().items()}, str(tmp_path / "shared.safetensors")
+    )
+    with pytest.raises(ValueError, match=r"a shared relative position table .* not supported"):
+        jaxvit.load_for_inference(tmp_path / "shared.safetensors", pool="gap", num_heads=2)
+
+
+def test_the_geometric_resize_is_timms():
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
+
+    table = np.random.default_rng(0).normal(size=(rel_rows := 15 * 15 + 3, 2)).astype(np.float32)
+    for new in ((4, 4), (12, 12)):
+        rows = (2 * new[0] - 1) * (2 * new[1] - 1) + 3
+        theirs = resize_rel_pos_bias_table(torch.from_numpy(table), new, (rows, 2)).numpy()
+        ours = resample_rel_pos_bias(table, new, (8, 8), method="geometric")
+        assert ours.shape == (rows, 2) and rel_rows == table.shape[0]
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)

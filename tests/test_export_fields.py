@@ -85,10 +85,10 @@ VALUES = [
 
 # Values of a carried field that a writer refuses by name: its layout has the field, not the value.
 REFUSED_VALUES = {
-    ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip", "hf_beit"},
+    ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip", "hf_beit", "timm_beit"},
     ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip"},
-    ("pool", "attn_pool"): {"vt", "timm", "hf_beit"},
-    ("pool", "map"): {"hf_beit"},
+    ("pool", "attn_pool"): {"vt", "timm", "hf_beit", "timm_beit"},
+    ("pool", "map"): {"hf_beit", "timm_beit"},
 }
 
 

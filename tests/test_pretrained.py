@@ -545,6 +545,7 @@ def test_every_registered_format_has_what_the_registry_promises():
             "hf_dinov3",
             "hf_mae",
             "hf_beit",
+            "timm_beit",
             "hf",
             "timm_dinov3",
             "timm",

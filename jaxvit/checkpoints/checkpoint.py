@@ -88,6 +88,8 @@ class Checkpoint:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     posemb_resample: str = "bilinear"
     posemb_antialias: bool = False
+    # how its relative position tables are resized (BEiT): see jaxvit.layers.resample_rel_pos_bias
+    rel_pos_resample: str = "bilinear"
     implied_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     grid_ambiguity: str = ""
     unstated: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -255,8 +255,8 @@ def _fit_rel_pos_tables(
     grid: tuple[int, int],
     checkpoint_grid: tuple[int, int] | None,
 ) -> dict[str, np.ndarray]:
-    """BEiT's relative position tables of the checkpoint's grid, resized to the model's as
-    transformers' ``BeitRelativePositionBias`` resizes them (bilinear over the offsets)."""
+    """BEiT's relative position tables of the checkpoint's grid, resized to the model's the
+    checkpoint's own way (``Checkpoint.rel_pos_resample``)."""
     keys = [k for k in flat if k.endswith("/attn/rel_pos_bias/table") and k in target]
     stale = [k for k in keys if flat[k].shape != tuple(target[k].shape)]
     if not stale:
@@ -275,7 +275,7 @@ def _fit_rel_pos_tables(
     )
     out = dict(flat)
     for key in stale:
-        out[key] = np.asarray(resample_rel_pos_bias(flat[key], grid, tuple(old_grid)))
+        out[key] = np.asarray(resample_rel_pos_bias(flat[key], grid, tuple(old_grid), ckpt.rel_pos_resample))
     return out
 
 

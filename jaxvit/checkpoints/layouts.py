@@ -311,6 +311,24 @@ UNSUPPORTED_HINTS = {
 _BLOCK_ATTN = re.compile(r"(encoder/block_\d+/attn)/query/kernel")
 
 
+_TIMM_QKV = re.compile(r"(blocks\.\d+\.attn)\.qkv\.weight")
+
+
+def fuse_q_v_biases(arrays: Mapping[str, np.ndarray]) -> Flat:
+    """timm's ``q_bias`` + a zero key bias + ``v_bias`` (or all zeros without them) -> one
+    ``qkv.bias`` (``Eva``, BEiT: their key has no bias)."""
+    out = dict(arrays)
+    for key in arrays:
+        match = _TIMM_QKV.fullmatch(key)
+        if not match or f"{match.group(1)}.qkv.bias" in out:
+            continue
+        attn, width = match.group(1), arrays[key].shape[0] // 3
+        zeros = np.zeros((width,), arrays[key].dtype)
+        parts = (out.pop(f"{attn}.q_bias", zeros), zeros, out.pop(f"{attn}.v_bias", zeros))
+        out[f"{attn}.qkv.bias"] = np.concatenate(parts)
+    return out
+
+
 def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
     """Attention weights in any peer form -> jaxvit's shapes.
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit import ops
-from jaxvit.layers.common import Array, DType, check_heads, sow
+from jaxvit.layers.common import Array, DType, check_choice, check_heads, sow
 from jaxvit.layers.patch import Dense
 from jaxvit.layers.posemb import apply_rope, rope_2d_tables
 
@@ -55,10 +55,56 @@ def rel_pos_table_rows(grid: tuple[int, int]) -> int:
     return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
 
 
-def resample_rel_pos_bias(table: Array, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> Array:
-    """``(rows, H)`` for ``old_grid`` -> ``(rows', H)`` for ``new_grid``: the ``(2h-1, 2w-1)`` offsets
-    resized bilinearly (``torch.nn.functional.interpolate(mode="bilinear")``, as transformers'
-    ``BeitRelativePositionBias`` resizes them), the three class rows kept."""
+# How a relative position table is resized: transformers' (bilinear over the offsets) or timm's
+# (BEiT's fine-tuning: the old offsets placed on a geometric progression, then linear).
+REL_POS_RESAMPLE_METHODS = ("bilinear", "geometric")
+
+
+def _geometric_offsets(src: int, dst: int) -> np.ndarray:
+    """Where BEiT's fine-tuning (and timm's ``resize_rel_pos_bias_table``) places the ``src`` old
+    offsets for ``dst`` new ones: symmetric, spaced by the ratio whose progression over half of
+    ``src`` reaches half of ``dst``, found by bisection as they find it."""
+    left, right = 1.01, 1.5
+    ratio = left
+    while right - left > 1e-6:
+        ratio = (left + right) / 2.0
+        if (1.0 - ratio ** (src // 2)) / (1.0 - ratio) > dst // 2:
+            right = ratio
+        else:
+            left = ratio
+    steps, current = [], 1.0
+    for i in range(src // 2):
+        steps.append(current)
+        current += ratio ** (i + 1)
+    return np.asarray([-s for s in reversed(steps)] + [0.0] + steps, np.float32)
+
+
+def _linear_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``(len(target), len(source))`` weights of linear interpolation on the sorted ``source`` points."""
+    weights = np.zeros((len(target), len(source)), np.float64)
+    for row, point in enumerate(target):
+        right = min(int(np.searchsorted(source, point, side="left")), len(source) - 1)
+        left = max(right - 1, 0)
+        to_left, to_right = max(point - source[left], 0.0), max(source[right] - point, 0.0)
+        if to_left == 0.0 and to_right == 0.0:
+            to_left = to_right = 1.0
+        weights[row, left] += to_right / (to_left + to_right)
+        weights[row, right] += to_left / (to_left + to_right)
+    return weights
+
+
+def resample_rel_pos_bias(
+    table: Array, new_grid: tuple[int, int], old_grid: tuple[int, int], method: str = "bilinear"
+) -> Array:
+    """``(rows, H)`` for ``old_grid`` -> ``(rows', H)`` for ``new_grid``, the three class rows kept.
+
+    ``method="bilinear"``: the ``(2h-1, 2w-1)`` offsets resized as
+    ``torch.nn.functional.interpolate(mode="bilinear")`` resizes them (transformers'
+    ``BeitRelativePositionBias``); ``"geometric"``: BEiT's own fine-tuning, as timm's
+    ``resize_rel_pos_bias_table`` computes it (the old offsets on a geometric progression, the
+    new ones at the integers, linear in between).
+    """
+    check_choice("relative position resample method", method, REL_POS_RESAMPLE_METHODS)
     table = jnp.asarray(table)
     if table.ndim != 2 or table.shape[0] != rel_pos_table_rows(old_grid):
         raise ValueError(
@@ -71,7 +117,14 @@ def resample_rel_pos_bias(table: Array, new_grid: tuple[int, int], old_grid: tup
     new = (2 * new_grid[0] - 1, 2 * new_grid[1] - 1)
     heads = table.shape[1]
     offsets = table[:-3].reshape(*old, heads).astype(jnp.float32)
-    resized = jax.image.resize(offsets, (*new, heads), "bilinear", antialias=False)
+    if method == "bilinear":
+        resized = jax.image.resize(offsets, (*new, heads), "bilinear", antialias=False)
+    else:
+        rows, cols = (
+            _linear_matrix(_geometric_offsets(o, n), np.arange(-(n // 2), n // 2 + 1, dtype=np.float32))
+            for o, n in zip(old, new, strict=True)
+        )
+        resized = jnp.einsum("Yy,yxh,Xx->YXh", rows, offsets, cols)
     return jnp.concatenate([resized.reshape(-1, heads).astype(table.dtype), table[-3:]])
 
 

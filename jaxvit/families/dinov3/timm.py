@@ -69,27 +69,16 @@ RULES = tuple(
     + layouts.TIMM_ENCODER_RULES
     + layouts.torch_rules("head", "head/classifier", "linear")
 )
-_QKV = re.compile(r"(blocks\.\d+\.attn)\.qkv\.weight")
 _GATE = re.compile(r"(blocks\.\d+\.mlp)\.fc1_g\.(weight|bias)")
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
     """A state dict with ``Eva``'s LayerScale names (``blocks.{i}.gamma_1``)."""
-    return kind == "state_dict" and any(re.fullmatch(r"(module\.)?blocks\.\d+\.gamma_1", k) for k in arrays)
-
-
-def _fuse_qkv_bias(arrays: Flat) -> Flat:
-    """``q_bias`` + zero key bias + ``v_bias`` (or all zeros without them) -> one ``qkv.bias``."""
-    out = dict(arrays)
-    for key in arrays:
-        match = _QKV.fullmatch(key)
-        if not match or f"{match.group(1)}.qkv.bias" in out:
-            continue
-        attn, width = match.group(1), arrays[key].shape[0] // 3
-        zeros = np.zeros((width,), arrays[key].dtype)
-        parts = (out.pop(f"{attn}.q_bias", zeros), zeros, out.pop(f"{attn}.v_bias", zeros))
-        out[f"{attn}.qkv.bias"] = np.concatenate(parts)
-    return out
+    return (
+        kind == "state_dict"
+        and any(re.fullmatch(r"(module\.)?blocks\.\d+\.gamma_1", k) for k in arrays)
+        and not any(k.endswith("relative_position_bias_table") for k in arrays)  # BEiT's (beit/timm.py)
+    )
 
 
 def _pack_swiglu(arrays: Flat) -> Flat:
@@ -188,7 +177,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
             f"{path}: a timm Eva model with {reason}: not supported; of timm's Eva models jaxvit reads"
             " DINOv3 (vit_*_patch16_dinov3) only"
         )
-    arrays = _pack_swiglu(_fuse_qkv_bias(arrays))
+    arrays = _pack_swiglu(layouts.fuse_q_v_biases(arrays))
     params, unmatched = layouts.rename(arrays, RULES)
     config = json.loads(metadata["jaxvit_model"]) if "jaxvit_model" in metadata else {}
     saved = config.get("model", {})
@@ -217,7 +206,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
 
 def exports(model: Any) -> bool:
     """Whether ``format="timm"`` writes ``model`` as timm's DINOv3 (it has the rotary position embedding)."""
-    return model.posemb == "rope"
+    return model.posemb == "rope" and model.rel_pos_bias == "none"
 
 
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:

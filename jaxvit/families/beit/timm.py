@@ -1,0 +1,231 @@
+"""timm's BEiT (``Beit``: ``beit_*``, ``beitv2_*``) state dicts and hub folders, read and written.
+
+A relative position table per block (``blocks.{i}.attn.relative_position_bias_table``), resized
+for another grid as timm's ``checkpoint_filter_fn`` does it, which is BEiT's own fine-tuning
+(``resample_rel_pos_bias(..., method="geometric")``); LayerScale ``gamma_1`` / ``gamma_2``;
+``q_bias`` and ``v_bias`` with no key bias; mean pooling with ``fc_norm`` or the class token.
+timm's BEiT fixes the LayerNorm epsilon (1e-6) and exact GELU. A bare state dict says neither
+its head count nor, with ``fc_norm``, its pool: both are asked for. A shared table
+(``rel_pos_bias.*``, BEiT's pre-training) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxvit import schema
+from jaxvit.checkpoints import layouts, timm_hub
+from jaxvit.checkpoints.checkpoint import Checkpoint, Flat, Preprocessing, grid_from_config, strip_prefix
+from jaxvit.families.beit import TIMM_HEADS
+from jaxvit.families.vit.timm import saved_config
+from jaxvit.layers.attention import rel_pos_table_rows, relative_position_index
+from jaxvit.safety import files, validate
+
+NAME = "timm_beit"
+# a timm hub folder's weights are read here when they are BEiT's (timm_hub)
+READS_TIMM_FOLDERS = True
+HAS_SINCOS = False
+EXPORT_FORMAT = "timm"
+TARGET = "timm Beit"
+TIMM_MODEL = "beit_base_patch16_224"
+CARRIES = ("posemb", "qkv_bias", "layer_scale_init", "rel_pos_bias", "fc_norm", "pool")
+# The options of a model this writer takes (with any sizes): the family's example, for tests.
+EXAMPLE = dict(num_classes=5, rel_pos_bias="block", posemb="none", pool="gap", fc_norm=True)
+# timm's BEiT configs: shorter side to size / 0.9, center crop, bicubic, mean = std = 0.5.
+PREPROCESSING = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.9, "bicubic")
+IMPLIED_FIELDS = dict(layer_norm_eps=1e-6, rel_pos_bias="block")
+_TABLE = "relative_position_bias_table"
+RULES = tuple(
+    layouts.torch_rules("patch_embed.proj", "patch_embed", "conv")
+    + [
+        layouts.Rule("cls_token", "cls_token/token"),
+        layouts.Rule("pos_embed", "pos_embed/embedding"),
+        layouts.Rule("blocks.{i}.gamma_1", "encoder/block_{i}/ls1/scale"),
+        layouts.Rule("blocks.{i}.gamma_2", "encoder/block_{i}/ls2/scale"),
+        layouts.Rule(f"blocks.{{i}}.attn.{_TABLE}", "encoder/block_{i}/attn/rel_pos_bias/table"),
+    ]
+    + layouts.TIMM_ENCODER_RULES
+    + layouts.torch_rules("fc_norm", "head/fc_norm", "ln")
+    + layouts.torch_rules("head", "head/classifier", "linear")
+)
+# the create_model arguments a timm BEiT folder may state: those jaxvit's export writes
+MODEL_ARGS = frozenset(
+    "img_size patch_size in_chans num_classes embed_dim depth num_heads mlp_ratio qkv_bias init_values"
+    " use_abs_pos_emb use_rel_pos_bias use_shared_rel_pos_bias global_pool use_fc_norm".split()
+)
+_INDEX = re.compile(r"blocks\.\d+\.attn\.relative_position_index")
+
+
+def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
+    """A timm state dict with BEiT's relative position tables."""
+    return kind == "state_dict" and any(
+        k.endswith(_TABLE) and k.startswith(("blocks.", "module.blocks.", "rel_pos_bias.")) for k in arrays
+    )
+
+
+def _table_grid(arrays: Flat) -> tuple[int, int] | None:
+    """The square grid whose table has the first block's rows, if one has."""
+    table = arrays.get(f"blocks.0.attn.{_TABLE}")
+    if table is None:
+        return None
+    side = (int(np.sqrt(max(table.shape[0] - 3, 0))) + 1) // 2
+    return (side, side) if rel_pos_table_rows((side, side)) == table.shape[0] else None
+
+
+def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a timm hub folder's ``config.json`` states: heads, pool, input size, labels."""
+    where = f"{path.parent / 'config.json'}"
+    name = timm_hub.architecture(config)
+    if name not in TIMM_HEADS:
+        raise ValueError(f"{where}: timm model {name!r} is not supported (jaxvit reads {sorted(TIMM_HEADS)})")
+    args = config.get("model_args", {})
+    unknown = sorted(set(args) - MODEL_ARGS)
+    if unknown:
+        raise ValueError(f"{where}: timm BEiT with model_args {unknown}: not supported")
+    pool_name = args.get("global_pool", config.get("global_pool", "avg"))
+    if pool_name not in ("avg", "token"):
+        raise ValueError(f"{where}: timm BEiT with global_pool={pool_name!r}: not supported")
+    fc_norm = pool_name == "avg" if args.get("use_fc_norm") is None else bool(args["use_fc_norm"])
+    if fc_norm != ("head/fc_norm/scale" in params):
+        raise ValueError(f"{where}: global_pool={pool_name!r} and use_fc_norm disagree with the weights")
+    timm_hub.check_num_classes(config, params, where)
+    heads = validate.int_field(args, "num_heads", where, default=TIMM_HEADS[name], lo=1, hi=4096)
+    pool = "gap" if pool_name == "avg" else "tok"
+    return dict(
+        num_heads=heads,
+        size=timm_hub.input_size(config, where),
+        config=timm_hub.checkpoint_config(config),
+        fields={**IMPLIED_FIELDS, "pool": pool, "fc_norm": fc_norm},
+    )
+
+
+def _drop_index_buffers(path: Path, arrays: Flat) -> Flat:
+    """Older files carry each block's index buffer: it must be BEiT's own for the table's grid."""
+    grid = _table_grid(arrays)
+    out = dict(arrays)
+    for key in [k for k in arrays if _INDEX.fullmatch(k)]:
+        index = out.pop(key)
+        if grid is None or not np.array_equal(index, relative_position_index(grid)):
+            raise ValueError(f"{path}: {key} {index.shape} is not BEiT's index of the table's grid {grid}")
+    return out
+
+
+def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
+    """A timm BEiT state dict (and its metadata, or its hub folder's config) -> a ``Checkpoint``."""
+    _, arrays = strip_prefix(arrays, ("module.",))
+    if f"rel_pos_bias.{_TABLE}" in arrays:
+        raise ValueError(
+            f"{path}: a shared relative position table (rel_pos_bias.{_TABLE}, BEiT's pre-training) is not"
+            " supported: jaxvit has a table per block"
+        )
+    arrays = layouts.fuse_q_v_biases(_drop_index_buffers(path, arrays))
+    params, unmatched = layouts.rename(arrays, RULES)
+    config = saved_config(path, metadata)
+    saved = config.get("model", {})
+    stated = (
+        _stated_by_timm_config(path, params, metadata["timm_config"]) if "timm_config" in metadata else {}
+    )
+    grid = grid_from_config({**saved, **config}) or _table_grid(arrays)
+    kernel = params.get("patch_embed/kernel")
+    if stated.get("size") is not None and kernel is not None:
+        grid = (stated["size"][0] // kernel.shape[0], stated["size"][1] // kernel.shape[1])
+    absolute = "pos_embed/embedding" in params
+    unstated = {}
+    if not saved and not stated and "head/fc_norm/scale" in params:
+        unstated["pool"] = (
+            "a bare timm BEiT state dict with fc_norm does not say what it pools: 'gap' (global_pool='avg',"
+            " every published BEiT) or 'tok'"
+        )
+    return Checkpoint(
+        path=str(path),
+        origin=NAME,
+        params=params,
+        unmatched=unmatched,
+        num_prefix_tokens=1,
+        num_heads=stated.get("num_heads", saved.get("num_heads")),
+        grid=grid,
+        config={**config, **stated.get("config", {})},
+        posemb_resample="bicubic",
+        posemb_antialias=True,
+        rel_pos_resample="geometric",
+        # no table in the file: none at all (not a fixed sin-cos one)
+        implied_fields={**stated.get("fields", IMPLIED_FIELDS), "posemb": "learn" if absolute else "none"},
+        unstated=unstated,
+    )
+
+
+def preprocessing(ckpt: Checkpoint) -> Preprocessing:
+    """A timm folder's ``pretrained_cfg``, else timm's BEiT default (``PREPROCESSING``)."""
+    timm_config = ckpt.config.get("timm_config")
+    return timm_hub.preprocessing(timm_config, ckpt.path, PREPROCESSING) if timm_config else PREPROCESSING
+
+
+def exports(model: Any) -> bool:
+    """Whether ``format="timm"`` writes ``model`` as timm's BEiT (it has the relative position bias)."""
+    return model.rel_pos_bias != "none"
+
+
+def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
+    """``timm.create_model(TIMM_MODEL, **kwargs)`` arguments of the same architecture."""
+    mlp_dim = model.mlp_dim or 4 * model.width
+    return dict(
+        img_size=list(size),
+        patch_size=model.patch_size,
+        in_chans=model.num_channels,
+        num_classes=model.num_classes,
+        embed_dim=model.width,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        mlp_ratio=(mlp_dim + 0.5) / model.width,  # the half step keeps int() from rounding down
+        qkv_bias=True,  # zeros for a model without: timm's BEiT without them has no q_bias key
+        # timm drops None arguments (the registered 0.1 would stay); 0 turns its LayerScale off
+        init_values=model.layer_scale_init if model.layer_scale_init is not None else 0.0,
+        use_abs_pos_emb=model.posemb != "none",
+        use_rel_pos_bias=True,
+        global_pool="avg" if model.pool == "gap" else "token",
+        use_fc_norm=model.fc_norm,
+    )
+
+
+def _check_exportable(flat: Flat, model: Any) -> None:
+    problems = []
+    if model.pool not in ("gap", "tok") or not model.class_token:
+        problems.append(f"pool={model.pool!r} (timm's BEiT pools the mean or the class token)")
+    if model.posemb == "rope":
+        problems.append("posemb='rope' (timm's BEiT has a learned table or none)")
+    if model.layer_scale_init == 0.0:
+        problems.append("layer_scale_init=0.0 (timm's BEiT reads init_values=0 as no LayerScale)")
+    key_biases = [v for k, v in flat.items() if k.endswith("/attn/qkv/bias")]
+    if any(np.any(b[model.width : 2 * model.width]) for b in key_biases):
+        problems.append("a non-zero key bias (BEiT's attention has none)")
+    if problems:
+        raise ValueError(f"format='timm' cannot write this model as {TARGET}: " + "; ".join(problems))
+
+
+def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Sequence[str] | None) -> Path:
+    """jaxvit params (flat, unrolled) -> a timm BEiT state dict as safetensors at ``path``."""
+    _check_exportable(flat, model)
+    flat = dict(flat)
+    if not model.qkv_bias:
+        for i in range(model.depth):
+            flat[f"encoder/block_{i}/attn/qkv/bias"] = np.zeros(3 * model.width, np.float32)
+    out = layouts.rename_back(flat, RULES, "timm")
+    for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
+        q, _, v = np.split(out.pop(key), 3)
+        out[key.replace(".qkv.bias", ".q_bias")], out[key.replace(".qkv.bias", ".v_bias")] = q, v
+    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
+    metadata = {
+        "jaxvit_model": json.dumps(saved),
+        "timm_kwargs": json.dumps(timm_kwargs(model, size)),
+        "timm_class": "Beit",
+        "timm_model": TIMM_MODEL,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_safetensors(out, path, metadata)
+    return path
