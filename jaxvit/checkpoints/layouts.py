@@ -329,6 +329,19 @@ def fuse_q_v_biases(arrays: Mapping[str, np.ndarray]) -> Flat:
     return out
 
 
+def split_q_v_biases(arrays: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
+    """The inverse of ``fuse_q_v_biases``: each ``qkv.bias`` -> ``q_bias``, ``v_bias``; and the
+    keys whose key part is not zero (which such a layout cannot hold)."""
+    out, nonzero = dict(arrays), []
+    for key in [k for k in arrays if k.endswith(".attn.qkv.bias")]:
+        query, key_bias, value = np.split(out.pop(key), 3)
+        if np.any(key_bias):
+            nonzero.append(key)
+        attn = key[: -len(".qkv.bias")]
+        out[f"{attn}.q_bias"], out[f"{attn}.v_bias"] = query, value
+    return out, nonzero
+
+
 def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
     """Attention weights in any peer form -> jaxvit's shapes.
 

@@ -14,10 +14,12 @@ jaxvit's export with its preprocessing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxvit import schema
 from jaxvit.checkpoints.checkpoint import Flat, Preprocessing
 from jaxvit.safety import files, validate
 from jaxvit.sizes import to_pair
@@ -67,6 +69,21 @@ def read_folder(folder: Path) -> tuple[Path, Flat, dict[str, Any]]:
         raise FileNotFoundError(f"{folder} is a timm folder (config.json) without {' or '.join(WEIGHTS)}")
     weights, arrays, metadata = found  # a jaxvit export's fields are in the safetensors metadata
     return weights, arrays, {**metadata, "timm_model": config["architecture"], "timm_config": config}
+
+
+def known_model_args(
+    config: Mapping[str, Any], where: str, known: Mapping[str, Any], model_args: frozenset[str], family: str
+) -> tuple[str, dict[str, Any]]:
+    """``(architecture, model_args)`` of a timm folder's config, refused unless the architecture is
+    one of ``known`` and every argument one of ``model_args`` (what a reader of ``family`` reads)."""
+    name = architecture(config)
+    if name not in known:
+        raise ValueError(f"{where}: timm model {name!r} is not supported (jaxvit reads {sorted(known)})")
+    args = dict(config.get("model_args", {}))
+    unknown = sorted(set(args) - model_args)
+    if unknown:
+        raise ValueError(f"{where}: timm {family} with model_args {unknown}: not supported")
+    return name, args
 
 
 def check_num_classes(
@@ -166,3 +183,35 @@ def folder_config(
     if labels:
         config["label_names"] = list(labels)
     return config
+
+
+def folder_preprocessing(ckpt: Any, default: Preprocessing) -> Preprocessing:
+    """The ``pretrained_cfg`` of the timm folder a read checkpoint came in, else ``default``."""
+    timm_config = ckpt.config.get("timm_config")
+    return preprocessing(timm_config, ckpt.path, default) if timm_config else default
+
+
+def write_state_dict(
+    arrays: Flat,
+    path: Path,
+    model: Any,
+    size: tuple[int, int],
+    labels: Sequence[str] | None,
+    *,
+    timm_model: str,
+    timm_class: str,
+    timm_kwargs: Mapping[str, Any],
+) -> Path:
+    """A timm state dict as safetensors at ``path``, its metadata saying how to build the model
+    (``timm.create_model(timm_model, **timm_kwargs)``, of class ``timm_class``) and jaxvit's model
+    fields, image size and labels."""
+    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
+    metadata = {
+        "jaxvit_model": json.dumps(saved),
+        "timm_kwargs": json.dumps(dict(timm_kwargs)),
+        "timm_class": timm_class,
+        "timm_model": timm_model,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_safetensors(arrays, path, metadata)
+    return path

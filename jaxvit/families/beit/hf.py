@@ -53,26 +53,6 @@ PREPROCESSING = INCEPTION
 SUPPORTED_ARCHITECTURES = ("BeitModel", "BeitForImageClassification")
 
 _TABLE = "relative_position_bias.relative_position_bias_table"
-_HUB_BLOCK = {
-    "norm1": "layernorm_before",
-    "attn/query": "attention.attention.query",
-    "attn/key": "attention.attention.key",
-    "attn/value": "attention.attention.value",
-    "attn/out": "attention.output.dense",
-    "norm2": "layernorm_after",
-    "mlp/fc1": "intermediate.dense",
-    "mlp/fc2": "output.dense",
-}
-_NEW_BLOCK = {
-    "norm1": "layernorm_before",
-    "attn/query": "attention.q_proj",
-    "attn/key": "attention.k_proj",
-    "attn/value": "attention.v_proj",
-    "attn/out": "attention.o_proj",
-    "norm2": "layernorm_after",
-    "mlp/fc1": "mlp.fc1",
-    "mlp/fc2": "mlp.fc2",
-}
 
 
 def _block_extras(src: str, table: str) -> list[layouts.Rule]:
@@ -91,9 +71,9 @@ RULES = tuple(
         layouts.Rule("embeddings.cls_token", "cls_token/token"),
         layouts.Rule("embeddings.position_embeddings", "pos_embed/embedding"),
     ]
-    + layouts.torch_block_rules("encoder.layer.{i}", _HUB_BLOCK)
+    + layouts.torch_block_rules("encoder.layer.{i}", hf_vit.HUB_BLOCK)
     + _block_extras("encoder.layer.{i}", f"attention.attention.{_TABLE}")
-    + layouts.torch_block_rules("layers.{i}", _NEW_BLOCK)
+    + layouts.torch_block_rules("layers.{i}", hf_vit.NEW_BLOCK)
     + _block_extras("layers.{i}", _TABLE)
     + layouts.torch_rules("layernorm", "encoder/norm", "ln")
     + layouts.torch_rules("pooler.layernorm", "head/fc_norm", "ln")

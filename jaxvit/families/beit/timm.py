@@ -11,7 +11,6 @@ its head count nor, with ``fc_norm``, its pool: both are asked for. A shared tab
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit import schema
 from jaxvit.checkpoints import layouts, timm_hub
 from jaxvit.checkpoints.checkpoint import Checkpoint, Flat, Preprocessing, grid_from_config, strip_prefix
 from jaxvit.families.beit import TIMM_HEADS
 from jaxvit.families.vit.timm import saved_config
 from jaxvit.layers.attention import rel_pos_table_rows, relative_position_index
-from jaxvit.safety import files, validate
+from jaxvit.safety import validate
 
 NAME = "timm_beit"
 # a timm hub folder's weights are read here when they are BEiT's (timm_hub)
@@ -81,13 +79,7 @@ def _table_grid(arrays: Flat) -> tuple[int, int] | None:
 def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
     """What a timm hub folder's ``config.json`` states: heads, pool, input size, labels."""
     where = f"{path.parent / 'config.json'}"
-    name = timm_hub.architecture(config)
-    if name not in TIMM_HEADS:
-        raise ValueError(f"{where}: timm model {name!r} is not supported (jaxvit reads {sorted(TIMM_HEADS)})")
-    args = config.get("model_args", {})
-    unknown = sorted(set(args) - MODEL_ARGS)
-    if unknown:
-        raise ValueError(f"{where}: timm BEiT with model_args {unknown}: not supported")
+    name, args = timm_hub.known_model_args(config, where, TIMM_HEADS, MODEL_ARGS, "BEiT")
     pool_name = args.get("global_pool", config.get("global_pool", "avg"))
     if pool_name not in ("avg", "token"):
         raise ValueError(f"{where}: timm BEiT with global_pool={pool_name!r}: not supported")
@@ -162,8 +154,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
 
 def preprocessing(ckpt: Checkpoint) -> Preprocessing:
     """A timm folder's ``pretrained_cfg``, else timm's BEiT default (``PREPROCESSING``)."""
-    timm_config = ckpt.config.get("timm_config")
-    return timm_hub.preprocessing(timm_config, ckpt.path, PREPROCESSING) if timm_config else PREPROCESSING
+    return timm_hub.folder_preprocessing(ckpt, PREPROCESSING)
 
 
 def exports(model: Any) -> bool:
@@ -215,17 +206,8 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
     if not model.qkv_bias:
         for i in range(model.depth):
             flat[f"encoder/block_{i}/attn/qkv/bias"] = np.zeros(3 * model.width, np.float32)
-    out = layouts.rename_back(flat, RULES, "timm")
-    for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
-        q, _, v = np.split(out.pop(key), 3)
-        out[key.replace(".qkv.bias", ".q_bias")], out[key.replace(".qkv.bias", ".v_bias")] = q, v
-    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
-    metadata = {
-        "jaxvit_model": json.dumps(saved),
-        "timm_kwargs": json.dumps(timm_kwargs(model, size)),
-        "timm_class": "Beit",
-        "timm_model": TIMM_MODEL,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_safetensors(out, path, metadata)
-    return path
+    out, _ = layouts.split_q_v_biases(layouts.rename_back(flat, RULES, "timm"))
+    kwargs = timm_kwargs(model, size)
+    return timm_hub.write_state_dict(
+        out, path, model, size, labels, timm_model=TIMM_MODEL, timm_class="Beit", timm_kwargs=kwargs
+    )

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit import schema
 from jaxvit.checkpoints import layouts, timm_hub
 from jaxvit.checkpoints.checkpoint import (
     Checkpoint,
@@ -32,7 +31,7 @@ from jaxvit.checkpoints.checkpoint import (
     strip_prefix,
 )
 from jaxvit.families.dinov3 import TIMM_HEADS
-from jaxvit.safety import files, validate
+from jaxvit.safety import validate
 
 NAME = "timm_dinov3"
 # a timm hub folder's weights are read here when they are DINOv3's (timm_hub)
@@ -139,14 +138,9 @@ MODEL_ARGS = frozenset(
 def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
     """What a timm hub folder's ``config.json`` states: heads, input size, rotary base, labels."""
     where = f"{path.parent / 'config.json'}"
-    name = timm_hub.architecture(config)
-    if name not in TIMM_HEADS:
-        raise ValueError(f"{where}: timm model {name!r} is not supported (jaxvit reads {sorted(TIMM_HEADS)})")
-    args = config.get("model_args", {})
-    unknown = sorted(set(args) - MODEL_ARGS)
-    if unknown or args.get("global_pool", config.get("global_pool", "token")) != "token":
-        what = f"model_args {unknown}" if unknown else "a global_pool other than 'token'"
-        raise ValueError(f"{where}: timm DINOv3 with {what}: not supported")
+    name, args = timm_hub.known_model_args(config, where, TIMM_HEADS, MODEL_ARGS, "DINOv3")
+    if args.get("global_pool", config.get("global_pool", "token")) != "token":
+        raise ValueError(f"{where}: timm DINOv3 with a global_pool other than 'token': not supported")
     timm_hub.check_num_classes(config, params, where, default=0)
     theta = validate.float_field(
         args, "rope_temperature", where, default=IMPLIED_FIELDS["rope_theta"], lo=0.0
@@ -161,8 +155,7 @@ def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) 
 
 def preprocessing(ckpt: Checkpoint) -> Preprocessing:
     """A timm folder's ``pretrained_cfg``, else timm's DINOv3 default (``PREPROCESSING``)."""
-    timm_config = ckpt.config.get("timm_config")
-    return timm_hub.preprocessing(timm_config, ckpt.path, PREPROCESSING) if timm_config else PREPROCESSING
+    return timm_hub.folder_preprocessing(ckpt, PREPROCESSING)
 
 
 def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
@@ -251,21 +244,11 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
             for name in ("ls1", "ls2"):
                 flat[f"encoder/block_{i}/{name}/scale"] = np.ones((model.width,), np.float32)
     out = layouts.rename_back(layouts.split_attention(flat, model.num_heads, "fused", "heads"), RULES, "timm")
-    for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
-        query, key_bias, value = np.split(out.pop(key), 3)
-        if np.any(key_bias):
-            problems.append(f"a key bias that is not zero ({key}); timm's DINOv3 fixes it at zero")
-        attn = key[: -len(".qkv.bias")]
-        out[f"{attn}.q_bias"], out[f"{attn}.v_bias"] = query, value
+    out, nonzero = layouts.split_q_v_biases(out)
+    problems += [f"a key bias that is not zero ({key}); timm's DINOv3 fixes it at zero" for key in nonzero]
     if problems:
         raise ValueError("format='timm' cannot write this model as timm's DINOv3: " + "; ".join(problems))
-    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
-    metadata = {
-        "jaxvit_model": json.dumps(saved),
-        "timm_kwargs": json.dumps(timm_kwargs(model, size)),
-        "timm_class": "Eva",
-        "timm_model": TIMM_MODEL,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_safetensors(out, path, metadata)
-    return path
+    kwargs = timm_kwargs(model, size)
+    return timm_hub.write_state_dict(
+        out, path, model, size, labels, timm_model=TIMM_MODEL, timm_class="Eva", timm_kwargs=kwargs
+    )

@@ -38,38 +38,35 @@ PREPROCESSING = INCEPTION
 # Hugging Face ViT, without the "vit." prefix. The first block names are those of the
 # google/vit-* checkpoints (and what export writes); the second those that
 # transformers 5 writes, which it also reads the first ones as.
+# a block's names under encoder.layer.{i} (the Hub's) and under layers.{i} (transformers 5's)
+HUB_BLOCK = {
+    "norm1": "layernorm_before",
+    "attn/query": "attention.attention.query",
+    "attn/key": "attention.attention.key",
+    "attn/value": "attention.attention.value",
+    "attn/out": "attention.output.dense",
+    "norm2": "layernorm_after",
+    "mlp/fc1": "intermediate.dense",
+    "mlp/fc2": "output.dense",
+}
+NEW_BLOCK = {
+    "norm1": "layernorm_before",
+    "attn/query": "attention.q_proj",
+    "attn/key": "attention.k_proj",
+    "attn/value": "attention.v_proj",
+    "attn/out": "attention.o_proj",
+    "norm2": "layernorm_after",
+    "mlp/fc1": "mlp.fc1",
+    "mlp/fc2": "mlp.fc2",
+}
 RULES = tuple(
     layouts.torch_rules("embeddings.patch_embeddings.projection", "patch_embed", "conv")
     + [
         layouts.Rule("embeddings.cls_token", "cls_token/token"),
         layouts.Rule("embeddings.position_embeddings", "pos_embed/embedding"),
     ]
-    + layouts.torch_block_rules(
-        "encoder.layer.{i}",
-        {
-            "norm1": "layernorm_before",
-            "attn/query": "attention.attention.query",
-            "attn/key": "attention.attention.key",
-            "attn/value": "attention.attention.value",
-            "attn/out": "attention.output.dense",
-            "norm2": "layernorm_after",
-            "mlp/fc1": "intermediate.dense",
-            "mlp/fc2": "output.dense",
-        },
-    )
-    + layouts.torch_block_rules(
-        "layers.{i}",
-        {
-            "norm1": "layernorm_before",
-            "attn/query": "attention.q_proj",
-            "attn/key": "attention.k_proj",
-            "attn/value": "attention.v_proj",
-            "attn/out": "attention.o_proj",
-            "norm2": "layernorm_after",
-            "mlp/fc1": "mlp.fc1",
-            "mlp/fc2": "mlp.fc2",
-        },
-    )
+    + layouts.torch_block_rules("encoder.layer.{i}", HUB_BLOCK)
+    + layouts.torch_block_rules("layers.{i}", NEW_BLOCK)
     + layouts.torch_rules("layernorm", "encoder/norm", "ln")
     + layouts.torch_rules("pooler.dense", "head/pre_logits", "linear")
     + layouts.torch_rules("classifier", "head/classifier", "linear")

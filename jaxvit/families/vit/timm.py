@@ -43,7 +43,7 @@ from jaxvit.checkpoints.checkpoint import (
     strip_prefix,
 )
 from jaxvit.families.vit import TIMM_ARCHITECTURES
-from jaxvit.safety import files, validate
+from jaxvit.safety import validate
 from jaxvit.sizes import square_grid
 
 NAME = "timm"
@@ -487,13 +487,13 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
     out = layouts.rename_back(
         layouts.split_attention(flat, model.num_heads, "fused", "flat_kv"), RULES, "timm"
     )
-    saved = {"model": schema.json_fields(model), "image_size": list(size), "labels": list(labels or [])}
-    metadata = {
-        "jaxvit_model": json.dumps(saved),
-        "timm_kwargs": json.dumps(timm_kwargs(model, size, without_slots)),
-        "timm_class": "VisionTransformerDistilled" if model.distill_token else "VisionTransformer",
-        "timm_model": timm_model_of(model),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_safetensors(out, path, metadata)
-    return path
+    return timm_hub.write_state_dict(
+        out,
+        path,
+        model,
+        size,
+        labels,
+        timm_model=timm_model_of(model),
+        timm_class="VisionTransformerDistilled" if model.distill_token else "VisionTransformer",
+        timm_kwargs=timm_kwargs(model, size, without_slots),
+    )
