@@ -7,7 +7,7 @@
 the model as ``create_model(architecture, **model_args)`` with
 ``pretrained_cfg``'s class count; jaxvit reads the same facts, so nothing
 the config states is guessed (the readers: ``jaxvit.families.vit.timm``,
-``jaxvit.families.dinov3.timm``). ``folder_config`` writes such a config,
+``jaxvit.families.dinov3.timm``, ``jaxvit.families.beit.timm``). ``folder_config`` writes such a config,
 so that ``timm.create_model("local-dir:FOLDER", pretrained=True)`` builds
 jaxvit's export with its preprocessing.
 """
