@@ -8,6 +8,9 @@ relative position tables, zero at init, too).
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +214,17 @@ def test_a_timm_beit_exports_back_for_timm(timm_folder, tmp_path):
     x = np.random.default_rng(3).random((2, 16, 16, 3), dtype=np.float32)
     with torch.no_grad():
         np.testing.assert_array_equal(fresh(_nchw(x)).numpy(), peer(_nchw(x)).numpy())
+
+
+def test_a_timm_beit_folder_whose_config_disagrees_with_its_fc_norm_is_refused(timm_folder, tmp_path):
+    _, folder = timm_folder
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config.setdefault("model_args", {})["use_fc_norm"] = False  # the weights have fc_norm
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="global_pool='avg' and use_fc_norm disagree with the weights"):
+        jaxvit.load_for_inference(edited)
 
 
 def test_a_bare_timm_beit_file_must_be_told_its_heads_and_pool(timm_folder, tmp_path):

@@ -168,6 +168,9 @@ def _edited(folder, tmp_path, **changes):
         (dict(model_args__qk_norm=True), r"model_args \['qk_norm'\] are not supported"),
         (dict(model_args__pool_include_prefix=True), "pool_include_prefix=True is not supported"),
         (dict(model_args__global_pool="avgmax"), "global_pool='avgmax' is not supported"),
+        # near misses of the fc_norm form: the config turns timm's fc_norm on, the weights lack it
+        (dict(model_args__global_pool="avg"), "fc_norm=None make timm's fc_norm on, but the weights lack"),
+        (dict(model_args__fc_norm=True), "fc_norm=True make timm's fc_norm on, but the weights lack"),
         (dict(num_classes=7), "num_classes=7 but the weights have a classifier of 3"),
         (dict(model_args__img_size=[32, 32]), "a 4x4 grid.*but the weights have 24"),
     ],

@@ -9,7 +9,6 @@ classifier as the model asks, and names every key that still does not fit.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from jaxvit import schema
 from jaxvit.checkpoints import layouts
 from jaxvit.checkpoints.checkpoint import Checkpoint, block_indices, depth_of, log
-from jaxvit.layers.attention import rel_pos_table_rows, resample_rel_pos_bias
+from jaxvit.layers.attention import resample_rel_pos_bias, square_rel_pos_grid
 from jaxvit.layers.patch import resample_patch_embed
 from jaxvit.layers.posemb import posemb_sincos_2d, resample_posemb
 from jaxvit.layers.scan import unrolled_to_scan
@@ -261,15 +260,12 @@ def _fit_rel_pos_tables(
     stale = [k for k in keys if flat[k].shape != tuple(target[k].shape)]
     if not stale:
         return flat
-    old_grid = checkpoint_grid or ckpt.grid
-    if old_grid is None:  # a square grid: (2s - 1)^2 + 3 rows
-        side = (math.isqrt(flat[stale[0]].shape[0] - 3) + 1) // 2
-        if rel_pos_table_rows((side, side)) != flat[stale[0]].shape[0]:
-            raise ValueError(
-                f"{ckpt.path}: cannot tell the grid of the relative position table {flat[stale[0]].shape}:"
-                " pass checkpoint_grid=(h, w)"
-            )
-        old_grid = (side, side)
+    old_grid = checkpoint_grid or ckpt.grid or square_rel_pos_grid(flat[stale[0]].shape[0])
+    if old_grid is None:
+        raise ValueError(
+            f"{ckpt.path}: cannot tell the grid of the relative position table {flat[stale[0]].shape}:"
+            " pass checkpoint_grid=(h, w)"
+        )
     log.info(
         "resampling %d relative position tables of %s from %s to %s", len(stale), ckpt.path, old_grid, grid
     )

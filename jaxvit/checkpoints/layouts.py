@@ -329,6 +329,12 @@ def fuse_q_v_biases(arrays: Mapping[str, np.ndarray]) -> Flat:
     return out
 
 
+def nonzero_key_biases(flat: Mapping[str, np.ndarray], width: int) -> list[str]:
+    """The fused ``qkv`` biases (jaxvit's names) whose key part is not zero: what a layout without a
+    key bias (BEiT, timm's ``Eva``) cannot hold."""
+    return [k for k, v in flat.items() if k.endswith("/attn/qkv/bias") and np.any(v[width : 2 * width])]
+
+
 def split_q_v_biases(arrays: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
     """The inverse of ``fuse_q_v_biases``: each ``qkv.bias`` -> ``q_bias``, ``v_bias``; and the
     keys whose key part is not zero (which such a layout cannot hold)."""

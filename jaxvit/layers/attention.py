@@ -3,6 +3,7 @@ BEiT's relative position bias)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import chex
@@ -91,6 +92,12 @@ def _linear_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
         weights[row, left] += to_right / (to_left + to_right)
         weights[row, right] += to_left / (to_left + to_right)
     return weights
+
+
+def square_rel_pos_grid(rows: int) -> tuple[int, int] | None:
+    """The square grid ``(s, s)`` whose relative position table has ``rows`` rows, or None."""
+    side = (math.isqrt(max(rows - 3, 0)) + 1) // 2
+    return (side, side) if rel_pos_table_rows((side, side)) == rows else None
 
 
 def resample_rel_pos_bias(

@@ -83,6 +83,19 @@ _QUERY_WEIGHT = re.compile(r"(.*)\.(attention\.attention\.query|attention\.q_pro
 _INDEX = re.compile(r".*relative_position_bias\.relative_position_index")
 
 
+def drop_index_buffers(
+    path: Path, arrays: Flat, pattern: re.Pattern[str], grid: tuple[int, int] | None, whose: str
+) -> Flat:
+    """``arrays`` without the index buffers (keys matching ``pattern``) that older files saved beside
+    each table; each must be BEiT's own index of ``grid`` (``whose`` grid it is, for the message)."""
+    out = dict(arrays)
+    for key in [k for k in arrays if pattern.fullmatch(k)]:
+        index = out.pop(key)
+        if grid is None or not np.array_equal(index, relative_position_index(grid)):
+            raise ValueError(f"{path}: {key} {index.shape} is not BEiT's index of {whose} grid {grid}")
+    return out
+
+
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
     """Folders only (by ``model_type``)."""
     return False
@@ -119,10 +132,7 @@ def read(path: Path, arrays: Flat, config: Mapping[str, Any]) -> Checkpoint:
     arrays = {(k[5:] if k.startswith("beit.") else k): v for k, v in arrays.items()}
     arrays.pop("embeddings.mask_token", None)
     grid = grid_from_config(config)
-    for key in [k for k in arrays if _INDEX.fullmatch(k)]:
-        index = arrays.pop(key)  # a buffer older transformers saved: it must be BEiT's own
-        if grid is None or not np.array_equal(index, relative_position_index(grid)):
-            raise ValueError(f"{path}: {key} {index.shape} is not BEiT's index of the config's grid {grid}")
+    arrays = drop_index_buffers(path, arrays, _INDEX, grid, "the config's")
     params, unmatched = layouts.rename(_with_zero_key_biases(arrays), RULES)
     return Checkpoint(
         path=str(path),
@@ -203,8 +213,7 @@ def _check_exportable(flat: Flat, model: VisionTransformer, size: tuple[int, int
         problems.append("posemb='rope' (BEiT's position table is learned or fixed)")
     if size[0] != size[1]:
         problems.append(f"image size {size} (transformers' BEiT grid is square)")
-    key_biases = [v for k, v in flat.items() if k.endswith("/attn/qkv/bias")]
-    if any(np.any(b[model.width : 2 * model.width]) for b in key_biases):
+    if layouts.nonzero_key_biases(flat, model.width):
         problems.append("a non-zero key bias (BEiT's attention has none)")
     if problems:
         raise ValueError(f"format='hf' cannot write this model as {TARGET}: " + "; ".join(problems))

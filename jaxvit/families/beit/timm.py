@@ -21,8 +21,9 @@ import numpy as np
 from jaxvit.checkpoints import layouts, timm_hub
 from jaxvit.checkpoints.checkpoint import Checkpoint, Flat, Preprocessing, grid_from_config, strip_prefix
 from jaxvit.families.beit import TIMM_HEADS
+from jaxvit.families.beit.hf import drop_index_buffers
 from jaxvit.families.vit.timm import saved_config
-from jaxvit.layers.attention import rel_pos_table_rows, relative_position_index
+from jaxvit.layers.attention import square_rel_pos_grid
 from jaxvit.safety import validate
 
 NAME = "timm_beit"
@@ -67,15 +68,6 @@ def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
     )
 
 
-def _table_grid(arrays: Flat) -> tuple[int, int] | None:
-    """The square grid whose table has the first block's rows, if one has."""
-    table = arrays.get(f"blocks.0.attn.{_TABLE}")
-    if table is None:
-        return None
-    side = (int(np.sqrt(max(table.shape[0] - 3, 0))) + 1) // 2
-    return (side, side) if rel_pos_table_rows((side, side)) == table.shape[0] else None
-
-
 def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
     """What a timm hub folder's ``config.json`` states: heads, pool, input size, labels."""
     where = f"{path.parent / 'config.json'}"
@@ -97,17 +89,6 @@ def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) 
     )
 
 
-def _drop_index_buffers(path: Path, arrays: Flat) -> Flat:
-    """Older files carry each block's index buffer: it must be BEiT's own for the table's grid."""
-    grid = _table_grid(arrays)
-    out = dict(arrays)
-    for key in [k for k in arrays if _INDEX.fullmatch(k)]:
-        index = out.pop(key)
-        if grid is None or not np.array_equal(index, relative_position_index(grid)):
-            raise ValueError(f"{path}: {key} {index.shape} is not BEiT's index of the table's grid {grid}")
-    return out
-
-
 def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     """A timm BEiT state dict (and its metadata, or its hub folder's config) -> a ``Checkpoint``."""
     _, arrays = strip_prefix(arrays, ("module.",))
@@ -116,14 +97,17 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
             f"{path}: a shared relative position table (rel_pos_bias.{_TABLE}, BEiT's pre-training) is not"
             " supported: jaxvit has a table per block"
         )
-    arrays = layouts.fuse_q_v_biases(_drop_index_buffers(path, arrays))
+    table_grid = None
+    if f"blocks.0.attn.{_TABLE}" in arrays:
+        table_grid = square_rel_pos_grid(arrays[f"blocks.0.attn.{_TABLE}"].shape[0])
+    arrays = layouts.fuse_q_v_biases(drop_index_buffers(path, arrays, _INDEX, table_grid, "the table's"))
     params, unmatched = layouts.rename(arrays, RULES)
     config = saved_config(path, metadata)
     saved = config.get("model", {})
     stated = (
         _stated_by_timm_config(path, params, metadata["timm_config"]) if "timm_config" in metadata else {}
     )
-    grid = grid_from_config({**saved, **config}) or _table_grid(arrays)
+    grid = grid_from_config({**saved, **config}) or table_grid
     kernel = params.get("patch_embed/kernel")
     if stated.get("size") is not None and kernel is not None:
         grid = (stated["size"][0] // kernel.shape[0], stated["size"][1] // kernel.shape[1])
@@ -192,8 +176,7 @@ def _check_exportable(flat: Flat, model: Any) -> None:
         problems.append("posemb='rope' (timm's BEiT has a learned table or none)")
     if model.layer_scale_init == 0.0:
         problems.append("layer_scale_init=0.0 (timm's BEiT reads init_values=0 as no LayerScale)")
-    key_biases = [v for k, v in flat.items() if k.endswith("/attn/qkv/bias")]
-    if any(np.any(b[model.width : 2 * model.width]) for b in key_biases):
+    if layouts.nonzero_key_biases(flat, model.width):
         problems.append("a non-zero key bias (BEiT's attention has none)")
     if problems:
         raise ValueError(f"format='timm' cannot write this model as {TARGET}: " + "; ".join(problems))
