@@ -86,9 +86,15 @@ def check_config(config: schema.ViTConfig) -> None:
         check_attn_pool_heads(config.pool_width or config.width, config.pool_heads or config.num_heads)
     if config.posemb in schema.SINCOS_POSEMBS:
         check_sincos_width(config.width, config.posemb)
-    if config.posemb == "rope" and (config.width // config.num_heads) % 4:
+    if config.posemb == "rope" and config.rope != "none":
         raise ValueError(
-            f"posemb='rope' needs a head dimension divisible by 4, got {config.width // config.num_heads}"
+            f"posemb='rope' (DINOv3's rotary embedding) and rope={config.rope!r} (timm Eva's) are two"
+            " rotary embeddings: choose one"
+        )
+    rotary = "posemb='rope'" if config.posemb == "rope" else f"rope={config.rope!r}"
+    if (config.posemb == "rope" or config.rope != "none") and (config.width // config.num_heads) % 4:
+        raise ValueError(
+            f"{rotary} needs a head dimension divisible by 4, got {config.width // config.num_heads}"
         )
     if min(to_pair(config.patch_size)) < 1:
         raise ValueError(f"patch_size must be positive, got {config.patch_size}")
@@ -199,7 +205,7 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
 
         # 3. Encoder: (N, T, D) -> (N, T, D)
         rope = dict(
-            rope_grid=grid if config.posemb == "rope" else None,
+            rope_grid=grid if config.posemb == "rope" or config.rope != "none" else None,
             rope_prefix_tokens=self.num_prefix_tokens,
             rel_pos_grid=grid if config.rel_pos_bias == "block" else None,
         )

@@ -42,6 +42,9 @@ SINCOS_POSEMBS = ("sincos2d", "sincos2d_mae")
 MLP_TYPES = ("mlp", "swiglu")
 # "block": BEiT's learned relative position bias on the attention logits, one table per block.
 REL_POS_BIASES = ("none", "block")
+# timm Eva's rotary embeddings ("axial": RotaryEmbeddingCat, "mixed": RotaryEmbeddingMixed), which
+# may sit beside an additive table; DINOv3's, which replaces it, is posemb="rope".
+ROPES = ("none", "axial", "mixed")
 # Policies that need no arguments; the others (save_only_these_names, ...) are
 # factories and belong in user code. "auto" is dots_with_no_batch_dims_saveable
 # wherever the blocks run as one scan and "none" where they run unrolled.
@@ -96,6 +99,14 @@ def _attn_pool(config: Any) -> bool:
     return config.pool == "attn_pool"
 
 
+def _rotary(config: Any) -> bool:
+    return config.posemb == "rope" or config.rope != "none"
+
+
+def _axial(config: Any) -> bool:
+    return config.rope == "axial"
+
+
 _B = (BLOCK, ENCODER)  # options every block takes, and so the encoder that builds them
 _E = (ENCODER,)
 
@@ -133,7 +144,13 @@ class ViTConfig:
     layer_scale_init: float | None = option(None, "float", "architecture", "LayerScale on both branches, from this value", optional=True, modules=_B)  # fmt: skip
     mlp_type: str = option("mlp", "str", "architecture", "'swiglu': DINOv2-g's packed SwiGLU", choices=MLP_TYPES, modules=_B)  # fmt: skip
     distill_token: bool = option(False, "bool", "architecture", "DeiT's distillation token")
-    rope_theta: float = option(100.0, "float", "architecture", "rotary base (posemb='rope')", lo=0.0, lo_open=True, modules=_B, applies=lambda c: c.posemb == "rope")  # fmt: skip
+    rope_theta: float = option(100.0, "float", "architecture", "rotary base (posemb='rope', rope='axial' or 'mixed')", lo=0.0, lo_open=True, modules=_B, applies=_rotary)  # fmt: skip
+    rope: str = option("none", "str", "architecture", "timm Eva's rotary embedding, beside any posemb: 'axial' (EVA02, PE, RoPE-ViT), 'mixed' (learned per head)", choices=ROPES, modules=_B)  # fmt: skip
+    rope_ref_grid: int | tuple[int, int] | None = option(None, "size", "architecture", "rope='axial': coordinates stretched to this grid (EVA02's ref_feat_shape)", hi=MAX_PATCH, optional=True, modules=_B, applies=_axial)  # fmt: skip
+    rope_grid_offset: float = option(0.0, "float", "architecture", "rope='axial': added to the patch indices (PE's 1)", lo=0.0, hi=MAX_PATCH, modules=_B, applies=_axial)  # fmt: skip
+    rope_xy: bool = option(False, "bool", "architecture", "rope='axial' or 'mixed': (x, y) coordinates, not (y, x)", modules=_B, applies=lambda c: c.rope != "none")  # fmt: skip
+    mlp_norm: bool = option(False, "bool", "architecture", "a LayerNorm inside the MLP, before fc2 (EVA02's sub-LN)", modules=_B)  # fmt: skip
+    attn_out_norm: bool = option(False, "bool", "architecture", "a LayerNorm on the attention output, before its projection (EVA-CLIP)", modules=_B)  # fmt: skip
     rel_pos_bias: str = option("none", "str", "architecture", "'block': BEiT's relative position bias, a table per block", choices=REL_POS_BIASES)  # fmt: skip
     gelu_approximate: bool = option(False, "bool", "architecture", "deprecated: activation='gelu_tanh'")
     scan: bool = option(False, "bool", "compute", "blocks stored stacked under encoder/blocks", modules=_E)  # fmt: skip

@@ -18,25 +18,33 @@ import jaxvit
 
 TIMM_TINY = dict(embed_dim=32, depth=1, num_heads=2, num_classes=0)
 
-# timm's Eva models that are not DINOv3, and what the refusal names
+# timm's Eva models that are not DINOv3: bare, each must be told its rotary embedding (tests/test_eva.py
+# reads them), and none loads into a DINOv3 model
 EVA_NOT_DINOV3 = {
-    "vit_small_patch16_rope_224": "rotary embedding of kind RotaryEmbeddingCat",
-    "vit_small_patch16_rope_mixed_224": "rotary embedding of kind RotaryEmbeddingMixed",
-    "vit_small_patch16_rope_ape_224": "a position table besides the rotary embedding",
-    "vit_betwixt_patch16_rope_reg4_gap_256": "no class token, no registers or an fc_norm",
+    "vit_small_patch16_rope_224": "pass rope=",
+    "vit_small_patch16_rope_mixed_224": "pass rope_theta=",
+    "vit_small_patch16_rope_ape_224": "pass rope=",
+    "vit_betwixt_patch16_rope_reg4_gap_256": "pass rope=",
 }
 
 
 @pytest.mark.parametrize("name", sorted(EVA_NOT_DINOV3))
-def test_a_timm_eva_model_that_is_not_dinov3_is_refused(name, tmp_path):
+def test_a_timm_eva_model_that_is_not_dinov3_is_not_read_as_dinov3(name, tmp_path):
     model = timm.create_model(name, pretrained=False, **TIMM_TINY)
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    message = f"a timm Eva model with {EVA_NOT_DINOV3[name]}.*not supported"
-    with pytest.raises(ValueError, match=message):
-        jaxvit.load_for_inference(path)
-    with pytest.raises(ValueError, match=message):
-        jaxvit.load_pretrained(path, jaxvit.create_model("mu/16", num_classes=0, posemb="rope"), 32)
+    with pytest.raises(
+        ValueError, match=f"a bare timm Eva state dict does not say its rotary.*{EVA_NOT_DINOV3[name]}"
+    ):
+        jaxvit.load_for_inference(path, num_heads=2)
+    dinov3 = jaxvit.create_model(
+        "mu/16", num_classes=0, posemb="rope", layer_scale_init=1e-5, width=32, num_heads=2
+    )
+    with pytest.raises(
+        ValueError,
+        match="(has no DINOv3 rotary embedding|is .mixed. in the file but .dinov3.|does not match the model)",
+    ):
+        jaxvit.load_pretrained(path, dinov3, 32)
 
 
 def test_a_timm_eva_file_named_by_its_metadata_is_refused_unless_dinov3(tmp_path):

@@ -80,7 +80,15 @@ VALUES = [
     ("rel_pos_bias", dict(rel_pos_bias="block")),
     ("posemb", dict(posemb="rope")),
     ("posemb", dict(posemb="none")),
-    ("rope_theta", dict(rope_theta=50.0)),  # counts only with posemb="rope"
+    ("rope_theta", dict(rope_theta=50.0)),  # counts only with a rotary embedding
+    ("rope", dict(rope="axial")),
+    ("rope", dict(rope="mixed", posemb="none")),
+    ("rope_ref_grid", dict(rope="axial", rope_ref_grid=4)),  # the rope_ fields count only with rope
+    ("rope_grid_offset", dict(rope="axial", rope_grid_offset=1.0)),
+    ("rope_xy", dict(rope="axial", rope_xy=True)),
+    ("mlp_norm", dict(mlp_norm=True)),
+    ("mlp_norm", dict(mlp_norm=True, mlp_type="swiglu")),
+    ("attn_out_norm", dict(attn_out_norm=True)),
 ]
 
 # Values of a carried field that a writer refuses by name: its layout has the field, not the value.
@@ -88,7 +96,9 @@ REFUSED_VALUES = {
     ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip", "hf_beit", "timm_beit"},
     ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip"},
     ("pool", "attn_pool"): {"vt", "timm", "hf_beit", "timm_beit"},
-    ("pool", "map"): {"hf_beit", "timm_beit"},
+    ("pool", "map"): {"hf_beit", "timm_beit", "timm_eva"},
+    ("posemb", "sincos2d"): {"timm_eva"},
+    ("posemb", "sincos2d_mae"): {"timm_eva"},
 }
 
 
@@ -131,7 +141,7 @@ def off_default(model) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         fields = schema.differs_from_default(model)
-    if model.posemb != "rope":
+    if model.posemb != "rope" and model.rope == "none":
         fields.pop("rope_theta", None)  # no rotary embedding: the base does nothing
     if not model.num_classes:
         fields.pop("head_bias", None)  # no classifier to have a bias
@@ -284,9 +294,10 @@ def _expected_refusal(writer, field: str, model) -> tuple[list[str], bool]:
     if left_out:
         named = [f"{n}={v!r}" for n, v in left_out.items()]
         return [f"writes {writer.TARGET}, which cannot express", *named], False
-    value = getattr(model, field)
-    if writer.NAME in REFUSED_VALUES.get((field, value), ()):
-        return [field, repr(value)], True
+    for name in (field, *off_default(model)):  # the case's field first, then any other it sets
+        value = getattr(model, name)
+        if writer.NAME in REFUSED_VALUES.get((name, value), ()):
+            return [name, repr(value)], True
     return [], False
 
 

@@ -1,6 +1,7 @@
 """Fine-tuning and probes from pretrained checkpoints: ``config.freeze``, ``optimizer.layer_decay``,
-``model_from_checkpoint``, and short runs on the digits from tiny DINOv2-, SigLIP- and BEiT-shaped
-checkpoints (transformers models of random weights, saved here; nothing is downloaded)."""
+``model_from_checkpoint``, and short runs on the digits from tiny DINOv2-, SigLIP-, BEiT- and
+EVA02-shaped checkpoints (transformers and timm models of random weights, saved here; nothing is
+downloaded)."""
 
 import json
 
@@ -8,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
 import torch
+from timm.models._hub import save_for_hf
 from transformers import (
     BeitConfig,
     BeitModel,
@@ -277,3 +280,35 @@ def test_beit_fine_tunes_on_digits_with_layer_decay_and_its_tables_resized(beit_
     np.testing.assert_allclose(start, jaxvit.layers.resample_rel_pos_bias(native, (4, 4), (8, 8)), atol=1e-6)
     assert start.shape == flat(tuned)[table].shape == (7 * 7 + 3, 2)
     assert not np.array_equal(start, flat(tuned)[table])  # the tables train
+
+
+@pytest.fixture(scope="module")
+def eva02_folder(tmp_path_factory):
+    """timm's EVA02-B form: axial RoPE stretched to its pre-training grid, SwiGLU with sub-LN, separate
+    q/k/v projections, mean pooling + fc_norm; 8x8 grid, 1 channel."""
+    torch.manual_seed(0)
+    peer = timm.create_model(
+        "eva02_base_patch14_224",
+        img_size=NATIVE,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
+    folder = tmp_path_factory.mktemp("eva02") / "peer"
+    save_for_hf(peer, str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def test_eva02_fine_tunes_on_digits_with_layer_decay(eva02_folder, tmp_path):
+    config = digits_finetune_config(eva02_folder, **{"optimizer.lr": 2e-3, "optimizer.layer_decay": 0.75})
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert metrics["eval/top1"] > 0.8, metrics  # measured 0.919 (random-weight backbone, 2-core CPU)
+    model, tuned, _ = checkpointing.restore_params(str(tmp_path))
+    fields = ("rope", "rope_ref_grid", "mlp_type", "mlp_norm", "pool", "fc_norm", "num_classes")
+    assert tuple(getattr(model, f) for f in fields) == ("axial", (16, 16), "swiglu", True, "gap", True, 10)
+    sub_ln = "encoder/block_0/mlp/norm/scale"
+    assert optim.layer_decay_scale(sub_ln, (32,), 0.75, model.depth) == 0.75**2
+    start = flat(fit_to_model(read_checkpoint(eva02_folder), model, 8))
+    assert not np.array_equal(start[sub_ln], flat(tuned)[sub_ln])  # the sub-LN trains

@@ -546,6 +546,7 @@ def test_every_registered_format_has_what_the_registry_promises():
             "hf_mae",
             "hf_beit",
             "timm_beit",
+            "timm_eva",
             "hf",
             "timm_dinov3",
             "timm",

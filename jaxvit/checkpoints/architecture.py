@@ -60,6 +60,22 @@ def _refuse_unstated(ckpt: Checkpoint, overrides: dict[str, Any]) -> None:
         raise ValueError(f"{ckpt.path}: {why}: pass {field}=...")
 
 
+def _block_options(params: Any) -> dict[str, Any]:
+    """What the first block's parameters show: qkv biases, the norms inside attention and MLP, a
+    relative position table, learned rotary frequencies (timm's RotaryEmbeddingMixed)."""
+    attn = "encoder/block_0/attn/"
+    options: dict[str, Any] = dict(
+        qkv_bias=not any(k.startswith(attn) for k in params)
+        or any(k in params for k in (attn + "qkv/bias", attn + "query/bias")),
+        attn_out_norm=attn + "norm/scale" in params,
+        mlp_norm="encoder/block_0/mlp/norm/scale" in params,
+        rel_pos_bias="block" if attn + "rel_pos_bias/table" in params else "none",
+    )
+    if attn + "rope_freqs" in params:
+        options["rope"] = "mixed"
+    return options
+
+
 def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransformer, tuple[int, int]]:
     fmt = registry.by_origin(ckpt.origin)
     build = registry.hook(fmt, "build_model")
@@ -85,7 +101,6 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
     # A packed SwiGLU's fc1 is twice as wide as fc2's input: gate and value side by side.
     swiglu = fc1 is not None and fc2 is not None and fc1.shape[-1] == 2 * fc2.shape[0]
     pool = "map" if any(k.startswith("head/map/") for k in params) else ("tok" if class_token else "gap")
-    first_attn = "encoder/block_0/attn/"
     fields: dict[str, Any] = dict(
         num_classes=_shape(params, "head/classifier/kernel", 2, ckpt.path)[-1]
         if "head/classifier/kernel" in params
@@ -110,10 +125,8 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         ),
         pre_norm="encoder/norm_pre/scale" in params,
         fc_norm="head/fc_norm/scale" in params,
-        rel_pos_bias="block" if "encoder/block_0/attn/rel_pos_bias/table" in params else "none",
         patch_bias="patch_embed/bias" in params,
-        qkv_bias=not any(k.startswith(first_attn) for k in params)
-        or any(k in params for k in (first_attn + "qkv/bias", first_attn + "query/bias")),
+        **_block_options(params),
     )
     guess_fields = registry.hook(fmt, "guess_fields")
     if guess_fields is not None:

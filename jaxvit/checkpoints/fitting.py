@@ -37,6 +37,41 @@ def target_shapes(model: VisionTransformer, image_size: ImageSize) -> dict[str, 
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(param_shapes(unrolled, image_size)), sep="/")
 
 
+def _rotary_kind(fields: Any) -> str | None:
+    posemb, rope = fields.get("posemb"), fields.get("rope")
+    return "dinov3" if posemb == "rope" else rope
+
+
+def check_rotary(ckpt: Checkpoint, model: VisionTransformer) -> None:
+    """Raises unless ``model`` rotates queries and keys as the file says its origin did: the same
+    rotary embedding (DINOv3's ``posemb="rope"``, timm Eva's ``rope=``, or none), base, axis
+    order, reference grid and offset. What the file does not say is the model's to choose."""
+    stated = {**ckpt.config.get("model", {}), **ckpt.implied_fields}
+    config = model.config
+    ours = _rotary_kind({"posemb": config.posemb, "rope": config.rope})
+    theirs = _rotary_kind(stated)
+    problems = []
+    if theirs is None and stated.get("posemb") not in (None, "rope") and ours == "dinov3":
+        problems.append(f"the file ({ckpt.origin}) has no DINOv3 rotary embedding, which the model has")
+    elif theirs is not None and (ours or "none") != theirs:
+        problems.append(f"the rotary embedding is {theirs!r} in the file but {ours or 'none'!r} in the model")
+    elif theirs not in (None, "none"):
+        names = ["rope_xy", "rope_ref_grid", "rope_grid_offset"] + (
+            [] if theirs == "mixed" else ["rope_theta"]
+        )
+        for name in names:
+            if name in stated and _same_size(stated[name]) != _same_size(getattr(config, name)):
+                problems.append(
+                    f"{name}={stated[name]!r} in the file but {getattr(config, name)!r} in the model"
+                )
+    if problems:
+        raise ValueError(f"{ckpt.path}: " + "; ".join(problems))
+
+
+def _same_size(value: Any) -> Any:
+    return to_pair(value) if isinstance(value, (int, list, tuple)) and not isinstance(value, bool) else value
+
+
 def check_architecture(ckpt: Checkpoint, model: VisionTransformer) -> None:
     """Raises ``ValueError`` naming every size of ``ckpt`` (width, depth, heads, patch) that ``model`` lacks."""
     params = ckpt.params
@@ -411,6 +446,7 @@ def fit_to_model(
     # Everything the file says is checked before the model is traced.
     check_weights(ckpt)
     check_architecture(ckpt, model)
+    check_rotary(ckpt, model)
     target = target_shapes(model, (h, w))
     p, q = to_pair(model.patch_size)
     flat = layouts.fuse_attention(ckpt.params, model.num_heads)

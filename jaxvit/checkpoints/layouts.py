@@ -329,6 +329,61 @@ def fuse_q_v_biases(arrays: Mapping[str, np.ndarray]) -> Flat:
     return out
 
 
+_TIMM_GATE = re.compile(r"(blocks\.\d+\.mlp)\.fc1_g\.(weight|bias)")
+_TIMM_QUERY = re.compile(r"(blocks\.\d+\.attn)\.q_proj\.weight")
+
+
+def pack_swiglu(arrays: Mapping[str, np.ndarray]) -> Flat:
+    """timm's SwiGLU with separate ``fc1_g`` (gate) and ``fc1_x`` -> one ``fc1``, gate first, as
+    jaxvit's ``SwiGLUMlp`` packs them (timm's ``Eva``: DINOv3, EVA02)."""
+    out = dict(arrays)
+    for key in arrays:
+        match = _TIMM_GATE.fullmatch(key)
+        if match:
+            value = f"{match.group(1)}.fc1_x.{match.group(2)}"
+            out[f"{match.group(1)}.fc1.{match.group(2)}"] = np.concatenate([out.pop(key), out.pop(value)])
+    return out
+
+
+def unpack_swiglu(arrays: Mapping[str, np.ndarray]) -> Flat:
+    """The inverse of ``pack_swiglu``: each packed ``mlp.fc1`` -> ``fc1_g`` and ``fc1_x``."""
+    out = dict(arrays)
+    for key in [k for k in arrays if re.fullmatch(r"blocks\.\d+\.mlp\.fc1\.(weight|bias)", k)]:
+        mlp, kind = key.rsplit(".fc1.", 1)
+        out[f"{mlp}.fc1_g.{kind}"], out[f"{mlp}.fc1_x.{kind}"] = np.split(out.pop(key), 2)
+    return out
+
+
+def fuse_qkv_projections(arrays: Mapping[str, np.ndarray]) -> Flat:
+    """timm's separate ``q_proj``, ``k_proj``, ``v_proj`` (``Eva`` with ``qkv_fused=False``: EVA02-B
+    and -L) -> one ``qkv``; a projection without a bias (EVA's key) adds zeros."""
+    out = dict(arrays)
+    for key in arrays:
+        match = _TIMM_QUERY.fullmatch(key)
+        if not match:
+            continue
+        attn = match.group(1)
+        names = [f"{attn}.{p}_proj" for p in "qkv"]
+        kernels = [out.pop(f"{n}.weight") for n in names]
+        out[f"{attn}.qkv.weight"] = np.concatenate(kernels)
+        if any(f"{n}.bias" in out for n in names):
+            zeros = [np.zeros((k.shape[0],), k.dtype) for k in kernels]
+            out[f"{attn}.qkv.bias"] = np.concatenate(
+                [out.pop(f"{n}.bias", z) for n, z in zip(names, zeros, strict=True)]
+            )
+    return out
+
+
+def split_qkv_projections(arrays: Mapping[str, np.ndarray]) -> Flat:
+    """The inverse of ``fuse_qkv_projections``: each ``qkv`` -> ``q_proj``, ``k_proj``, ``v_proj``."""
+    out = dict(arrays)
+    for key in [k for k in arrays if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.(weight|bias)", k)]:
+        attn, kind = key.rsplit(".qkv.", 1)
+        for part, value in zip("qkv", np.split(out.pop(key), 3), strict=True):
+            out[f"{attn}.{part}_proj.{kind}"] = value
+    return out
+
+
 def nonzero_key_biases(flat: Mapping[str, np.ndarray], width: int) -> list[str]:
     """The fused ``qkv`` biases (jaxvit's names) whose key part is not zero: what a layout without a
     key bias (BEiT, timm's ``Eva``) cannot hold."""

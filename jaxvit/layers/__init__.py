@@ -23,6 +23,9 @@ from jaxvit.layers.posemb import (
     resample_posemb,
     resize_matrix,
     rope_2d_tables,
+    rope_axial_coords,
+    rope_axial_tables,
+    rope_mixed_tables,
 )
 from jaxvit.layers.scan import scan_to_unrolled, unrolled_to_scan
 from jaxvit.layers.tokens import ClassToken, RegisterTokens
@@ -52,6 +55,9 @@ __all__ = [
     "resample_rel_pos_bias",
     "resize_matrix",
     "rope_2d_tables",
+    "rope_axial_coords",
+    "rope_axial_tables",
+    "rope_mixed_tables",
     "scan_to_unrolled",
     "swiglu_hidden_size",
     "unpatchify",

@@ -1,5 +1,5 @@
-"""Multi-head self-attention with one fused ``qkv`` projection (and DINOv3's rotary embedding,
-BEiT's relative position bias)."""
+"""Multi-head self-attention with one fused ``qkv`` projection (and the rotary embeddings of
+DINOv3 and timm's ``Eva``, BEiT's relative position bias)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ import numpy as np
 from jaxvit import ops
 from jaxvit.layers.common import Array, DType, check_choice, check_heads, sow
 from jaxvit.layers.patch import Dense
-from jaxvit.layers.posemb import apply_rope, rope_2d_tables
+from jaxvit.layers.posemb import (
+    apply_rope,
+    init_rope_mixed_freqs,
+    rope_2d_tables,
+    rope_axial_tables,
+    rope_mixed_tables,
+)
+from jaxvit.sizes import to_pair
+
+# The rotary embeddings SelfAttention computes: DINOv3's (posemb="rope") and timm Eva's (rope=).
+ROTARY_KINDS = ("dinov3", "axial", "mixed")
 
 
 def _per_projection_init(init: Any, parts: int) -> Any:
@@ -167,9 +177,11 @@ class SelfAttention(nn.Module):
     them); on CPU, and whenever the weights are needed (the ``"attention"``
     collection is mutable, or attention dropout is active), through
     ``ops.explicit_attention`` (``jaxvit.ops.set_attention_impl`` chooses).
-    ``rope_grid`` (DINOv3): queries and keys of the patch tokens, which
-    follow ``rope_prefix_tokens`` prefix tokens and form that grid, are
-    rotated (``apply_rope``) before attention. ``rel_pos_grid`` (BEiT): a learned relative
+    ``rope_grid``: queries and keys of the patch tokens, which follow ``rope_prefix_tokens``
+    prefix tokens and form that grid, are rotated (``apply_rope``) before attention, by the
+    rotary embedding of ``rope_kind``: ``"dinov3"``, or timm ``Eva``'s ``"axial"`` and
+    ``"mixed"`` (learned frequencies ``rope_freqs`` in each block). ``out_norm``: a LayerNorm
+    (``norm``) on the attention output before its projection (EVA-CLIP). ``rel_pos_grid`` (BEiT): a learned relative
     position bias of that patch grid behind one class token (``RelativePositionBias``, under
     ``rel_pos_bias``) is added to the attention logits.
     """
@@ -181,7 +193,13 @@ class SelfAttention(nn.Module):
     rope_grid: tuple[int, int] | None = None
     rope_prefix_tokens: int = 0
     rope_theta: float = 100.0
+    rope_kind: str = "dinov3"
+    rope_ref_grid: int | tuple[int, int] | None = None
+    rope_grid_offset: float = 0.0
+    rope_xy: bool = False
     rel_pos_grid: tuple[int, int] | None = None
+    out_norm: bool = False
+    layer_norm_eps: float = 1e-6
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
@@ -197,9 +215,10 @@ class SelfAttention(nn.Module):
             x
         ).reshape(n, t, 3, self.num_heads, head_dim)
         if self.rope_grid is not None:
-            cos, sin = rope_2d_tables(self.rope_grid, head_dim, self.rope_theta)
+            cos, sin = self._rotary_tables(head_dim)
             q, k, v = (qkv[:, :, i] for i in range(3))
-            q, k = (apply_rope(a, cos, sin, self.rope_prefix_tokens) for a in (q, k))
+            interleaved = self.rope_kind != "dinov3"
+            q, k = (apply_rope(a, cos, sin, self.rope_prefix_tokens, interleaved) for a in (q, k))
             qkv = jnp.stack([q, k, v], axis=2)
         bias = None
         if self.rel_pos_grid is not None:
@@ -227,4 +246,30 @@ class SelfAttention(nn.Module):
             q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
             out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
-        return Dense(d, name="out", **dense)(out.reshape(n, t, d))
+        out = out.reshape(n, t, d)
+        if self.out_norm:
+            out = nn.LayerNorm(
+                epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+            )(out)
+        return Dense(d, name="out", **dense)(out)
+
+    def _rotary_tables(self, head_dim: int) -> tuple[Array, Array]:
+        """``(cos, sin)`` of the rotary embedding of ``rope_kind`` at ``rope_grid``; for ``"mixed"``
+        from this block's learned ``rope_freqs`` ``(2, heads, head_dim / 2)``."""
+        check_choice("rope_kind", self.rope_kind, ROTARY_KINDS)
+        if self.rope_kind == "dinov3":
+            return rope_2d_tables(self.rope_grid, head_dim, self.rope_theta)
+        if head_dim % 4:
+            raise ValueError(f"rope={self.rope_kind!r} needs a head dimension divisible by 4, got {head_dim}")
+        if self.rope_kind == "axial":
+            ref = None if self.rope_ref_grid is None else to_pair(self.rope_ref_grid)
+            return rope_axial_tables(
+                self.rope_grid, head_dim, self.rope_theta, ref, self.rope_grid_offset, self.rope_xy
+            )
+        freqs = self.param(
+            "rope_freqs",
+            init_rope_mixed_freqs(self.rope_theta),
+            (2, self.num_heads, head_dim // 2),
+            self.param_dtype,
+        )
+        return rope_mixed_tables(freqs, self.rope_grid, self.rope_xy)

@@ -30,7 +30,9 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
     dropout, dtypes) with the schema's defaults. ``layer_scale_init`` scales
     each branch by a learned ``(D,)`` vector (``ls1``, ``ls2``) before the
     residual; ``mlp_type="swiglu"`` uses ``SwiGLUMlp`` (``mlp_dim`` is then the
-    width of each half). ``mlp_dim=None`` is ``4 * D``.
+    width of each half). ``mlp_dim=None`` is ``4 * D``. ``mlp_norm`` and ``attn_out_norm`` add
+    EVA02's sub-LN in the MLP and EVA-CLIP's LayerNorm on the attention output; ``rope`` chooses
+    timm Eva's rotary embedding where ``rope_grid`` is set (DINOv3's when it is ``"none"``).
 
     Called as ``block(x, drop_path_rate) -> (x, None)``, the form ``nn.scan``
     wants; the rate is an array so scanned blocks can each have their own.
@@ -69,7 +71,13 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
             rope_grid=self.rope_grid,
             rope_prefix_tokens=self.rope_prefix_tokens,
             rope_theta=self.rope_theta,
+            rope_kind="dinov3" if self.rope == "none" else self.rope,
+            rope_ref_grid=self.rope_ref_grid,
+            rope_grid_offset=self.rope_grid_offset,
+            rope_xy=self.rope_xy,
             rel_pos_grid=self.rel_pos_grid,
+            out_norm=self.attn_out_norm,
+            layer_norm_eps=self.layer_norm_eps,
             name="attn",
             **common,
         )(y)
@@ -77,11 +85,17 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
         y = nn.LayerNorm(name="norm2", **norm)(x)
         check_choice("mlp_type", self.mlp_type, schema.MLP_TYPES)
         mlp_dim = self.mlp_dim or 4 * x.shape[-1]
+        sub_ln = dict(norm=self.mlp_norm, layer_norm_eps=self.layer_norm_eps)
         if self.mlp_type == "swiglu":
-            y = SwiGLUMlp(mlp_dim=mlp_dim, dropout=self.dropout, name="mlp", **common)(y)
+            y = SwiGLUMlp(mlp_dim=mlp_dim, dropout=self.dropout, name="mlp", **sub_ln, **common)(y)
         else:
             mlp = MlpBlock(
-                mlp_dim=mlp_dim, dropout=self.dropout, activation=self.activation, name="mlp", **common
+                mlp_dim=mlp_dim,
+                dropout=self.dropout,
+                activation=self.activation,
+                name="mlp",
+                **sub_ln,
+                **common,
             )
             y = mlp(y)
         x = residual(x, y, "ls2")
@@ -98,7 +112,8 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     compiles one block; ``scan_to_unrolled`` / ``unrolled_to_scan`` convert
     between that layout and ``block_0 ... block_{depth-1}``.
     Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
-    ``rope_grid`` turns on DINOv3's rotary position embedding in every block, ``rel_pos_grid``
+    ``rope_grid`` turns on the rotary position embedding in every block (``rope``: timm Eva's
+    kind; DINOv3's when ``"none"``), ``rel_pos_grid``
     BEiT's relative position bias (a table per block, for one class token in front).
     ``final_norm=False`` leaves out the final LayerNorm (CoCa's attentional pooler normalises
     the tokens itself). Its options are the schema's encoder fields

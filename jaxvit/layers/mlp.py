@@ -27,12 +27,15 @@ class MlpBlock(nn.Module):
     """``(N, T, D) -> (N, T, D)``: Dense -> activation -> dropout -> Dense.
 
     ``activation`` is one of ``ops.ACTIVATIONS``: ``"gelu"`` (exact),
-    ``"gelu_tanh"``, ``"quick_gelu"`` (CLIP's ``x * sigmoid(1.702 x)``).
+    ``"gelu_tanh"``, ``"quick_gelu"`` (CLIP's ``x * sigmoid(1.702 x)``). ``norm=True``: a
+    LayerNorm of the hidden activations before ``fc2`` (NormFormer's, timm's ``scale_mlp``).
     """
 
     mlp_dim: int
     dropout: float = 0.0
     activation: str = "gelu"
+    norm: bool = False
+    layer_norm_eps: float = 1e-6
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -43,8 +46,19 @@ class MlpBlock(nn.Module):
         check_choice("activation", self.activation, ops.ACTIVATIONS)
         y = Dense(self.mlp_dim, activation=self.activation, name="fc1", **dense)(x)
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        y = _hidden_norm(self, y)
         # no dropout after fc2: the residual in EncoderBlock applies it, once, as the references do
         return Dense(x.shape[-1], name="fc2", **dense)(y)
+
+
+def _hidden_norm(mlp: nn.Module, y: Array) -> Array:
+    """The sub-LN of ``norm=True`` (EVA02's, timm's ``scale_mlp``): a LayerNorm ``norm`` of the
+    hidden activations, before ``fc2``."""
+    if not mlp.norm:
+        return y
+    return nn.LayerNorm(
+        epsilon=mlp.layer_norm_eps, dtype=mlp.dtype, param_dtype=mlp.param_dtype, parent=mlp, name="norm"
+    )(y)
 
 
 def swiglu_hidden_size(mlp_dim: int) -> int:
@@ -63,11 +77,14 @@ class SwiGLUMlp(nn.Module):
     DINOv2-g's packed layout: one ``fc1`` ``(D, 2*mlp_dim)`` whose first half
     is the gate (through SiLU) and second half the value, as in transformers'
     ``weights_in`` (``gate_proj`` then ``up_proj``) and timm's
-    ``SwiGLUPacked`` (``gate_last=False``); ``fc2`` is ``(mlp_dim, D)``.
+    ``SwiGLUPacked`` (``gate_last=False``); ``fc2`` is ``(mlp_dim, D)``. ``norm=True``: EVA02's
+    sub-LN before ``fc2`` (timm's ``SwiGLU`` with ``fc1_g``, ``fc1_x``, ``norm``).
     """
 
     mlp_dim: int
     dropout: float = 0.0
+    norm: bool = False
+    layer_norm_eps: float = 1e-6
     deterministic: bool = True
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -78,6 +95,7 @@ class SwiGLUMlp(nn.Module):
         gate, value = jnp.split(Dense(2 * self.mlp_dim, name="fc1", **dense)(x), 2, axis=-1)
         y = jax.nn.silu(gate) * value
         y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+        y = _hidden_norm(self, y)
         return Dense(x.shape[-1], name="fc2", **dense)(y)
 
 

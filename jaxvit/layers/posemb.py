@@ -1,9 +1,11 @@
 """Step 2 of the ViT, positions: learned and fixed 2-D sin-cos embeddings, their resampling to
-another grid (with PyTorch's resize weights), and DINOv3's 2-D rotary tables."""
+another grid (with PyTorch's resize weights), and the 2-D rotary tables of DINOv3 and timm's
+``Eva`` (axial and mixed)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import chex
 import flax.linen as nn
@@ -182,17 +184,103 @@ def rope_2d_tables(
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: Array, cos: Array, sin: Array, num_prefix_tokens: int) -> Array:
+def apply_rope(x: Array, cos: Array, sin: Array, num_prefix_tokens: int, interleaved: bool = False) -> Array:
     """Rotates the patch tokens of ``x`` ``(N, T, H, Dh)``; the ``num_prefix_tokens`` in front stay as they are.
 
-    ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = [-x2, x1]`` of the
-    two halves of ``Dh``; ``cos``, ``sin`` ``(T - P, Dh)`` from ``rope_2d_tables``.
+    ``x * cos + rotate(x) * sin``. ``cos``, ``sin``: ``(T - P, Dh)``, the same for every head
+    (``rope_2d_tables``, ``rope_axial_tables``), or ``(T - P, H, Dh)``, a table per head
+    (``rope_mixed_tables``). ``rotate(x)`` pairs the two halves of ``Dh``, ``[-x2, x1]`` (DINOv3),
+    or with ``interleaved=True`` neighbouring channels, ``[-x1, x0, -x3, x2, ...]`` (timm's ``Eva``).
     """
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-    first, second = jnp.split(patches, 2, axis=-1)
-    rotated = jnp.concatenate([-second, first], axis=-1)
-    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
-    return jnp.concatenate([prefix, patches * cos + rotated * sin], axis=1)
+    if interleaved:
+        rotated = jnp.stack([-patches[..., 1::2], patches[..., 0::2]], axis=-1).reshape(patches.shape)
+    else:
+        first, second = jnp.split(patches, 2, axis=-1)
+        rotated = jnp.concatenate([-second, first], axis=-1)
+    per_head = cos.ndim == 3
+    cos, sin = (t[None] if per_head else t[None, :, None, :] for t in (cos, sin))
+    return jnp.concatenate([prefix, patches * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)], axis=1)
+
+
+def rope_axial_coords(
+    grid: tuple[int, int],
+    ref_grid: tuple[int, int] | None = None,
+    offset: float = 0.0,
+    xy: bool = False,
+) -> np.ndarray:
+    """``(h*w, 2)`` float32 patch coordinates of timm's ``Eva`` rotary embeddings, rows in ``(h w)`` order.
+
+    The patch indices plus ``offset`` (Perception Encoder's 1), stretched to ``ref_grid`` when one
+    is given (EVA02 fine-tuned at another size: ``index / size * ref``). The columns are ``(y, x)``,
+    or ``(x, y)`` with ``xy=True`` (timm's ``grid_indexing='xy'``).
+    """
+    sizes, ref = list(grid), None if ref_grid is None else list(ref_grid)
+    if xy:
+        sizes, ref = sizes[::-1], None if ref is None else ref[::-1]
+    axes = [np.arange(s).astype(np.float32) + np.float32(offset) for s in sizes]
+    if ref is not None:
+        axes = [
+            (a / np.float32(s) * np.float32(r)).astype(np.float32)
+            for a, s, r in zip(axes, sizes, ref, strict=True)
+        ]
+    coords = np.stack(np.meshgrid(*axes, indexing="xy" if xy else "ij"), axis=-1)
+    return coords.reshape(grid[0] * grid[1], 2)
+
+
+def rope_axial_tables(
+    grid: tuple[int, int],
+    head_dim: int,
+    theta: float = 10_000.0,
+    ref_grid: tuple[int, int] | None = None,
+    offset: float = 0.0,
+    xy: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """timm's ``RotaryEmbeddingCat`` (EVA02, Perception Encoder, the axial RoPE ViTs): ``(cos, sin)``,
+    each ``(h*w, head_dim)`` float32, in the interleaved layout of ``apply_rope(interleaved=True)``.
+
+    Each coordinate of ``rope_axial_coords`` times the ``head_dim / 4`` frequencies ``theta **
+    (-k / (head_dim / 4))`` gives the angles, first coordinate's then second's, each repeated for
+    a pair of channels.
+    """
+    if head_dim % 4:
+        raise ValueError(f"rope='axial' needs a head dimension divisible by 4, got {head_dim}")
+    bands = head_dim // 4
+    freqs = np.float32(1.0) / np.float32(theta) ** (np.arange(bands).astype(np.float32) / np.float32(bands))
+    coords = rope_axial_coords(grid, ref_grid, offset, xy)
+    angles = (coords[:, :, None] * freqs.astype(np.float32)[None, None, :]).reshape(len(coords), 2 * bands)
+    angles = np.repeat(angles.astype(np.float32), 2, axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope_mixed_tables(freqs: Array, grid: tuple[int, int], xy: bool = False) -> tuple[Array, Array]:
+    """timm's ``RotaryEmbeddingMixed`` (RoPE-Mixed, learned frequencies): ``(cos, sin)``, each
+    ``(h*w, H, Dh)`` float32 from one block's ``freqs`` ``(2, H, Dh / 2)``.
+
+    The angle of channel pair ``j`` of head ``h`` at coordinates ``(c0, c1)`` (``rope_axial_coords``,
+    no offset) is ``c0 * freqs[0, h, j] + c1 * freqs[1, h, j]``: a direction per head, learned.
+    """
+    coords = jnp.asarray(rope_axial_coords(grid, xy=xy))
+    freqs = freqs.astype(jnp.float32)
+    angles = coords[:, 0, None, None] * freqs[0][None] + coords[:, 1, None, None] * freqs[1][None]
+    angles = jnp.repeat(angles, 2, axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def init_rope_mixed_freqs(theta: float) -> Callable[..., Array]:
+    """The initializer of a block's mixed-RoPE frequencies ``(2, H, Dh / 2)``, as RoPE-Mixed starts:
+    the axial magnitudes ``theta ** (-4k / Dh)`` along a random direction per head, and again a
+    quarter turn further."""
+
+    def init(key: Array, shape: tuple[int, ...], dtype: DType = jnp.float32) -> Array:
+        _, heads, half = shape
+        magnitude = 1.0 / theta ** (jnp.arange(0, 2 * half, 4, dtype=jnp.float32) / (2 * half))
+        angle = jax.random.uniform(key, (heads, 1), jnp.float32, 0.0, 2 * math.pi)
+        fx = jnp.concatenate([magnitude * jnp.cos(angle), magnitude * jnp.cos(angle + math.pi / 2)], -1)
+        fy = jnp.concatenate([magnitude * jnp.sin(angle), magnitude * jnp.sin(angle + math.pi / 2)], -1)
+        return jnp.stack([fx, fy]).astype(dtype)
+
+    return init
 
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:

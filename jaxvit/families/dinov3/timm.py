@@ -8,8 +8,8 @@ LayerScale is ``gamma_1`` / ``gamma_2``; the fused ``qkv`` has no bias, or
 (``mlp.fc1``, ``mlp.fc2``) or SwiGLU with separate ``fc1_g`` (gate) and
 ``fc1_x``, which jaxvit packs into one ``fc1``, gate first. The LayerNorm
 epsilon (1e-5) and rotary base (100) are those of timm's DINOv3 models; the
-weights cannot tell them. Other ``Eva`` models (EVA-02, with a position table
-and another rotary layout) are refused.
+weights cannot tell them. The other ``Eva`` models (EVA02, the RoPE ViTs: a position table or
+another rotary layout) are ``jaxvit.families.eva``'s.
 """
 
 from __future__ import annotations
@@ -68,28 +68,19 @@ RULES = tuple(
     + layouts.TIMM_ENCODER_RULES
     + layouts.torch_rules("head", "head/classifier", "linear")
 )
-_GATE = re.compile(r"(blocks\.\d+\.mlp)\.fc1_g\.(weight|bias)")
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """A state dict with ``Eva``'s LayerScale names (``blocks.{i}.gamma_1``)."""
+    """A state dict with ``Eva``'s LayerScale names (``blocks.{i}.gamma_1``) and nothing that DINOv3
+    cannot have (``not_dinov3``: the other Eva models are ``families/eva``'s)."""
+    if kind != "state_dict":
+        return False
+    _, keys = strip_prefix(dict.fromkeys(arrays), ("module.",))
     return (
-        kind == "state_dict"
-        and any(re.fullmatch(r"(module\.)?blocks\.\d+\.gamma_1", k) for k in arrays)
-        and not any(k.endswith("relative_position_bias_table") for k in arrays)  # BEiT's (beit/timm.py)
+        any(re.fullmatch(r"blocks\.\d+\.gamma_1", k) for k in keys)
+        and not any(k.endswith("relative_position_bias_table") for k in keys)  # BEiT's (beit/timm.py)
+        and not_dinov3(keys, {}) is None
     )
-
-
-def _pack_swiglu(arrays: Flat) -> Flat:
-    out = dict(arrays)
-    for key in arrays:
-        match = _GATE.fullmatch(key)
-        if match:
-            value = f"{match.group(1)}.fc1_x.{match.group(2)}"
-            out[f"{match.group(1)}.fc1.{match.group(2)}"] = np.concatenate(
-                [out.pop(key), out.pop(value)], axis=0
-            )
-    return out
 
 
 def _without_exported_fillers(params: Flat, saved: Mapping[str, Any]) -> Flat:
@@ -109,7 +100,7 @@ def not_dinov3(arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | 
     timm's ``Eva`` class holds DINOv3, EVA-02, Perception Encoder and the RoPE ViTs
     (``vit_*_rope_*``), whose rotary embeddings differ while their keys mostly agree. The file's
     metadata settles it when it names the timm model; otherwise only keys that DINOv3 cannot have
-    (and the class and register tokens every timm DINOv3 has) let it be read as DINOv3.
+    (and the class token every timm DINOv3 has) let it be read as DINOv3.
     """
     named = str(metadata.get("timm_model", ""))
     if named:
@@ -123,8 +114,8 @@ def not_dinov3(arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> str | 
         )
     if any(k.endswith(".attn.qkv.bias") for k in blocks):
         return "rotary embedding of kind RotaryEmbeddingCat, with a key bias (vit_*_rope_*)"
-    if "fc_norm.weight" in arrays or "cls_token" not in arrays or "reg_token" not in arrays:
-        return "no class token, no registers or an fc_norm (the vit_*_rope_*_gap models)"
+    if "fc_norm.weight" in arrays or "cls_token" not in arrays:
+        return "no class token or an fc_norm (the vit_*_rope_*_gap models)"
     return None
 
 
@@ -170,7 +161,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
             f"{path}: a timm Eva model with {reason}: not supported; of timm's Eva models jaxvit reads"
             " DINOv3 (vit_*_patch16_dinov3) only"
         )
-    arrays = _pack_swiglu(layouts.fuse_q_v_biases(arrays))
+    arrays = layouts.pack_swiglu(layouts.fuse_q_v_biases(arrays))
     params, unmatched = layouts.rename(arrays, RULES)
     config = json.loads(metadata["jaxvit_model"]) if "jaxvit_model" in metadata else {}
     saved = config.get("model", {})

@@ -120,6 +120,17 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         )
     config = saved_config(path, metadata)
     saved = config.get("model", {})
+    if (
+        not saved
+        and "timm_config" not in metadata
+        and "encoder/norm_pre/scale" in params
+        and "head/map/probe" in params
+    ):
+        # no timm VisionTransformer has both; Perception Encoder (timm's Eva) has, and a rotary embedding
+        raise ValueError(
+            f"{path}: norm_pre with attention pooling is timm's Perception Encoder (vit_pe_core_*, an Eva"
+            " with a rotary embedding): not supported"
+        )
     stated = stated_by_timm_config(path, params, metadata["timm_config"]) if "timm_config" in metadata else {}
     for field, key in (
         ("head_bias", "head/classifier/bias"),
