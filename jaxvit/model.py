@@ -207,7 +207,8 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         rope = dict(
             rope_grid=grid if config.posemb == "rope" or config.rope != "none" else None,
             rope_prefix_tokens=self.num_prefix_tokens,
-            rel_pos_grid=grid if config.rel_pos_bias == "block" else None,
+            rel_pos_grid=grid if config.rel_pos_bias != "none" else None,
+            rel_pos_shared=config.rel_pos_bias == "shared",
         )
         # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling), and
         # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02)

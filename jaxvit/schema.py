@@ -40,8 +40,9 @@ BLOCK_LOOPS = ("auto", "scan", "unrolled")
 POSEMBS = ("learn", "sincos2d", "sincos2d_mae", "rope", "none")
 SINCOS_POSEMBS = ("sincos2d", "sincos2d_mae")
 MLP_TYPES = ("mlp", "swiglu")
-# "block": BEiT's learned relative position bias on the attention logits, one table per block.
-REL_POS_BIASES = ("none", "block")
+# BEiT's learned relative position bias on the attention logits: "block", a table per block (BEiT
+# fine-tuned); "shared", one table for every block (BEiT's pre-training).
+REL_POS_BIASES = ("none", "block", "shared")
 # timm Eva's rotary embeddings ("axial": RotaryEmbeddingCat, "mixed": RotaryEmbeddingMixed), which
 # may sit beside an additive table; DINOv3's, which replaces it, is posemb="rope".
 ROPES = ("none", "axial", "mixed")
@@ -151,7 +152,7 @@ class ViTConfig:
     rope_xy: bool = option(False, "bool", "architecture", "rope='axial' or 'mixed': (x, y) coordinates, not (y, x)", modules=_B, applies=lambda c: c.rope != "none")  # fmt: skip
     mlp_norm: bool = option(False, "bool", "architecture", "a LayerNorm inside the MLP, before fc2 (EVA02's sub-LN)", modules=_B)  # fmt: skip
     attn_out_norm: bool = option(False, "bool", "architecture", "a LayerNorm on the attention output, before its projection (EVA-CLIP)", modules=_B)  # fmt: skip
-    rel_pos_bias: str = option("none", "str", "architecture", "'block': BEiT's relative position bias, a table per block", choices=REL_POS_BIASES)  # fmt: skip
+    rel_pos_bias: str = option("none", "str", "architecture", "BEiT's relative position bias: 'block', a table per block; 'shared', one for all", choices=REL_POS_BIASES)  # fmt: skip
     gelu_approximate: bool = option(False, "bool", "architecture", "deprecated: activation='gelu_tanh'")
     scan: bool = option(False, "bool", "compute", "blocks stored stacked under encoder/blocks", modules=_E)  # fmt: skip
     remat_policy: str = option("auto", "str", "compute", "jax.checkpoint_policies name", choices=REMAT_POLICIES, modules=_E)  # fmt: skip

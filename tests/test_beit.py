@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.models._hub import save_for_hf
 from transformers.models.beit.modeling_beit import BeitRelativePositionBias
 
@@ -61,6 +61,8 @@ def test_the_table_is_resized_as_transformers_resizes_it():
 FORMS = {
     "mean": dict(use_mean_pooling=True, use_absolute_position_embeddings=False),
     "cls_abs": dict(use_mean_pooling=False, use_absolute_position_embeddings=True),
+    # BEiT's pre-training: one table for every block
+    "shared": dict(use_relative_position_bias=False, use_shared_relative_position_bias=True),
 }
 
 
@@ -68,11 +70,10 @@ FORMS = {
 def beit_folder(request, tmp_path_factory):
     config = transformers.BeitConfig(
         image_size=16,
-        use_relative_position_bias=True,
         num_labels=3,
         layer_norm_eps=1e-6,
         **TINY,
-        **FORMS[request.param],
+        **{"use_relative_position_bias": True, **FORMS[request.param]},
     )
     peer = transformers.BeitForImageClassification(config)
     torch.manual_seed(0)
@@ -103,15 +104,14 @@ def test_beit_loads_with_the_peers_tokens_features_and_logits(beit_folder, size)
     form, peer, folder = beit_folder
     bundle = jaxvit.load_for_inference(folder)
     model = bundle.model
-    assert (model.rel_pos_bias, model.layer_scale_init, model.num_classes) == ("block", 0.1, 3)
+    kind = "shared" if form == "shared" else "block"
+    assert (model.rel_pos_bias, model.layer_scale_init, model.num_classes) == (kind, 0.1, 3)
     assert (model.pool, model.fc_norm, model.posemb) == (
-        ("gap", True, "none") if form == "mean" else ("tok", False, "learn")
+        ("tok", False, "learn") if form == "cls_abs" else ("gap", True, "none")
     )
     params = jaxvit.load_pretrained(folder, model, size)
-    assert params["encoder"]["block_1"]["attn"]["rel_pos_bias"]["table"].shape == (
-        (2 * size // 4 - 1) ** 2 + 3,
-        2,
-    )
+    owner = params["encoder"] if form == "shared" else params["encoder"]["block_1"]["attn"]
+    assert owner["rel_pos_bias"]["table"].shape == ((2 * size // 4 - 1) ** 2 + 3, 2)
     x = np.random.default_rng(size).random((2, size, size, 3), dtype=np.float32)
     ours, theirs = _ours(model, params, x), _theirs(peer, x)
     for what in theirs:
@@ -130,10 +130,14 @@ def test_beit_exports_back_for_transformers(beit_folder, tmp_path):
 
 
 def test_what_jaxvit_does_not_compute_is_refused(tmp_path):
-    shared = transformers.BeitConfig(image_size=16, use_shared_relative_position_bias=True, **TINY)
-    transformers.BeitModel(shared).save_pretrained(tmp_path / "shared")
-    with pytest.raises(ValueError, match="use_shared_relative_position_bias=True .* not supported"):
-        jaxvit.load_for_inference(tmp_path / "shared")
+    both = transformers.BeitConfig(
+        image_size=16, use_shared_relative_position_bias=True, use_relative_position_bias=True, **TINY
+    )
+    transformers.BeitModel(both).save_pretrained(tmp_path / "both")
+    with pytest.raises(
+        ValueError, match="a shared relative position table and one per block .* not supported"
+    ):
+        jaxvit.load_for_inference(tmp_path / "both")
     mim = transformers.BeitConfig(image_size=16, use_mask_token=True, **TINY)
     transformers.BeitForMaskedImageModeling(mim).save_pretrained(tmp_path / "mim")
     with pytest.raises(ValueError, match=r"\['BeitForMaskedImageModeling'\] is not supported"):
@@ -227,7 +231,9 @@ def test_a_timm_beit_folder_whose_config_disagrees_with_its_fc_norm_is_refused(t
         jaxvit.load_for_inference(edited)
 
 
-def test_a_bare_timm_beit_file_must_be_told_its_heads_and_pool(timm_folder, tmp_path):
+def test_a_bare_timm_beit_file_must_be_told_its_heads_and_pool_and_a_shared_table_reads(
+    timm_folder, tmp_path
+):
     peer, _ = timm_folder
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(path))
@@ -240,12 +246,27 @@ def test_a_bare_timm_beit_file_must_be_told_its_heads_and_pool(timm_folder, tmp_
     with torch.no_grad():
         theirs = peer(_nchw(x)).numpy()
     assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
-    shared = _timm_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
-    save_file(
-        {k: v.contiguous() for k, v in shared.state_dict().items()}, str(tmp_path / "shared.safetensors")
+    shared = _timm_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)  # BEiT's pre-training
+    path = tmp_path / "shared.safetensors"
+    save_file({k: v.contiguous() for k, v in shared.state_dict().items()}, str(path))
+    bundle = jaxvit.load_for_inference(path, pool="gap", num_heads=2)
+    assert bundle.model.rel_pos_bias == "shared"
+    with torch.no_grad():
+        theirs = shared(_nchw(x)).numpy()
+    assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
+    out = jaxvit.export(
+        bundle.params, tmp_path / "out.safetensors", "timm", model=bundle.model, image_size=16
     )
-    with pytest.raises(ValueError, match=r"a shared relative position table .* not supported"):
-        jaxvit.load_for_inference(tmp_path / "shared.safetensors", pool="gap", num_heads=2)
+    again = _timm_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+    again.load_state_dict(load_file(str(out)), strict=True)
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(_nchw(x)).numpy(), theirs)
+    both = _timm_beit(use_shared_rel_pos_bias=True)
+    save_file({k: v.contiguous() for k, v in both.state_dict().items()}, str(path))
+    with pytest.raises(
+        ValueError, match=r"a shared relative position table and one per block: not supported"
+    ):
+        jaxvit.load_for_inference(path, pool="gap", num_heads=2)
 
 
 def test_the_geometric_resize_is_timms():

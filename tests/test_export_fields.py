@@ -78,6 +78,7 @@ VALUES = [
     ("fc_norm", dict(fc_norm=True)),
     ("fc_norm", dict(fc_norm=True, pool="gap")),
     ("rel_pos_bias", dict(rel_pos_bias="block")),
+    ("rel_pos_bias", dict(rel_pos_bias="shared")),
     ("posemb", dict(posemb="rope")),
     ("posemb", dict(posemb="none")),
     ("rope_theta", dict(rope_theta=50.0)),  # counts only with a rotary embedding

@@ -69,7 +69,9 @@ def _block_options(params: Any) -> dict[str, Any]:
         or any(k in params for k in (attn + "qkv/bias", attn + "query/bias")),
         attn_out_norm=attn + "norm/scale" in params,
         mlp_norm="encoder/block_0/mlp/norm/scale" in params,
-        rel_pos_bias="block" if attn + "rel_pos_bias/table" in params else "none",
+        rel_pos_bias="block"
+        if attn + "rel_pos_bias/table" in params
+        else ("shared" if "encoder/rel_pos_bias/table" in params else "none"),
     )
     if attn + "rope_freqs" in params:
         options["rope"] = "mixed"

@@ -291,7 +291,7 @@ def _fit_rel_pos_tables(
 ) -> dict[str, np.ndarray]:
     """BEiT's relative position tables of the checkpoint's grid, resized to the model's the
     checkpoint's own way (``Checkpoint.rel_pos_resample``)."""
-    keys = [k for k in flat if k.endswith("/attn/rel_pos_bias/table") and k in target]
+    keys = [k for k in flat if k.endswith("rel_pos_bias/table") and k in target]  # per block or shared
     stale = [k for k in keys if flat[k].shape != tuple(target[k].shape)]
     if not stale:
         return flat

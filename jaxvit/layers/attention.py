@@ -205,7 +205,8 @@ class SelfAttention(nn.Module):
     kernel_init: Any = nn.initializers.xavier_uniform()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, bias: Array | None = None) -> Array:
+        """``bias``: ``(heads, T, T)`` added to the logits besides the module's own (BEiT's shared table)."""
         n, t, d = x.shape
         check_heads(d, self.num_heads)
         head_dim = d // self.num_heads
@@ -220,11 +221,12 @@ class SelfAttention(nn.Module):
             interleaved = self.rope_kind != "dinov3"
             q, k = (apply_rope(a, cos, sin, self.rope_prefix_tokens, interleaved) for a in (q, k))
             qkv = jnp.stack([q, k, v], axis=2)
-        bias = None
         if self.rel_pos_grid is not None:
-            bias = RelativePositionBias(
+            own = RelativePositionBias(
                 self.rel_pos_grid, self.num_heads, self.param_dtype, name="rel_pos_bias"
             )()
+            bias = own if bias is None else bias + own
+        if bias is not None:
             chex.assert_shape(bias, (self.num_heads, t, t))
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxvit import schema
-from jaxvit.layers.attention import SelfAttention
+from jaxvit.layers.attention import RelativePositionBias, SelfAttention
 from jaxvit.layers.common import Array, check_choice, sow
 from jaxvit.layers.mlp import LayerScale, MlpBlock, SwiGLUMlp
 
@@ -45,7 +45,7 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, drop_path_rate: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, drop_path_rate: Array, attn_bias: Array | None = None) -> tuple[Array, None]:
         chex.assert_rank(x, 3)
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -80,7 +80,7 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             name="attn",
             **common,
-        )(y)
+        )(y, bias=attn_bias)
         x = residual(x, y, "ls1")
         y = nn.LayerNorm(name="norm2", **norm)(x)
         check_choice("mlp_type", self.mlp_type, schema.MLP_TYPES)
@@ -114,7 +114,8 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     Drop-path rates grow linearly from 0 to ``drop_path_rate`` over the depth.
     ``rope_grid`` turns on the rotary position embedding in every block (``rope``: timm Eva's
     kind; DINOv3's when ``"none"``), ``rel_pos_grid``
-    BEiT's relative position bias (a table per block, for one class token in front).
+    BEiT's relative position bias (a table per block, for one class token in front; with
+    ``rel_pos_shared``, one table under ``rel_pos_bias`` that every block adds).
     ``final_norm=False`` leaves out the final LayerNorm (CoCa's attentional pooler normalises
     the tokens itself). Its options are the schema's encoder fields
     (``schema.names(module="encoder")``), with the schema's defaults:
@@ -124,6 +125,7 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     rope_grid: tuple[int, int] | None = None
     rope_prefix_tokens: int = 0
     rel_pos_grid: tuple[int, int] | None = None
+    rel_pos_shared: bool = False
     final_norm: bool = True
 
     @nn.compact
@@ -140,9 +142,14 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
             use_drop_path=self.drop_path_rate > 0.0,
             rope_grid=self.rope_grid,
             rope_prefix_tokens=self.rope_prefix_tokens,
-            rel_pos_grid=self.rel_pos_grid,
+            rel_pos_grid=None if self.rel_pos_shared else self.rel_pos_grid,
             deterministic=not train,
         )
+        shared = None  # BEiT's pre-training: one relative position table that every block adds
+        if self.rel_pos_shared and self.rel_pos_grid is not None:
+            shared = RelativePositionBias(
+                self.rel_pos_grid, self.num_heads, self.param_dtype, name="rel_pos_bias"
+            )()
         rates = jnp.linspace(0.0, self.drop_path_rate, self.depth, dtype=jnp.float32)
         if self.scan:
             block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=True), prevent_cse=False)
@@ -150,16 +157,16 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
                 block_cls,
                 variable_axes={"params": 0, "intermediates": 0, "attention": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=0,
+                in_axes=(0, nn.broadcast),
                 length=self.depth,
             )
-            x, _ = stack(name="blocks", **kw)(x, rates)
+            x, _ = stack(name="blocks", **kw)(x, rates, shared)
         elif self._loop_over_stacked_blocks(train):
-            x = self._scan_unrolled_blocks(x, rates, train, kw)
+            x = self._scan_unrolled_blocks(x, rates, train, kw, shared)
         else:
             block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=False), prevent_cse=True)
             for i in range(self.depth):
-                x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i])
+                x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i], shared)
         return nn.LayerNorm(name="norm", **norm)(x) if self.final_norm else x
 
     def _remat_policy(self, scanned: bool) -> str:
@@ -181,7 +188,9 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
             return False
         return self.block_loop == "scan" or train
 
-    def _scan_unrolled_blocks(self, x: Array, rates: Array, train: bool, kw: dict[str, Any]) -> Array:
+    def _scan_unrolled_blocks(
+        self, x: Array, rates: Array, train: bool, kw: dict[str, Any], shared: Array | None
+    ) -> Array:
         """The ``block_{i}`` parameters stacked and run as one ``lax.scan``: XLA compiles one block,
         and the backward pass keeps a third of the memory (benchmarks/README.md). Same parameters,
         same values as the unrolled loop."""
@@ -203,7 +212,7 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
         def one_block(x: Array, inputs: tuple[Any, Array, Array]) -> tuple[Array, None]:
             block_params, rate, key = inputs
             rngs = {"dropout": key} if needs_rng else {}
-            return block.apply({"params": block_params}, x, rate, rngs=rngs)[0], None
+            return block.apply({"params": block_params}, x, rate, shared, rngs=rngs)[0], None
 
         policy = self._remat_policy(scanned=True)
         if policy != "none":

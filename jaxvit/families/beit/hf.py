@@ -9,7 +9,8 @@ another grid as transformers' ``BeitRelativePositionBias`` does), ``use_absolute
 (a learned table, resized bicubically), ``layer_scale_init_value`` (LayerScale when > 0) and
 ``use_mean_pooling`` (``pool="gap"`` with ``fc_norm``; else the class token after a final
 LayerNorm). A shared relative position bias (``use_shared_relative_position_bias``, BEiT's
-pre-training) is refused, and so are the masked-image-modeling and segmentation heads.
+pre-training: ``encoder.relative_position_bias``, transformers 5's ``shared_position_bias``) is
+``rel_pos_bias="shared"``. The masked-image-modeling and segmentation heads are refused.
 ``embeddings.mask_token``, which only masked pre-training inputs use, is not read.
 """
 
@@ -75,12 +76,16 @@ RULES = tuple(
     + _block_extras("encoder.layer.{i}", f"attention.attention.{_TABLE}")
     + layouts.torch_block_rules("layers.{i}", hf_vit.NEW_BLOCK)
     + _block_extras("layers.{i}", _TABLE)
+    + [
+        layouts.Rule(f"encoder.{_TABLE}", "encoder/rel_pos_bias/table"),
+        layouts.Rule("shared_position_bias.relative_position_bias_table", "encoder/rel_pos_bias/table"),
+    ]
     + layouts.torch_rules("layernorm", "encoder/norm", "ln")
     + layouts.torch_rules("pooler.layernorm", "head/fc_norm", "ln")
     + layouts.torch_rules("classifier", "head/classifier", "linear")
 )
 _QUERY_WEIGHT = re.compile(r"(.*)\.(attention\.attention\.query|attention\.q_proj)\.weight")
-_INDEX = re.compile(r".*relative_position_bias\.relative_position_index")
+_INDEX = re.compile(r".*(relative|shared)_position_bias\.relative_position_index")
 
 
 def drop_index_buffers(
@@ -108,10 +113,10 @@ def _refuse_config(path: Path, config: Mapping[str, Any]) -> None:
             f"{path}: {sorted(unsupported)} is not supported (a head jaxvit does not have); supported BEiT"
             f" architectures: {SUPPORTED_ARCHITECTURES}"
         )
-    if config.get("use_shared_relative_position_bias"):
+    if config.get("use_shared_relative_position_bias") and config.get("use_relative_position_bias"):
         raise ValueError(
-            f"{path}: use_shared_relative_position_bias=True (one relative position table for all blocks,"
-            " BEiT's pre-training) is not supported: jaxvit has a table per block"
+            f"{path}: a shared relative position table and one per block (use_shared_relative_position_bias"
+            " and use_relative_position_bias): not supported"
         )
 
 
@@ -153,10 +158,11 @@ def model_from_config(config: Mapping[str, Any], *, source: str, **overrides: An
     mean_pooling = validate.bool_field(config, "use_mean_pooling", source, default=True)
     layer_scale = validate.float_field(config, "layer_scale_init_value", source, default=0.1, lo=0.0)
     relative = validate.bool_field(config, "use_relative_position_bias", source, default=False)
+    shared = validate.bool_field(config, "use_shared_relative_position_bias", source, default=False)
     absolute = validate.bool_field(config, "use_absolute_position_embeddings", source, default=False)
     fields: dict[str, Any] = dict(
         posemb="learn" if absolute else "none",
-        rel_pos_bias="block" if relative else "none",
+        rel_pos_bias="block" if relative else ("shared" if shared else "none"),
         layer_scale_init=layer_scale if layer_scale > 0 else None,
         pool="gap" if mean_pooling else "tok",
         fc_norm=mean_pooling,
@@ -194,7 +200,7 @@ def export_config(model: VisionTransformer, size: tuple[int, int], labels: Seque
         # a fixed sin-cos embedding is written as the table it is (exporting.export)
         "use_absolute_position_embeddings": model.posemb != "none",
         "use_relative_position_bias": model.rel_pos_bias == "block",
-        "use_shared_relative_position_bias": False,
+        "use_shared_relative_position_bias": model.rel_pos_bias == "shared",
         "layer_scale_init_value": model.layer_scale_init or 0.0,
         "use_mean_pooling": model.pool == "gap",
         "use_mask_token": False,

@@ -6,7 +6,7 @@ for another grid as timm's ``checkpoint_filter_fn`` does it, which is BEiT's own
 ``q_bias`` and ``v_bias`` with no key bias; mean pooling with ``fc_norm`` or the class token.
 timm's BEiT fixes the LayerNorm epsilon (1e-6) and exact GELU. A bare state dict says neither
 its head count nor, with ``fc_norm``, its pool: both are asked for. A shared table
-(``rel_pos_bias.*``, BEiT's pre-training) is refused.
+(``rel_pos_bias.*``, BEiT's pre-training) is read as ``rel_pos_bias="shared"``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ RULES = tuple(
         layouts.Rule("blocks.{i}.gamma_1", "encoder/block_{i}/ls1/scale"),
         layouts.Rule("blocks.{i}.gamma_2", "encoder/block_{i}/ls2/scale"),
         layouts.Rule(f"blocks.{{i}}.attn.{_TABLE}", "encoder/block_{i}/attn/rel_pos_bias/table"),
+        layouts.Rule(f"rel_pos_bias.{_TABLE}", "encoder/rel_pos_bias/table"),
     ]
     + layouts.TIMM_ENCODER_RULES
     + layouts.torch_rules("fc_norm", "head/fc_norm", "ln")
@@ -58,7 +59,7 @@ MODEL_ARGS = frozenset(
     "img_size patch_size in_chans num_classes embed_dim depth num_heads mlp_ratio qkv_bias init_values"
     " use_abs_pos_emb use_rel_pos_bias use_shared_rel_pos_bias global_pool use_fc_norm".split()
 )
-_INDEX = re.compile(r"blocks\.\d+\.attn\.relative_position_index")
+_INDEX = re.compile(r"(blocks\.\d+\.attn|rel_pos_bias)\.relative_position_index")
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
@@ -92,14 +93,11 @@ def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) 
 def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     """A timm BEiT state dict (and its metadata, or its hub folder's config) -> a ``Checkpoint``."""
     _, arrays = strip_prefix(arrays, ("module.",))
-    if f"rel_pos_bias.{_TABLE}" in arrays:
-        raise ValueError(
-            f"{path}: a shared relative position table (rel_pos_bias.{_TABLE}, BEiT's pre-training) is not"
-            " supported: jaxvit has a table per block"
-        )
-    table_grid = None
-    if f"blocks.0.attn.{_TABLE}" in arrays:
-        table_grid = square_rel_pos_grid(arrays[f"blocks.0.attn.{_TABLE}"].shape[0])
+    shared = f"rel_pos_bias.{_TABLE}" in arrays
+    if shared and f"blocks.0.attn.{_TABLE}" in arrays:
+        raise ValueError(f"{path}: a shared relative position table and one per block: not supported")
+    first = f"rel_pos_bias.{_TABLE}" if shared else f"blocks.0.attn.{_TABLE}"
+    table_grid = square_rel_pos_grid(arrays[first].shape[0]) if first in arrays else None
     arrays = layouts.fuse_q_v_biases(drop_index_buffers(path, arrays, _INDEX, table_grid, "the table's"))
     params, unmatched = layouts.rename(arrays, RULES)
     config = saved_config(path, metadata)
@@ -131,7 +129,11 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         posemb_antialias=True,
         rel_pos_resample="geometric",
         # no table in the file: none at all (not a fixed sin-cos one)
-        implied_fields={**stated.get("fields", IMPLIED_FIELDS), "posemb": "learn" if absolute else "none"},
+        implied_fields={
+            **stated.get("fields", IMPLIED_FIELDS),
+            "posemb": "learn" if absolute else "none",
+            "rel_pos_bias": "shared" if shared else "block",
+        },
         unstated=unstated,
     )
 
@@ -162,7 +164,8 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
         # timm drops None arguments (the registered 0.1 would stay); 0 turns its LayerScale off
         init_values=model.layer_scale_init if model.layer_scale_init is not None else 0.0,
         use_abs_pos_emb=model.posemb != "none",
-        use_rel_pos_bias=True,
+        use_rel_pos_bias=model.rel_pos_bias == "block",
+        use_shared_rel_pos_bias=model.rel_pos_bias == "shared",
         global_pool="avg" if model.pool == "gap" else "token",
         use_fc_norm=model.fc_norm,
     )
