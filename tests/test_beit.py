@@ -18,6 +18,7 @@ import pytest
 import timm
 import torch
 import transformers
+from helpers import nchw, relative_error
 from safetensors.torch import load_file, save_file
 from timm.models._hub import save_for_hf
 from transformers.models.beit.modeling_beit import BeitRelativePositionBias
@@ -26,16 +27,6 @@ import jaxvit
 from jaxvit.layers import relative_position_index, resample_rel_pos_bias
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize("grid", [(3, 3), (2, 4)])
@@ -53,7 +44,7 @@ def test_the_table_is_resized_as_transformers_resizes_it():
     table = peer.relative_position_bias_table.detach().numpy()
     resized = resample_rel_pos_bias(table, (5, 5), (3, 3))
     ours = np.transpose(np.asarray(resized)[relative_position_index((5, 5))], (2, 0, 1))
-    assert _rel(ours, theirs) < 1e-5
+    assert relative_error(ours, theirs) < 1e-5
 
 
 # (pooling, absolute position table): the fine-tuned BEiTs' mean pooling with fc_norm, and the
@@ -88,8 +79,8 @@ def beit_folder(request, tmp_path_factory):
 def _theirs(peer, x: np.ndarray) -> dict:
     interpolate = x.shape[1] != peer.config.image_size
     with torch.no_grad():
-        backbone = peer.beit(_nchw(x), interpolate_pos_encoding=interpolate)
-        logits = peer(_nchw(x), interpolate_pos_encoding=interpolate).logits
+        backbone = peer.beit(nchw(x), interpolate_pos_encoding=interpolate)
+        logits = peer(nchw(x), interpolate_pos_encoding=interpolate).logits
     return {"tokens": backbone.last_hidden_state, "features": backbone.pooler_output, "logits": logits}
 
 
@@ -115,7 +106,7 @@ def test_beit_loads_with_the_peers_tokens_features_and_logits(beit_folder, size)
     x = np.random.default_rng(size).random((2, size, size, 3), dtype=np.float32)
     ours, theirs = _ours(model, params, x), _theirs(peer, x)
     for what in theirs:
-        assert _rel(ours[what], theirs[what].numpy()) < 1e-4, what
+        assert relative_error(ours[what], theirs[what].numpy()) < 1e-4, what
 
 
 def test_beit_exports_back_for_transformers(beit_folder, tmp_path):
@@ -126,7 +117,7 @@ def test_beit_exports_back_for_transformers(beit_folder, tmp_path):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     x = np.random.default_rng(5).random((2, 16, 16, 3), dtype=np.float32)
     with torch.no_grad():
-        np.testing.assert_array_equal(again.eval()(_nchw(x)).logits.numpy(), peer(_nchw(x)).logits.numpy())
+        np.testing.assert_array_equal(again.eval()(nchw(x)).logits.numpy(), peer(nchw(x)).logits.numpy())
 
 
 def test_what_jaxvit_does_not_compute_is_refused(tmp_path):
@@ -201,13 +192,13 @@ def test_a_timm_beit_folder_loads_with_timms_outputs_at_its_size_and_another(tim
     x = np.random.default_rng(size).random((2, size, size, 3), dtype=np.float32)
     logits, state = model.apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
     with torch.no_grad():
-        tokens = peer.forward_features(_nchw(x))
+        tokens = peer.forward_features(nchw(x))
         theirs = {"tokens": tokens, "features": peer.forward_head(tokens, pre_logits=True)}
         theirs["logits"] = peer.forward_head(tokens)
     ours = {"tokens": state["intermediates"]["encoded"][0], "logits": logits}
     ours["features"] = state["intermediates"]["head"]["features"][0]
     for what in theirs:
-        assert _rel(ours[what], theirs[what].numpy()) < 1e-4, what
+        assert relative_error(ours[what], theirs[what].numpy()) < 1e-4, what
 
 
 def test_a_timm_beit_exports_back_for_timm(timm_folder, tmp_path):
@@ -217,7 +208,7 @@ def test_a_timm_beit_exports_back_for_timm(timm_folder, tmp_path):
     fresh = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = np.random.default_rng(3).random((2, 16, 16, 3), dtype=np.float32)
     with torch.no_grad():
-        np.testing.assert_array_equal(fresh(_nchw(x)).numpy(), peer(_nchw(x)).numpy())
+        np.testing.assert_array_equal(fresh(nchw(x)).numpy(), peer(nchw(x)).numpy())
 
 
 def test_a_timm_beit_folder_whose_config_disagrees_with_its_fc_norm_is_refused(timm_folder, tmp_path):
@@ -244,23 +235,23 @@ def test_a_bare_timm_beit_file_must_be_told_its_heads_and_pool_and_a_shared_tabl
     bundle = jaxvit.load_for_inference(path, pool="gap", num_heads=2)
     x = np.random.default_rng(4).random((2, 16, 16, 3), dtype=np.float32)
     with torch.no_grad():
-        theirs = peer(_nchw(x)).numpy()
-    assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
+        theirs = peer(nchw(x)).numpy()
+    assert relative_error(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
     shared = _timm_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)  # BEiT's pre-training
     path = tmp_path / "shared.safetensors"
     save_file({k: v.contiguous() for k, v in shared.state_dict().items()}, str(path))
     bundle = jaxvit.load_for_inference(path, pool="gap", num_heads=2)
     assert bundle.model.rel_pos_bias == "shared"
     with torch.no_grad():
-        theirs = shared(_nchw(x)).numpy()
-    assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
+        theirs = shared(nchw(x)).numpy()
+    assert relative_error(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
     out = jaxvit.export(
         bundle.params, tmp_path / "out.safetensors", "timm", model=bundle.model, image_size=16
     )
     again = _timm_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
     again.load_state_dict(load_file(str(out)), strict=True)
     with torch.no_grad():
-        np.testing.assert_array_equal(again(_nchw(x)).numpy(), theirs)
+        np.testing.assert_array_equal(again(nchw(x)).numpy(), theirs)
     both = _timm_beit(use_shared_rel_pos_bias=True)
     save_file({k: v.contiguous() for k, v in both.state_dict().items()}, str(path))
     with pytest.raises(

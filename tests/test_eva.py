@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import nchw, relative_error
 from safetensors.torch import save_file
 from timm.layers.pos_embed_sincos import build_rotary_pos_embed, get_mixed_freqs, get_mixed_grid
 from timm.models._hub import save_for_hf
@@ -36,16 +37,6 @@ KINDS = {
     "vit_medium_patch16_rope_reg1_gap_256": dict(num_registers=1, class_token=False, pool="gap"),
     "eva_giant_patch14_224": dict(rope="none", mlp_type="mlp", fc_norm=True),
 }
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
 def _peer(name: str, **kwargs):
@@ -91,12 +82,12 @@ def eva_folder(request, tmp_path_factory):
 def _outputs(model, params, peer, x: np.ndarray) -> dict:
     logits, state = model.apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
     with torch.no_grad():
-        tokens = peer.forward_features(_nchw(x))
+        tokens = peer.forward_features(nchw(x))
         theirs = {"features": peer.forward_head(tokens, pre_logits=True), "logits": peer.forward_head(tokens)}
     theirs["tokens"] = tokens
     ours = {"features": state["intermediates"]["head"]["features"][0], "logits": logits}
     ours["tokens"] = state["intermediates"]["encoded"][0]
-    return {what: _rel(ours[what], theirs[what].numpy()) for what in theirs}
+    return {what: relative_error(ours[what], theirs[what].numpy()) for what in theirs}
 
 
 def test_an_eva_folder_loads_at_its_size_and_another_and_exports_back(eva_folder, tmp_path):
@@ -114,7 +105,7 @@ def test_an_eva_folder_loads_at_its_size_and_another_and_exports_back(eva_folder
     out = jaxvit.export(bundle.params, tmp_path / "out", "timm", model=model, image_size=16)
     fresh = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():
-        np.testing.assert_array_equal(fresh(_nchw(x)).numpy(), peer(_nchw(x)).numpy())
+        np.testing.assert_array_equal(fresh(nchw(x)).numpy(), peer(nchw(x)).numpy())
 
 
 TINY_MODEL = dict(width=32, depth=2, num_heads=2, patch_size=4, num_classes=3, mlp_dim=128)
@@ -132,8 +123,8 @@ def test_a_bare_eva_file_must_be_told_its_rotary_embedding_and_a_model_must_agre
     bundle = jaxvit.load_for_inference(path, **told)
     x = np.random.default_rng(2).random((2, 16, 16, 3), dtype=np.float32)
     with torch.no_grad():
-        theirs = peer(_nchw(x)).numpy()
-    assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-5
+        theirs = peer(nchw(x)).numpy()
+    assert relative_error(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-5
     dinov3 = jaxvit.create_model(None, **TINY_MODEL, posemb="rope", layer_scale_init=1e-5)
     with pytest.raises(ValueError, match=r"has no DINOv3 rotary embedding, which the model has"):
         jaxvit.load_pretrained(path, dinov3, 16)

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import transformers
+from helpers import nchw, relative_error
 from safetensors.torch import save_file
 from timm.models._hub import save_for_hf
 
@@ -30,19 +31,9 @@ def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).permute(0, 3, 1, 2)
-
-
 def _images(size, seed: int = 0) -> np.ndarray:
     h, w = (size, size) if isinstance(size, int) else size
     return np.random.default_rng(seed).random((2, h, w, 3), dtype=np.float32)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _mae_tokens(peer, x: np.ndarray) -> np.ndarray:
@@ -52,7 +43,7 @@ def _mae_tokens(peer, x: np.ndarray) -> np.ndarray:
     noise = torch.arange(patches, dtype=torch.float32)[None].repeat(n, 1)
     interpolate = (h, w) != (peer.config.image_size,) * 2
     with torch.no_grad():
-        return peer(_nchw(x), noise=noise, interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
+        return peer(nchw(x), noise=noise, interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
 
 
 def _our_tokens(model, params, x: np.ndarray) -> np.ndarray:
@@ -95,8 +86,8 @@ def test_vit_mae_model_loads_with_the_peers_tokens(mae_folder, size):
     x = _images(size)
     params = jaxvit.load_pretrained(folder, model, size)
     theirs = _mae_tokens(peer, x)
-    assert _rel(_our_tokens(model, params, x), theirs) < 1e-4
-    assert _rel(model.apply({"params": params}, jnp.asarray(x)), theirs[:, 0]) < 1e-4
+    assert relative_error(_our_tokens(model, params, x), theirs) < 1e-4
+    assert relative_error(model.apply({"params": params}, jnp.asarray(x)), theirs[:, 0]) < 1e-4
 
 
 def test_vit_mae_model_exports_back_for_transformers(mae_folder, tmp_path):
@@ -106,7 +97,7 @@ def test_vit_mae_model_exports_back_for_transformers(mae_folder, tmp_path):
     again, info = transformers.ViTMAEModel.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     x = _images(32, seed=1)
-    assert _rel(_mae_tokens(again.eval(), x), _mae_tokens(peer, x)) < 1e-5
+    assert relative_error(_mae_tokens(again.eval(), x), _mae_tokens(peer, x)) < 1e-5
 
 
 def test_the_pretraining_checkpoint_with_its_decoder_is_refused(tmp_path):
@@ -148,11 +139,11 @@ def test_a_timm_fc_norm_vit_loads_with_the_peers_features_and_logits(fc_norm_fol
     x = _images(size, seed=2)
     logits, state = model.apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
     with torch.no_grad():
-        tokens = peer.forward_features(_nchw(x))
+        tokens = peer.forward_features(nchw(x))
         features, theirs = peer.forward_head(tokens, pre_logits=True), peer.forward_head(tokens)
-    assert _rel(state["intermediates"]["encoded"][0], tokens.numpy()) < 1e-4
-    assert _rel(state["intermediates"]["head"]["features"][0], features.numpy()) < 1e-4
-    assert _rel(logits, theirs.numpy()) < 1e-4
+    assert relative_error(state["intermediates"]["encoded"][0], tokens.numpy()) < 1e-4
+    assert relative_error(state["intermediates"]["head"]["features"][0], features.numpy()) < 1e-4
+    assert relative_error(logits, theirs.numpy()) < 1e-4
 
 
 def test_a_timm_fc_norm_vit_exports_back_for_timm(fc_norm_folder, tmp_path):
@@ -162,7 +153,7 @@ def test_a_timm_fc_norm_vit_exports_back_for_timm(fc_norm_folder, tmp_path):
     fresh = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = _images((32, 48), seed=3)
     with torch.no_grad():
-        np.testing.assert_array_equal(fresh(_nchw(x)).numpy(), peer(_nchw(x)).numpy())
+        np.testing.assert_array_equal(fresh(nchw(x)).numpy(), peer(nchw(x)).numpy())
 
 
 def test_a_bare_fc_norm_file_with_a_class_token_must_be_told_its_pool(fc_norm_folder, tmp_path):
@@ -176,8 +167,8 @@ def test_a_bare_fc_norm_file_with_a_class_token_must_be_told_its_pool(fc_norm_fo
     assert bundle.model.fc_norm and bundle.image_size == (32, 48)
     x = _images((32, 48), seed=4)
     with torch.no_grad():
-        theirs = peer(_nchw(x)).numpy()
-    assert _rel(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
+        theirs = peer(nchw(x)).numpy()
+    assert relative_error(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-4
     plain = bundle.model.clone(fc_norm=False)  # the same sizes without fc_norm do not load
     with pytest.raises(ValueError, match="fc_norm"):
         jaxvit.load_pretrained(path, plain, (32, 48), checkpoint_grid=(4, 6))

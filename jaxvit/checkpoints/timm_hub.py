@@ -191,6 +191,22 @@ def folder_preprocessing(ckpt: Any, default: Preprocessing) -> Preprocessing:
     return preprocessing(timm_config, ckpt.path, default) if timm_config else default
 
 
+def size_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments every timm layout states alike: input and patch size,
+    channels, classes, width, depth, heads and the MLP ratio."""
+    mlp_dim = model.mlp_dim or 4 * model.width
+    return dict(
+        img_size=list(size),
+        patch_size=model.patch_size,
+        in_chans=model.num_channels,
+        num_classes=model.num_classes,
+        embed_dim=model.width,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        mlp_ratio=(mlp_dim + 0.5) / model.width,  # the half step keeps int() from rounding down
+    )
+
+
 def write_state_dict(
     arrays: Flat,
     path: Path,

@@ -150,16 +150,8 @@ def exports(model: Any) -> bool:
 
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
     """``timm.create_model(TIMM_MODEL, **kwargs)`` arguments of the same architecture."""
-    mlp_dim = model.mlp_dim or 4 * model.width
     return dict(
-        img_size=list(size),
-        patch_size=model.patch_size,
-        in_chans=model.num_channels,
-        num_classes=model.num_classes,
-        embed_dim=model.width,
-        depth=model.depth,
-        num_heads=model.num_heads,
-        mlp_ratio=(mlp_dim + 0.5) / model.width,  # the half step keeps int() from rounding down
+        **timm_hub.size_kwargs(model, size),
         qkv_bias=True,  # zeros for a model without: timm's BEiT without them has no q_bias key
         # timm drops None arguments (the registered 0.1 would stay); 0 turns its LayerScale off
         init_values=model.layer_scale_init if model.layer_scale_init is not None else 0.0,

@@ -195,17 +195,8 @@ def exports(model: Any) -> bool:
 
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
     """``timm.create_model(TIMM_MODEL, **kwargs)`` arguments of the same architecture."""
-    mlp_dim = model.mlp_dim or 4 * model.width
     kwargs: dict[str, Any] = dict(
-        img_size=list(size),
-        patch_size=model.patch_size,
-        in_chans=model.num_channels,
-        num_classes=model.num_classes,
-        embed_dim=model.width,
-        depth=model.depth,
-        num_heads=model.num_heads,
-        # the half step keeps int(width * mlp_ratio) from rounding down
-        mlp_ratio=(mlp_dim + 0.5) / model.width,
+        **timm_hub.size_kwargs(model, size),
         qkv_bias=model.qkv_bias,
         init_values=model.layer_scale_init if model.layer_scale_init is not None else 1.0,
         rope_temperature=model.rope_theta,

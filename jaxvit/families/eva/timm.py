@@ -300,17 +300,9 @@ def exports(model: Any) -> bool:
 
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
     """``timm.create_model(TIMM_MODEL, **kwargs)`` arguments of the same architecture."""
-    mlp_dim = model.mlp_dim or 4 * model.width
     ref = model.rope_ref_grid
     return dict(
-        img_size=list(size),
-        patch_size=model.patch_size,
-        in_chans=model.num_channels,
-        num_classes=model.num_classes,
-        embed_dim=model.width,
-        depth=model.depth,
-        num_heads=model.num_heads,
-        mlp_ratio=(mlp_dim + 0.5) / model.width,  # the half step keeps int() from rounding down
+        **timm_hub.size_kwargs(model, size),
         qkv_bias=model.qkv_bias,
         # AttentionRope's separate projections: a key bias, as jaxvit's qkv has, and keys
         # (attn.q_proj) that only an Eva has, so that the file reads back here
