@@ -63,10 +63,10 @@ def intermediate_features(
     registers...]``. Runs the model once in eval mode.
     """
     grid = model.patch_grid(images)
-    if norm and (model.pool == "attn_pool" or model.fc_norm):
+    if norm and (model.pool == "attn_pool" or model.fc_norm or not model.final_norm):
         raise ValueError(
-            "norm=True: a model with pool='attn_pool' (CoCa) or fc_norm=True (its LayerNorm comes after"
-            " the pooling) has no final LayerNorm of its tokens: pass norm=False"
+            "norm=True: a model with pool='attn_pool' (CoCa), fc_norm=True (its LayerNorm comes after"
+            " the pooling) or final_norm=False has no final LayerNorm of its tokens: pass norm=False"
         )
     indices = block_indices(model.depth, layers)
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])

@@ -81,7 +81,14 @@ def check_config(config: schema.ViTConfig) -> None:
             f" normalises its own output, and no distillation token; got pool={config.pool!r},"
             f" distill_token={config.distill_token}"
         )
+    if config.fc_norm and not config.final_norm:
+        raise ValueError(
+            "fc_norm=True is the final LayerNorm after pooling, and final_norm=False leaves out the final"
+            " LayerNorm: choose one"
+        )
     check_heads(config.width, config.num_heads)
+    if config.pool == "map" and config.pool_heads:
+        check_attn_pool_heads(config.width, config.pool_heads, "map")
     if config.pool == "attn_pool":
         check_attn_pool_heads(config.pool_width or config.width, config.pool_heads or config.num_heads)
     if config.posemb in schema.SINCOS_POSEMBS:
@@ -108,8 +115,8 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
     ``sow``: ``mutable=["intermediates"]`` returns the patch tokens, each
     block's output, the encoder output ``encoded`` (all tokens after the final
     LayerNorm, in the order ``[cls, dist, registers..., patches]``; with
-    ``pool="attn_pool"`` or ``fc_norm=True``, which have no final LayerNorm of the tokens, the
-    last block's output) and the
+    ``pool="attn_pool"``, ``fc_norm=True`` or ``final_norm=False``, which have no final LayerNorm of
+    the tokens, the last block's output) and the
     pooled ``features`` (what the classifier sees); ``mutable=["attention"]``
     returns every block's attention weights ``(N, heads, T, T)`` (see
     ``attention_weights``).
@@ -210,9 +217,10 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
             rel_pos_grid=grid if config.rel_pos_bias != "none" else None,
             rel_pos_shared=config.rel_pos_bias == "shared",
         )
-        # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling), and
-        # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02)
-        final_norm = config.pool != "attn_pool" and not config.fc_norm
+        # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling),
+        # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02), and PE-Spatial
+        # has none (final_norm=False)
+        final_norm = config.pool != "attn_pool" and not config.fc_norm and config.final_norm
         x = Encoder(**schema.pick(config, Encoder, final_norm=final_norm, **rope), name="encoder")(
             x, train=train
         )
@@ -227,7 +235,7 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
             representation_size=config.representation_size,
             fc_norm=config.fc_norm,
             num_heads=config.num_heads,
-            mlp_dim=config.mlp_dim or 4 * config.width,
+            mlp_dim=config.pool_mlp_dim or config.mlp_dim or 4 * config.width,
             pool_queries=config.pool_queries,
             pool_heads=config.pool_heads,
             pool_width=config.pool_width,

@@ -100,6 +100,10 @@ def _attn_pool(config: Any) -> bool:
     return config.pool == "attn_pool"
 
 
+def _pooled_by_attention(config: Any) -> bool:
+    return config.pool in ("map", "attn_pool")
+
+
 def _rotary(config: Any) -> bool:
     return config.posemb == "rope" or config.rope != "none"
 
@@ -128,9 +132,11 @@ class ViTConfig:
     pool: str = option("tok", "str", "architecture", "pooling of the head", choices=POOLINGS)
     representation_size: int | None = option(None, "int", "architecture", "Dense + tanh before the classifier", lo=1, hi=MAX_WIDTH, optional=True)  # fmt: skip
     pool_queries: int = option(1, "int", "architecture", "learned queries of pool='attn_pool' (the first is pooled)", lo=1, hi=MAX_WIDTH, applies=_attn_pool)  # fmt: skip
-    pool_heads: int | None = option(None, "int", "architecture", "heads of pool='attn_pool'; None: num_heads", lo=1, hi=MAX_WIDTH, optional=True, applies=_attn_pool)  # fmt: skip
+    pool_heads: int | None = option(None, "int", "architecture", "heads of pool='map' or 'attn_pool'; None: num_heads", lo=1, hi=MAX_WIDTH, optional=True, applies=_pooled_by_attention)  # fmt: skip
     pool_width: int | None = option(None, "int", "architecture", "width of pool='attn_pool' (its queries and output); None: width", lo=1, hi=MAX_WIDTH, optional=True, applies=_attn_pool)  # fmt: skip
     fc_norm: bool = option(False, "bool", "architecture", "the final LayerNorm after pooling, not before (MAE, BEiT, EVA02)")  # fmt: skip
+    pool_mlp_dim: int | None = option(None, "int", "architecture", "MLP width of pool='map'; None: mlp_dim (PE's is 4 * width)", lo=1, hi=MAX_MLP_DIM, optional=True, applies=lambda c: c.pool == "map")  # fmt: skip
+    final_norm: bool = option(True, "bool", "architecture", "False: no final LayerNorm at all, of the tokens or the pooled features (PE-Spatial, PE-Lang)", applies=lambda c: c.pool != "attn_pool")  # fmt: skip
     dropout: float = option(0.0, "float", "regularization", "dropout rate", lo=0.0, hi=1.0, modules=_B)
     attention_dropout: float = option(0.0, "float", "regularization", "dropout of the attention weights", lo=0.0, hi=1.0, modules=_B)  # fmt: skip
     drop_path_rate: float = option(0.0, "float", "regularization", "stochastic depth of the last block", lo=0.0, hi=1.0, modules=_E)  # fmt: skip
@@ -151,6 +157,7 @@ class ViTConfig:
     rope_grid_offset: float = option(0.0, "float", "architecture", "rope='axial': added to the patch indices (PE's 1)", lo=0.0, hi=MAX_PATCH, modules=_B, applies=_axial)  # fmt: skip
     rope_xy: bool = option(False, "bool", "architecture", "rope='axial' or 'mixed': (x, y) coordinates, not (y, x)", modules=_B, applies=lambda c: c.rope != "none")  # fmt: skip
     mlp_norm: bool = option(False, "bool", "architecture", "a LayerNorm inside the MLP, before fc2 (EVA02's sub-LN)", modules=_B)  # fmt: skip
+    post_norm: bool = option(False, "bool", "architecture", "each branch's output LayerNormed before its residual, not its input (EVA02-E)", modules=_B)  # fmt: skip
     attn_out_norm: bool = option(False, "bool", "architecture", "a LayerNorm on the attention output, before its projection (EVA-CLIP)", modules=_B)  # fmt: skip
     rel_pos_bias: str = option("none", "str", "architecture", "BEiT's relative position bias: 'block', a table per block; 'shared', one for all", choices=REL_POS_BIASES)  # fmt: skip
     gelu_approximate: bool = option(False, "bool", "architecture", "deprecated: activation='gelu_tanh'")

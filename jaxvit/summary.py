@@ -157,7 +157,7 @@ def formula_flops(model: VisionTransformer, image_size: int | tuple[int, int] = 
         flops.update({f"encoder/block_{i}": per_block for i in range(model.depth)})
     features = d
     if model.pool == "map":
-        flops["head/map"] = map_head_flops(tokens, d, mlp_dim)
+        flops["head/map"] = map_head_flops(tokens, d, model.pool_mlp_dim or mlp_dim)
     elif model.pool == "attn_pool":
         features = model.pool_width or d
         flops["head/attn_pool"] = attn_pool_flops(tokens, d, features, model.pool_queries)

@@ -36,6 +36,10 @@ KINDS = {
     "vit_small_patch16_rope_mixed_ape_224": dict(rope="mixed", rope_xy=True, posemb="learn"),
     "vit_medium_patch16_rope_reg1_gap_256": dict(num_registers=1, class_token=False, pool="gap"),
     "eva_giant_patch14_224": dict(rope="none", mlp_type="mlp", fc_norm=True),
+    "vit_pe_core_tiny_patch16_384": dict(pool="map", pool_heads=8, rope_grid_offset=1.0, pre_norm=True),
+    "vit_pe_core_gigantic_patch14_448": dict(pool_mlp_dim=128, class_token=False, layer_norm_eps=1e-5),
+    "vit_pe_spatial_tiny_patch16_512": dict(final_norm=False, fc_norm=False, pool="gap", rope_xy=True),
+    "eva02_enormous_patch14_clip_224": dict(post_norm=True, layer_scale_init=None, pool="tok"),
 }
 
 
@@ -116,7 +120,7 @@ def test_a_bare_eva_file_must_be_told_its_rotary_embedding_and_a_model_must_agre
     path = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, str(path))
     with pytest.raises(
-        ValueError, match=r"does not say its rotary embedding or pooling .*: pass rope=\.\.\."
+        ValueError, match=r"does not say its rotary embedding, pooling or block form .*: pass rope=\.\.\."
     ):
         jaxvit.load_for_inference(path, num_heads=2)
     told = dict(num_heads=2, rope="axial", rope_theta=100.0, rope_xy=True, pool="tok")
@@ -146,19 +150,31 @@ def test_a_bare_eva_file_must_be_told_its_rotary_embedding_and_a_model_must_agre
         jaxvit.load_for_inference(folder)
 
 
-def test_the_eva_models_jaxvit_does_not_compute_are_refused_by_name(tmp_path):
+def test_the_eva_files_that_do_not_say_what_they_compute_are_refused(tmp_path):
+    lingbot = timm.create_model("vit_small_patch16_lingbot", **{**TIMM, "depth": 1})
+    save_for_hf(lingbot, str(tmp_path / "lingbot"), safe_serialization=True)
+    with pytest.raises(
+        ValueError,
+        match="timm model 'vit_small_patch16_lingbot': not supported as DINOv3; .*families.eva.TIMM_MODELS",
+    ):
+        jaxvit.load_for_inference(tmp_path / "lingbot")
+    # bare, PE-Core's keys are those of a timm CLIP ViT with attention pooling, which timm has not
     pe = timm.create_model("vit_pe_core_tiny_patch16_384", **{**TIMM, "depth": 1})
-    save_for_hf(pe, str(tmp_path / "pe"), safe_serialization=True)
-    with pytest.raises(ValueError, match="timm model 'vit_pe_core_tiny_patch16_384' is not one jaxvit reads"):
-        jaxvit.load_for_inference(tmp_path / "pe")
-    # bare, its keys are those of a timm CLIP ViT with attention pooling, which timm has not
     save_file({k: v.contiguous() for k, v in pe.state_dict().items()}, str(tmp_path / "pe.safetensors"))
-    with pytest.raises(ValueError, match="norm_pre with attention pooling is timm's Perception Encoder"):
+    with pytest.raises(ValueError, match="timm's Perception Encoder .*: load its timm hub folder"):
         jaxvit.load_for_inference(tmp_path / "pe.safetensors", num_heads=2, activation="gelu")
-    enormous = timm.create_model("eva02_enormous_patch14_clip_224", **{**TIMM, "depth": 1})
-    save_for_hf(enormous, str(tmp_path / "enormous"), safe_serialization=True)
-    with pytest.raises(ValueError, match="timm Eva model 'eva02_enormous_patch14_clip_224' is not supported"):
-        jaxvit.load_for_inference(tmp_path / "enormous")
+    # bare, EVA02-E's post-norm blocks have the keys of pre-norm ones
+    enormous = _peer("eva02_enormous_patch14_clip_224")
+    path = tmp_path / "enormous.safetensors"
+    save_file({k: v.contiguous() for k, v in enormous.state_dict().items()}, str(path))
+    told = dict(num_heads=2, rope="none", pool="tok")  # no rotary base nor axis order to tell
+    with pytest.raises(ValueError, match=r"pooling or block form .*: pass post_norm=\.\.\."):
+        jaxvit.load_for_inference(path, **told)
+    bundle = jaxvit.load_for_inference(path, **told, post_norm=True)
+    x = np.random.default_rng(3).random((2, 16, 16, 3), dtype=np.float32)
+    with torch.no_grad():
+        theirs = enormous(nchw(x)).numpy()
+    assert relative_error(bundle.model.apply({"params": bundle.params}, jnp.asarray(x)), theirs) < 1e-5
 
 
 @pytest.mark.parametrize(

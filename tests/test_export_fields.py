@@ -90,6 +90,11 @@ VALUES = [
     ("mlp_norm", dict(mlp_norm=True)),
     ("mlp_norm", dict(mlp_norm=True, mlp_type="swiglu")),
     ("attn_out_norm", dict(attn_out_norm=True)),
+    ("pool_heads", dict(pool="map", pool_heads=4)),
+    ("pool_mlp_dim", dict(pool="map", pool_mlp_dim=48)),
+    ("final_norm", dict(final_norm=False)),
+    ("final_norm", dict(final_norm=False, pool="gap")),
+    ("post_norm", dict(post_norm=True)),
 ]
 
 # Values of a carried field that a writer refuses by name: its layout has the field, not the value.
@@ -97,7 +102,8 @@ REFUSED_VALUES = {
     ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip", "hf_beit", "timm_beit"},
     ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip"},
     ("pool", "attn_pool"): {"vt", "timm", "hf_beit", "timm_beit"},
-    ("pool", "map"): {"hf_beit", "timm_beit", "timm_eva"},
+    ("pool", "map"): {"hf_beit", "timm_beit"},
+    ("layer_norm_eps", 1e-5): {"timm_eva"},  # written as PE, whose reference grid stays
     ("posemb", "sincos2d"): {"timm_eva"},
     ("posemb", "sincos2d_mae"): {"timm_eva"},
 }

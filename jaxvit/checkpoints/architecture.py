@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxvit import schema
 from jaxvit.checkpoints import registry
 from jaxvit.checkpoints.checkpoint import Checkpoint, depth_of
 from jaxvit.checkpoints.fitting import check_blocks, check_declared
@@ -52,9 +53,17 @@ def _shape(params: Any, key: str, ndim: int, path: str) -> tuple[int, ...]:
     return shape
 
 
-def _refuse_unstated(ckpt: Checkpoint, overrides: dict[str, Any]) -> None:
-    """Raises for the first field the file cannot tell (``Checkpoint.unstated``) that the caller left open."""
-    unstated = {k: why for k, why in ckpt.unstated.items() if k not in overrides}
+def _refuse_unstated(ckpt: Checkpoint, overrides: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Raises for the first field the file cannot tell (``Checkpoint.unstated``) that the caller left
+    open and that counts for the model ``fields`` and ``overrides`` make (no rotary base without a
+    rotary embedding)."""
+    config = schema.ViTConfig(**{k: v for k, v in {**fields, **overrides}.items() if k in MODEL_FIELDS})
+
+    def counts(name: str) -> bool:
+        applies = schema.SPECS[name].applies
+        return applies is None or applies(config)
+
+    unstated = {k: why for k, why in ckpt.unstated.items() if k not in overrides and counts(k)}
     if unstated:
         field, why = next(iter(unstated.items()))
         raise ValueError(f"{ckpt.path}: {why}: pass {field}=...")
@@ -130,13 +139,16 @@ def _build(ckpt: Checkpoint, overrides: dict[str, Any]) -> tuple[VisionTransform
         patch_bias="patch_embed/bias" in params,
         **_block_options(params),
     )
+    map_fc1 = params.get("head/map/mlp/fc1/kernel")
+    if map_fc1 is not None and map_fc1.shape[-1] != (fields["mlp_dim"] or 4 * width):
+        fields["pool_mlp_dim"] = _shape(params, "head/map/mlp/fc1/kernel", 2, ckpt.path)[-1]
     guess_fields = registry.hook(fmt, "guess_fields")
     if guess_fields is not None:
         fields.update(guess_fields(ckpt))
     if "head/classifier/kernel" in params:
         fields["head_bias"] = "head/classifier/bias" in params
     fields.update(ckpt.implied_fields)
-    _refuse_unstated(ckpt, overrides)
+    _refuse_unstated(ckpt, overrides, fields)
     fields.update(overrides)
     if "num_heads" not in fields:
         if ckpt.num_heads is None:

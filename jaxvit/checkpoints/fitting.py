@@ -449,7 +449,7 @@ def fit_to_model(
     check_rotary(ckpt, model)
     target = target_shapes(model, (h, w))
     p, q = to_pair(model.patch_size)
-    flat = layouts.fuse_attention(ckpt.params, model.num_heads)
+    flat = layouts.fuse_attention(ckpt.params, model.num_heads, model.pool_heads)
     flat = _fit_posemb(flat, ckpt, model, target, (h // p, w // q), checkpoint_grid)
     flat = _fit_rel_pos_tables(flat, ckpt, target, (h // p, w // q), checkpoint_grid)
     flat = _fit_head(flat, ckpt, model, target)

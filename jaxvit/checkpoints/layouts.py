@@ -254,6 +254,18 @@ TIMM_ENCODER_RULES: list[Rule] = torch_block_rules(
 ) + torch_rules("norm", "encoder/norm", "ln")
 
 
+# timm's AttentionPoolLatent (its ViT's and Eva's global_pool="map"): jaxvit's MAP head.
+TIMM_ATTN_POOL_RULES: list[Rule] = (
+    [Rule("attn_pool.latent", "head/map/probe")]
+    + torch_rules("attn_pool.q", "head/map/attn/query", "linear")
+    + torch_rules("attn_pool.kv", "head/map/attn/kv", "linear")
+    + torch_rules("attn_pool.proj", "head/map/attn/out", "linear")
+    + torch_rules("attn_pool.norm", "head/map/norm", "ln")
+    + torch_rules("attn_pool.mlp.fc1", "head/map/mlp/fc1", "linear")
+    + torch_rules("attn_pool.mlp.fc2", "head/map/mlp/fc2", "linear")
+)
+
+
 # The encoder of transformers' CLIP-style vision towers (CLIP, SigLIP): blocks under
 # encoder.layers.{i} and a final post_layernorm.
 CLIP_ENCODER_RULES: list[Rule] = torch_block_rules(
@@ -403,8 +415,9 @@ def split_q_v_biases(arrays: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]
     return out, nonzero
 
 
-def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
-    """Attention weights in any peer form -> jaxvit's shapes.
+def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int, map_heads: int | None = None) -> Flat:
+    """Attention weights in any peer form -> jaxvit's shapes (``map_heads``: the MAP head's heads;
+    None: ``num_heads``).
 
     Blocks: ``query/key/value`` kernels ``(D, H, Dh)`` or ``(D, D)`` -> ``qkv``
     ``(D, 3D)`` in ``(3, H, Dh)`` output order; ``out`` ``(H, Dh, D)`` -> ``(D, D)``.
@@ -437,7 +450,7 @@ def fuse_attention(flat: Mapping[str, np.ndarray], num_heads: int) -> Flat:
         kernel, bias = out.pop(f"{head}/kv/kernel"), out.pop(f"{head}/kv/bias")
         out[f"{head}/key/kernel"], out[f"{head}/value/kernel"] = np.split(kernel, 2, axis=1)
         out[f"{head}/key/bias"], out[f"{head}/value/bias"] = np.split(bias, 2)
-    _split_heads(out, head, num_heads)
+    _split_heads(out, head, map_heads or num_heads)
     return out
 
 

@@ -160,7 +160,11 @@ class TimmFolder:
     @staticmethod
     def read_folder(folder: Path) -> Any:
         weights, arrays, metadata = timm_hub.read_folder(folder)
-        fmt = format_for("state_dict", arrays)
+        # the architecture a format names as its own comes first: PE's weights have the keys of a
+        # timm VisionTransformer, its config.json names an Eva
+        named = str(metadata.get("timm_model", "")).split(".", 1)[0]
+        by_name = [f for f in FORMATS if named in getattr(f, "TIMM_MODELS_READ", ())]
+        fmt = by_name[0] if len(by_name) == 1 else format_for("state_dict", arrays)
         if not getattr(fmt, "READS_TIMM_FOLDERS", False):
             raise ValueError(
                 f"{folder}: config.json names the timm model {metadata['timm_model']!r} but its weights"

@@ -42,11 +42,11 @@ def check_pool_has_token(pool: str, class_token: bool) -> None:
         raise ValueError("pool='tok' needs class_token=True; use pool='gap' or 'map' without it")
 
 
-def check_attn_pool_heads(pool_width: int, pool_heads: int) -> None:
-    """Raises ``ValueError`` unless the attentional pooler's width splits evenly into its heads."""
+def check_attn_pool_heads(pool_width: int, pool_heads: int, pool: str = "attn_pool") -> None:
+    """Raises ``ValueError`` unless the attention pooling's width splits evenly into its heads."""
     if pool_width % pool_heads:
         raise ValueError(
-            f"pool='attn_pool' needs a pooler width divisible by its heads, got pool_width={pool_width},"
+            f"pool={pool!r} needs a pooler width divisible by its heads, got pool_width={pool_width},"
             f" pool_heads={pool_heads}"
         )
 

@@ -23,7 +23,8 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
 
 
 class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
-    """``(N, T, D) -> (N, T, D)``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+    """``(N, T, D) -> (N, T, D)``: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (with
+    ``post_norm``: ``x + norm1(attn(x))``, then ``x + norm2(mlp(x))``).
 
     Its options are the schema's block fields (``schema.names(module="block")``:
     heads, MLP width and type, activation, epsilon, LayerScale, rope base,
@@ -50,7 +51,9 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
 
-        def residual(x: Array, y: Array, scale_name: str) -> Array:
+        def residual(x: Array, y: Array, scale_name: str, norm_name: str) -> Array:
+            if self.post_norm:
+                y = nn.LayerNorm(name=norm_name, **norm)(y)
             if self.layer_scale_init is not None:
                 y = LayerScale(
                     init_value=self.layer_scale_init,
@@ -63,7 +66,8 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
                 y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
             return x + y
 
-        y = nn.LayerNorm(name="norm1", **norm)(x)
+        # post_norm (EVA02-E): the same norm1 and norm2, on each branch's output instead of its input
+        y = x if self.post_norm else nn.LayerNorm(name="norm1", **norm)(x)
         y = SelfAttention(
             num_heads=self.num_heads,
             attention_dropout=self.attention_dropout,
@@ -81,8 +85,8 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
             name="attn",
             **common,
         )(y, bias=attn_bias)
-        x = residual(x, y, "ls1")
-        y = nn.LayerNorm(name="norm2", **norm)(x)
+        x = residual(x, y, "ls1", "norm1")
+        y = x if self.post_norm else nn.LayerNorm(name="norm2", **norm)(x)
         check_choice("mlp_type", self.mlp_type, schema.MLP_TYPES)
         mlp_dim = self.mlp_dim or 4 * x.shape[-1]
         sub_ln = dict(norm=self.mlp_norm, layer_norm_eps=self.layer_norm_eps)
@@ -98,7 +102,7 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
                 **common,
             )
             y = mlp(y)
-        x = residual(x, y, "ls2")
+        x = residual(x, y, "ls2", "norm2")
         sow(self, "intermediates", "out", x)
         return x, None
 

@@ -110,7 +110,8 @@ class Head(nn.Module):
 
     ``pool``: ``"tok"`` takes the class token, ``"gap"`` the mean of the
     ``S`` patch tokens (after all ``P`` prefix tokens: class, distillation,
-    registers), ``"map"`` attention pooling, ``"attn_pool"`` the first of ``pool_queries`` outputs
+    registers), ``"map"`` attention pooling (``pool_heads`` heads, an MLP of ``mlp_dim``),
+    ``"attn_pool"`` the first of ``pool_queries`` outputs
     of CoCa's ``AttentionalPooler`` (``pool_heads`` heads, width ``pool_width``: the features are
     then ``(N, pool_width)``). ``fc_norm`` LayerNorms the pooled features (``fc_norm``: MAE's,
     BEiT's and EVA02's final LayerNorm, after the pooling). ``representation_size`` adds
@@ -160,7 +161,7 @@ class Head(nn.Module):
             x = jnp.mean(x[:, self.num_prefix_tokens :], axis=1)
         elif self.pool == "map":
             x = MAPHead(
-                num_heads=self.num_heads,
+                num_heads=self.pool_heads or self.num_heads,
                 mlp_dim=self.mlp_dim,
                 layer_norm_eps=self.layer_norm_eps,
                 activation=self.activation,

@@ -158,8 +158,8 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     reason = not_dinov3(arrays, metadata)
     if reason is not None:
         raise ValueError(
-            f"{path}: a timm Eva model with {reason}: not supported; of timm's Eva models jaxvit reads"
-            " DINOv3 (vit_*_patch16_dinov3) only"
+            f"{path}: a timm Eva model with {reason}: not supported as DINOv3; of timm's other Eva"
+            " models jaxvit reads those of jaxvit.families.eva.TIMM_MODELS"
         )
     arrays = layouts.pack_swiglu(layouts.fuse_q_v_biases(arrays))
     params, unmatched = layouts.rename(arrays, RULES)

@@ -1,5 +1,7 @@
 """timm's ``Eva`` state dicts and hub folders other than DINOv3's, read and written: EVA-01, EVA02
-(classification and CLIP towers) and the RoPE ViTs (``vit_*_rope_*``, ``vit_*_rope_reg*_gap_256``).
+(classification and CLIP towers, EVA02-E's post-norm blocks), Perception Encoder (PE-Core with its
+attention pooling, PE-Spatial and PE-Lang with no final norm) and the RoPE ViTs (``vit_*_rope_*``,
+``vit_*_rope_reg*_gap_256``).
 
 The keys: LayerScale ``gamma_1`` / ``gamma_2``; one ``qkv`` with ``q_bias`` and ``v_bias`` (no key
 bias), a full ``qkv.bias`` (``AttentionRope``), or separate ``q_proj``, ``k_proj``, ``v_proj``
@@ -10,8 +12,8 @@ slice per block. What the weights cannot tell (the rotary embedding's kind, base
 reference grid; the pooling) a hub folder's ``config.json`` states through its registered
 architecture (``TIMM_MODELS``) and ``model_args``; a bare state dict that is not jaxvit's export
 is asked for them. The position table is resized as timm's ``checkpoint_filter_fn`` resizes it
-(bicubic, antialiased). Perception Encoder, the post-norm ``eva02_enormous`` and EVA's MIM
-checkpoints are refused.
+(bicubic, antialiased). EVA's MIM checkpoints and the Eva models outside ``TIMM_MODELS`` are
+refused.
 """
 
 from __future__ import annotations
@@ -32,19 +34,28 @@ from jaxvit.safety import validate
 from jaxvit.sizes import square_grid, to_pair
 
 NAME = "timm_eva"
-# a timm hub folder's weights are read here when they are Eva's (timm_hub)
+# a timm hub folder's weights are read here when they are Eva's (timm_hub), or when its
+# config.json names one of these architectures
 READS_TIMM_FOLDERS = True
+TIMM_MODELS_READ = frozenset(TIMM_MODELS)
 HAS_SINCOS = False
 EXPORT_FORMAT = "timm"
 TARGET = "timm Eva"
 # a registered Eva with no rotary embedding, no LayerScale and no reference grid, so that the
 # arguments timm drops when they are None (init_values, ref_feat_shape) stay None
 TIMM_MODEL = "eva_giant_patch14_224"
+# LayerNorm's epsilon is no argument timm's JSON can state: a model of PE's 1e-5 is written as PE
+TIMM_MODEL_BY_EPS = {1e-6: TIMM_MODEL, 1e-5: "vit_pe_spatial_tiny_patch16_512"}
 CARRIES = (
     "posemb",
     "pool",
+    "pool_heads",
+    "pool_mlp_dim",
     "class_token",
     "fc_norm",
+    "final_norm",
+    "post_norm",
+    "layer_norm_eps",
     "pre_norm",
     "patch_bias",
     "qkv_bias",
@@ -82,6 +93,7 @@ RULES = tuple(
     + layouts.TIMM_ENCODER_RULES
     + layouts.torch_rules("fc_norm", "head/fc_norm", "ln")
     + layouts.torch_rules("head", "head/classifier", "linear")
+    + layouts.TIMM_ATTN_POOL_RULES
 )
 # the create_model arguments a timm Eva folder may state: those jaxvit's export writes
 MODEL_ARGS = frozenset(
@@ -89,10 +101,10 @@ MODEL_ARGS = frozenset(
     " attn_type swiglu_mlp scale_mlp scale_attn_inner init_values class_token num_reg_tokens"
     " no_embed_class use_abs_pos_emb use_rot_pos_emb rope_type rope_temperature rope_grid_offset"
     " rope_grid_indexing ref_feat_shape use_pre_transformer_norm use_post_transformer_norm use_fc_norm"
-    " global_pool dynamic_img_size".split()
+    " global_pool dynamic_img_size use_post_norm attn_pool_num_heads attn_pool_mlp_ratio".split()
 )
 _EVA_KEY = re.compile(r"blocks\.\d+\.(gamma_1|attn\.q_bias|attn\.q_proj\.weight|mlp\.fc1_g\.weight)")
-_POOLS = {"avg": "gap", "token": "tok"}
+_POOLS = {"avg": "gap", "token": "tok", "map": "map"}
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
@@ -158,27 +170,48 @@ def _fields_from_args(args: Mapping[str, Any], fields: Mapping[str, Any], where:
         out["rope_ref_grid"] = (
             None if ref is None else to_pair(validate.size_field(args, "ref_feat_shape", where))
         )
+    if "use_post_norm" in args:
+        out["post_norm"] = validate.bool_field(args, "use_post_norm", where)
+    if args.get("attn_pool_num_heads") is not None:
+        out["pool_heads"] = validate.int_field(args, "attn_pool_num_heads", where, lo=1, hi=4096)
     return out
 
 
-def _check_norms(params: Flat, args: Mapping[str, Any], pool_name: str, where: str) -> bool:
-    """Whether the folder's model has ``fc_norm``, checked against the weights; jaxvit has exactly one
-    of the final LayerNorm and ``fc_norm``."""
-    fc_norm = pool_name == "avg" if args.get("use_fc_norm") is None else bool(args["use_fc_norm"])
-    post = (
-        not fc_norm
-        if args.get("use_post_transformer_norm") is None
-        else bool(args["use_post_transformer_norm"])
-    )
-    if fc_norm == post:
+def _check_pool_mlp(params: Flat, args: Mapping[str, Any], where: str) -> None:
+    """The attention pooling's MLP width that ``attn_pool_mlp_ratio`` (else ``mlp_ratio``) states
+    must be the weights'."""
+    fc1 = params.get("head/map/mlp/fc1/kernel")
+    kernel = params.get("patch_embed/kernel")
+    ratio = args.get("attn_pool_mlp_ratio", args.get("mlp_ratio"))
+    if fc1 is None or kernel is None or ratio is None:
+        return
+    key = "attn_pool_mlp_ratio" if "attn_pool_mlp_ratio" in args else "mlp_ratio"
+    stated = int(kernel.shape[-1] * validate.float_field(args, key, where, lo=0.0, lo_open=True))
+    if stated != fc1.shape[-1]:
         raise ValueError(
-            f"{where}: timm Eva with {'both' if fc_norm else 'neither'} a final norm and fc_norm: not supported"
+            f"{where}: {key}={ratio} gives an attention-pooling MLP of {stated}, the weights' has {fc1.shape[-1]}"
         )
+
+
+def _check_norms(
+    params: Flat, args: Mapping[str, Any], registered: Mapping[str, Any], pool_name: str, where: str
+) -> dict[str, bool]:
+    """The folder's ``fc_norm`` and ``final_norm`` (from ``model_args``, else the registered
+    architecture's, else timm's defaults), checked against the weights: jaxvit has at most one of the
+    final LayerNorm and ``fc_norm`` (neither: PE-Spatial)."""
+    fc_norm = registered.get("fc_norm", pool_name == "avg")
+    if args.get("use_fc_norm") is not None:
+        fc_norm = bool(args["use_fc_norm"])
+    post = registered.get("final_norm", True) and not fc_norm
+    if args.get("use_post_transformer_norm") is not None:
+        post = bool(args["use_post_transformer_norm"])
+    if fc_norm and post:
+        raise ValueError(f"{where}: timm Eva with both a final norm and fc_norm: not supported")
     if fc_norm != ("head/fc_norm/scale" in params) or post != ("encoder/norm/scale" in params):
         raise ValueError(
             f"{where}: global_pool={pool_name!r} and the norms it implies disagree with the weights"
         )
-    return fc_norm
+    return dict(fc_norm=fc_norm, final_norm=fc_norm or post)
 
 
 def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,14 +221,15 @@ def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) 
     heads, registered = TIMM_MODELS[name]
     if args.get("attn_type", "eva") not in ("eva", "rope"):
         raise ValueError(f"{where}: timm Eva with attn_type={args['attn_type']!r}: not supported")
-    pool_name = args.get(
-        "global_pool", config.get("global_pool", "avg" if registered["pool"] == "gap" else "token")
-    )
+    registered_pool = {v: k for k, v in _POOLS.items()}[registered["pool"]]
+    pool_name = args.get("global_pool", config.get("global_pool", registered_pool))
     if pool_name not in _POOLS:
         raise ValueError(
-            f"{where}: timm Eva with global_pool={pool_name!r}: not supported (jaxvit reads avg, token)"
+            f"{where}: timm Eva with global_pool={pool_name!r}: not supported (jaxvit reads avg, token, map)"
         )
-    fc_norm = _check_norms(params, args, pool_name, where)
+    norms = _check_norms(params, args, registered, pool_name, where)
+    if pool_name == "map":
+        _check_pool_mlp(params, args, where)
     timm_hub.check_num_classes(config, params, where)
     fields = _fields_from_args(args, registered, where)
     return dict(
@@ -203,7 +237,7 @@ def _stated_by_timm_config(path: Path, params: Flat, config: Mapping[str, Any]) 
         size=timm_hub.input_size(config, where),
         no_embed_class=bool(args.get("no_embed_class", "_ape" in name)),
         config=timm_hub.checkpoint_config(config),
-        fields={**IMPLIED_FIELDS, **fields, "pool": _POOLS[pool_name], "fc_norm": fc_norm},
+        fields={**IMPLIED_FIELDS, **fields, "pool": _POOLS[pool_name], **norms},
     )
 
 
@@ -212,7 +246,7 @@ def _refuse_other_evas(path: Path, arrays: Flat, metadata: Mapping[str, Any]) ->
     if named and named not in TIMM_MODELS and "jaxvit_model" not in metadata:
         raise ValueError(
             f"{path}: timm Eva model {named!r} is not supported (jaxvit reads {len(TIMM_MODELS)} of timm's"
-            " Eva models: eva02_*, eva_giant_*, vit_*_rope_*; DINOv3 in families/dinov3)"
+            " Eva models: eva02_*, eva_giant_*, vit_pe_*, vit_*_rope_*; DINOv3 in families/dinov3)"
         )
     if any(k in arrays for k in ("mask_token", "lm_head.weight")):
         raise ValueError(
@@ -231,6 +265,22 @@ def _table_prefix(
     if grid is not None:
         return 0 if rows == grid[0] * grid[1] else prefix
     return prefix if square_grid(rows - prefix) is not None else 0
+
+
+def _bare_file_fields(params: Flat, fields: dict[str, Any]) -> dict[str, str]:
+    """What a bare state dict shows (its final norms, in ``fields``) and what it leaves to the caller
+    (returned: field -> why): the rotary embedding, the pooling and its heads, and, without
+    LayerScale (which timm's post-norm block never has), whether the blocks are post-norm."""
+    fields["final_norm"] = "encoder/norm/scale" in params or "head/fc_norm/scale" in params
+    asked = ["rope", "rope_theta", "rope_xy", "pool"]
+    if "rope" in fields:
+        asked.remove("rope")
+    if "head/map/probe" in params:
+        asked.append("pool_heads")
+    if "encoder/block_0/ls1/scale" not in params:
+        asked.append("post_norm")
+    why = "a bare timm Eva state dict does not say its rotary embedding, pooling or block form"
+    return {n: f"{why} (see jaxvit.families.eva.TIMM_MODELS)" for n in asked}
 
 
 def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
@@ -260,15 +310,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
     fields["posemb"] = "learn" if "pos_embed/embedding" in params else "none"
     if "encoder/block_0/attn/rope_freqs" in params:
         fields["rope"] = "mixed"
-    unstated = {}
-    if not saved and not stated:
-        why = "a bare timm Eva state dict does not say its rotary embedding or pooling"
-        unstated = {
-            n: f"{why} (see jaxvit.families.eva.TIMM_MODELS)"
-            for n in ("rope", "rope_theta", "rope_xy", "pool")
-        }
-        if "rope" in fields:
-            del unstated["rope"]
+    unstated = {} if saved or stated else _bare_file_fields(params, fields)
     return Checkpoint(
         path=str(path),
         origin=NAME,
@@ -292,8 +334,12 @@ def preprocessing(ckpt: Checkpoint) -> Preprocessing:
 
 def exports(model: Any) -> bool:
     """Whether ``format="timm"`` writes ``model`` as timm's ``Eva`` (it has Eva's rotary embedding,
-    sub-LN or attention-output norm)."""
-    eva_only = model.rope != "none" or model.mlp_norm or model.attn_out_norm
+    sub-LN, attention-output norm, post-norm blocks, no final norm or PE's attention pooling)."""
+    pe_pool = model.pool == "map" and (model.pool_heads or model.pool_mlp_dim)
+    no_norm = not model.final_norm and model.pool != "attn_pool"
+    eva_only = (
+        model.rope != "none" or model.mlp_norm or model.attn_out_norm or model.post_norm or no_norm or pe_pool
+    )
     # a relative position bias is timm_beit's to refuse, DINOv3's rotary embedding timm_dinov3's
     return eva_only and model.rel_pos_bias == "none" and model.posemb != "rope"
 
@@ -301,6 +347,7 @@ def exports(model: Any) -> bool:
 def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
     """``timm.create_model(TIMM_MODEL, **kwargs)`` arguments of the same architecture."""
     ref = model.rope_ref_grid
+    pool_mlp = model.pool_mlp_dim
     return dict(
         **timm_hub.size_kwargs(model, size),
         qkv_bias=model.qkv_bias,
@@ -323,21 +370,33 @@ def timm_kwargs(model: Any, size: tuple[int, int]) -> dict[str, Any]:
         rope_grid_indexing="xy" if model.rope_xy else "ij",
         ref_feat_shape=None if ref is None else list(to_pair(ref)),
         use_pre_transformer_norm=model.pre_norm,
-        use_post_transformer_norm=not model.fc_norm,
+        use_post_transformer_norm=model.final_norm and not model.fc_norm,
         use_fc_norm=model.fc_norm,
-        global_pool="avg" if model.pool == "gap" else "token",
+        use_post_norm=model.post_norm,
+        global_pool={"gap": "avg", "tok": "token", "map": "map"}[model.pool],
+        attn_pool_num_heads=model.pool_heads,
+        attn_pool_mlp_ratio=None if pool_mlp is None else (pool_mlp + 0.5) / model.width,
     )
 
 
 def _check_exportable(model: Any) -> None:
     config = model.config
     problems = []
-    if config.pool not in ("gap", "tok") or config.distill_token:
-        problems.append(f"pool={config.pool!r} (jaxvit writes timm Eva's avg and token pooling)")
+    if config.pool not in ("gap", "tok", "map") or config.distill_token:
+        problems.append(f"pool={config.pool!r} (jaxvit writes timm Eva's avg, token and map pooling)")
     if config.posemb not in ("learn", "none"):
         problems.append(f"posemb={config.posemb!r} (timm's Eva has a learned table or none)")
-    if config.layer_norm_eps != 1e-6:
-        problems.append(f"layer_norm_eps={config.layer_norm_eps} (timm's Eva is built with 1e-6)")
+    if config.layer_norm_eps not in TIMM_MODEL_BY_EPS:
+        problems.append(
+            f"layer_norm_eps={config.layer_norm_eps} (timm's Eva is built with 1e-6, PE with 1e-5)"
+        )
+    elif config.layer_norm_eps == 1e-5 and config.rope == "axial" and config.rope_ref_grid is None:
+        problems.append(
+            f"layer_norm_eps={config.layer_norm_eps!r} with rope_ref_grid=None (written as PE, whose"
+            " reference grid of 32x32 would stay)"
+        )
+    if config.post_norm and config.layer_scale_init is not None:
+        problems.append("post_norm with LayerScale (timm's post-norm block has none)")
     if config.activation != "gelu":
         problems.append(f"activation={config.activation!r} (timm Eva's MLP is exact GELU)")
     if config.pre_norm and config.patch_bias:
@@ -359,7 +418,9 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
         at = model.num_posemb_prefix_tokens
         zeros = np.zeros((1, model.num_registers, table.shape[-1]), table.dtype)
         flat["pos_embed/embedding"] = np.concatenate([table[:, :at], zeros, table[:, at:]], axis=1)
-    out = layouts.rename_back(flat, RULES, "timm")
+    out = layouts.rename_back(
+        layouts.split_attention(flat, model.num_heads, "fused", "flat_kv"), RULES, "timm"
+    )
     if model.mlp_type == "swiglu" and model.mlp_norm:  # timm's SwiGLU with a norm keeps them apart
         out = layouts.unpack_swiglu(out)
     out = _join_mixed_freqs(layouts.split_qkv_projections(out))
@@ -369,7 +430,7 @@ def write(flat: Flat, model: Any, size: tuple[int, int], path: Path, labels: Seq
         model,
         size,
         labels,
-        timm_model=TIMM_MODEL,
+        timm_model=TIMM_MODEL_BY_EPS[model.layer_norm_eps],
         timm_class="Eva",
         timm_kwargs=timm_kwargs(model, size),
     )

@@ -94,13 +94,7 @@ RULES = tuple(
     + layouts.torch_rules("fc_norm", "head/fc_norm", "ln")
     + layouts.torch_rules("head", "head/classifier", "linear")
     + layouts.torch_rules("head_dist", "head/dist_classifier", "linear")
-    + [layouts.Rule("attn_pool.latent", "head/map/probe")]
-    + layouts.torch_rules("attn_pool.q", "head/map/attn/query", "linear")
-    + layouts.torch_rules("attn_pool.kv", "head/map/attn/kv", "linear")
-    + layouts.torch_rules("attn_pool.proj", "head/map/attn/out", "linear")
-    + layouts.torch_rules("attn_pool.norm", "head/map/norm", "ln")
-    + layouts.torch_rules("attn_pool.mlp.fc1", "head/map/mlp/fc1", "linear")
-    + layouts.torch_rules("attn_pool.mlp.fc2", "head/map/mlp/fc2", "linear")
+    + layouts.TIMM_ATTN_POOL_RULES
 )
 
 
@@ -129,7 +123,7 @@ def read(path: Path, arrays: Flat, metadata: Mapping[str, Any]) -> Checkpoint:
         # no timm VisionTransformer has both; Perception Encoder (timm's Eva) has, and a rotary embedding
         raise ValueError(
             f"{path}: norm_pre with attention pooling is timm's Perception Encoder (vit_pe_core_*, an Eva"
-            " with a rotary embedding): not supported"
+            " with a rotary embedding that a bare file does not state): load its timm hub folder"
         )
     stated = stated_by_timm_config(path, params, metadata["timm_config"]) if "timm_config" in metadata else {}
     for field, key in (
