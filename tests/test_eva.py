@@ -99,6 +99,9 @@ def test_an_eva_folder_loads_at_its_size_and_another_and_exports_back(eva_folder
     bundle = jaxvit.load_for_inference(folder)
     model = bundle.model
     assert {k: getattr(model, k) for k in KINDS[name]} == KINDS[name]
+    cfg = peer.pretrained_cfg  # each family's preprocessing, as the folder states it (PE's: 0.5, 0.5)
+    assert (bundle.mean, bundle.std) == (tuple(cfg["mean"]), tuple(cfg["std"]))
+    assert (bundle.crop_pct, bundle.interpolation) == (cfg["crop_pct"], cfg["interpolation"])
     x = np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32)
     errors = _outputs(model, bundle.params, peer, x)
     resized = timm.create_model(name, **{**TIMM, "img_size": 24}).eval()
