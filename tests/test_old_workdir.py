@@ -1,15 +1,22 @@
 """A workdir written by jaxvit 0.1 (before the package was split into subpackages) still loads,
-and resumes to the same bits.
+and resumes to what the 0.1 code computes from it.
 
 ``tests/data/workdir_0_1/`` is ``tests/configs/tiny.py`` trained for 12 steps by the code of
 commit 0e0cd39 (its ``checkpoints/12`` and ``config.json``). ``workdir_0_1_reference.json``
 holds what that code computed from it: the logits of ``load_for_inference`` on a fixed
-input, and a sha256 of every parameter after resuming the run to 16 steps.
+input, and every parameter after resuming the run to 16 steps.
+
+The parameters are compared to a tolerance, not bit for bit: XLA:CPU's kernels differ between
+instruction sets, and so do the last bits of a run. On one host the 0.1 code and today's resume
+to identical bits; the same run with AVX-512 and with AVX2 differs by at most 2.8e-5 (Adam
+magnifies the rounding of near-zero gradients), while the four resumed steps move every
+parameter leaf by 1e-3 to 3e-3: a resume that lost a part of the state (the optimizer moments,
+the random key, the data position) is off by that order. Bit-exact resumption on one host is
+tested by tests/faults/test_kill_resume.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -37,7 +44,7 @@ def test_old_workdir_loads_and_computes_what_it_did():
     np.testing.assert_allclose(np.asarray(logits), np.asarray(REFERENCE["logits"]), rtol=1e-6, atol=1e-7)
 
 
-def test_old_workdir_resumes_to_the_same_bits(tmp_path):
+def test_old_workdir_resumes_to_what_the_0_1_code_computes(tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(OLD, workdir)
     cmd = [
@@ -51,10 +58,12 @@ def test_old_workdir_resumes_to_the_same_bits(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resuming from step 12" in run.stderr
     _, params, _ = workdir_lib.restore_params(str(workdir), use_ema=False)
-    digest = {
-        jax.tree_util.keystr(k): hashlib.sha256(
-            np.ascontiguousarray(np.asarray(v, np.float32)).tobytes()
-        ).hexdigest()
+    resumed = {
+        jax.tree_util.keystr(k): np.asarray(v, np.float32)
         for k, v in jax.tree_util.tree_leaves_with_path(params)
     }
-    assert digest == REFERENCE["params_after_16_steps"]
+    expected = REFERENCE["params_after_16_steps"]
+    assert sorted(resumed) == sorted(expected)
+    for name, leaf in expected.items():
+        want = np.asarray(leaf["values"], np.float32).reshape(leaf["shape"])
+        np.testing.assert_allclose(resumed[name], want, rtol=0, atol=3e-4, err_msg=name)
