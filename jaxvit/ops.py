@@ -6,7 +6,9 @@ memory figures). ``explicit_attention`` is the heads-major attention the CPU
 runs; ``set_attention_impl`` chooses between it and
 ``jax.nn.dot_product_attention``, as timm's ``set_fused_attn`` does for its
 models. ``dot_general`` (every product of the model) takes XLA:CPU's fast
-bfloat16 kernels; ``set_product_impl`` turns that off.
+bfloat16 kernels; ``set_product_impl`` turns that off. The CPU paths are chosen by
+the platform a function is compiled for (``on_cpu``), so a step compiled for a
+TPU or GPU from a CPU-only machine gets the accelerator paths.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def explicit_attention(
     if bias is not None:
         return _attend_with(q, k, v, weights_fn or (lambda w: w), bias)
     if weights_fn is None:
-        return _attend_bf16(q, k, v) if _takes_fast_product(q, k) else _attend(q, k, v)
+        return on_cpu(_attend_bf16, _attend, q, k, v) if _takes_fast_product(q, k) else _attend(q, k, v)
     return _attend_with(q, k, v, weights_fn)
 
 
@@ -174,12 +176,14 @@ _product_impl = "auto"
 def set_product_impl(impl: str) -> None:
     """Chooses how ``dot_general`` (every product of the model) multiplies, for models traced after the call.
 
-    ``"auto"`` (the default): on the CPU backend, two bfloat16 operands are
-    multiplied into a float32 accumulator that is then rounded, forward and
-    backward, which takes XLA:CPU's bfloat16 kernels. Its derivatives are
-    custom VJPs: reverse mode of any order, under ``vmap`` too; for forward
-    mode (``jax.jvp``, ``jax.jacfwd``, a Hessian) of a bfloat16 model on the
-    CPU, choose ``"plain"``: ``lax.dot_general`` as it is, on every backend and dtype.
+    ``"auto"`` (the default): where the function is compiled for the CPU
+    (``on_cpu``), two bfloat16 operands are multiplied into a float32
+    accumulator that is then rounded, forward and backward, which takes
+    XLA:CPU's bfloat16 kernels; for GPU/TPU, ``lax.dot_general`` as it is. Its
+    derivatives are custom VJPs: reverse mode of any order, under ``vmap`` too.
+    Both paths are traced whatever the platform, so forward mode (``jax.jvp``,
+    ``jax.jacfwd``, a Hessian) of a bfloat16 model needs ``"plain"``:
+    ``lax.dot_general`` as it is, on every backend and dtype.
     """
     global _product_impl
     if impl not in PRODUCT_IMPLS:
@@ -198,12 +202,18 @@ def product_impl(impl: str) -> contextlib.AbstractContextManager[None]:
 
 
 def _takes_fast_product(lhs: Array, rhs: Array) -> bool:
-    return (
-        _product_impl == "auto"
-        and lhs.dtype == rhs.dtype
-        and lhs.dtype in _FAST_PRODUCT_DTYPES
-        and jax.default_backend() == "cpu"
-    )
+    """Whether the operands may take the CPU's bfloat16 path (``on_cpu`` then picks it by platform)."""
+    return _product_impl == "auto" and lhs.dtype == rhs.dtype and lhs.dtype in _FAST_PRODUCT_DTYPES
+
+
+def on_cpu(cpu: Callable[..., Array], other: Callable[..., Array], *args: Array) -> Array:
+    """``cpu(*args)`` where the function is compiled for the CPU, ``other(*args)`` elsewhere.
+
+    The choice follows the platform the caller is lowered for (``jax.lax.platform_dependent``),
+    not the process's default backend: a step compiled for a TPU topology from a CPU-only
+    machine gets the accelerator paths. Both are traced; only the chosen one is compiled.
+    """
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=other)
 
 
 def _einsum_spec(dimension_numbers: jax.lax.DotDimensionNumbers, lhs_ndim: int, rhs_ndim: int) -> str:
@@ -273,15 +283,31 @@ def dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type, **kwargs
         )
     spec = _einsum_spec(dimension_numbers, lhs.ndim, rhs.ndim)
-    return _bf16_product(spec, jnp.dtype(preferred_element_type or lhs.dtype), lhs, rhs)
+    dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    return on_cpu(
+        functools.partial(_bf16_product, spec, dtype),
+        lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=dtype),
+        lhs,
+        rhs,
+    )
 
 
 def einsum(spec: str, a: Array, b: Array, preferred_element_type: jnp.dtype | None = None) -> Array:
     """Two-operand ``jnp.einsum`` (no reduction over a dim of one operand alone), with ``dot_general``'s path."""
     if not _takes_fast_product(a, b):
-        out = jnp.einsum(spec, a, b)
-        return out if preferred_element_type is None else out.astype(preferred_element_type)
-    return _bf16_product(spec, jnp.dtype(preferred_element_type or a.dtype), a, b)
+        return _plain_einsum(spec, preferred_element_type, a, b)
+    dtype = jnp.dtype(preferred_element_type or a.dtype)
+    return on_cpu(
+        functools.partial(_bf16_product, spec, dtype),
+        functools.partial(_plain_einsum, spec, preferred_element_type),
+        a,
+        b,
+    )
+
+
+def _plain_einsum(spec: str, preferred_element_type: jnp.dtype | None, a: Array, b: Array) -> Array:
+    out = jnp.einsum(spec, a, b)
+    return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
 def _bias_gradient(ct: Array, dtype: jnp.dtype) -> Array:
@@ -309,7 +335,7 @@ _add_bf16_bias.defvjp(_add_bf16_bias_fwd, _add_bf16_bias_bwd)
 def add_bias(y: Array, bias: Array) -> Array:
     """``(..., M) + (M,)``; for bfloat16 on the CPU (``set_product_impl``) the bias gradient sums in float32."""
     if _takes_fast_product(y, bias):
-        return _add_bf16_bias(y, bias)
+        return on_cpu(_add_bf16_bias, jnp.add, y, bias)
     return y + bias
 
 
@@ -352,7 +378,18 @@ def dense_activation(x: Array, kernel: Array, bias: Array | None, name: str | No
     """
     if name is None or bias is None or not _takes_fast_product(x, kernel) or bias.dtype != x.dtype:
         return _dense_activation_plain(x, kernel, bias, name)
-    return _bf16_dense_activation(name)(x, kernel, bias)
+    return on_cpu(
+        _bf16_dense_activation(name),
+        functools.partial(_dense_activation_default, name=name),
+        x,
+        kernel,
+        bias,
+    )
+
+
+def _dense_activation_default(x: Array, kernel: Array, bias: Array, name: str) -> Array:
+    y = jax.lax.dot_general(x, kernel, _dense_dims(x)) + bias
+    return activation(y, name)
 
 
 # ---------------------------------------------------------------------------
@@ -366,11 +403,12 @@ _attention_impl = "auto"
 def set_attention_impl(impl: str) -> None:
     """Chooses how ``SelfAttention`` computes attention, for every model traced after the call.
 
-    ``"auto"`` (the default): ``explicit_attention`` on the CPU backend,
-    where it is faster, and ``jax.nn.dot_product_attention`` (fused kernels
-    where the backend has them) on GPU/TPU. ``"explicit"`` and ``"fused"``
-    force one path. The choice is read at trace time: functions that
-    ``jax.jit`` already compiled keep the path they were traced with.
+    ``"auto"`` (the default): ``explicit_attention`` where the function is
+    compiled for the CPU, where it is faster, and ``jax.nn.dot_product_attention``
+    for GPU/TPU (``on_cpu``: the platform of the compile, not the process's default
+    backend). ``"explicit"`` and ``"fused"`` force one path. The setting is read at
+    trace time: functions that ``jax.jit`` already compiled keep the path they were
+    traced with.
     """
     global _attention_impl
     if impl not in ATTENTION_IMPLS:
@@ -398,8 +436,9 @@ def _temporarily(set_impl: Callable[[str], None], get_impl: Callable[[], str], i
         set_impl(previous)
 
 
-def use_explicit_attention() -> bool:
-    """Whether ``SelfAttention`` takes ``explicit_attention`` now (see ``set_attention_impl``)."""
+def use_explicit_attention(platform: str | None = None) -> bool:
+    """Whether ``SelfAttention`` takes ``explicit_attention`` in a function compiled for ``platform``
+    (``"cpu"``, ``"tpu"``, ``"cuda"``...; default: the default backend's), see ``set_attention_impl``."""
     if _attention_impl == "auto":
-        return jax.default_backend() == "cpu"
+        return (platform or jax.default_backend()) == "cpu"
     return _attention_impl == "explicit"

@@ -789,6 +789,34 @@ def test_fused_and_explicit_attention_paths_agree():
     chex.assert_trees_all_close(explicit, fused, rtol=1e-4, atol=1e-5)  # fp32 summation order
 
 
+def _products_lowered_for(platform: str, attention: str = "auto", product: str = "auto") -> list[str]:
+    """The signatures (dimensions, operand and result types) of every product in a bfloat16 model's
+    gradient lowered for ``platform``, under the given ``set_attention_impl``/``set_product_impl``."""
+    model = tiny(dtype=jnp.bfloat16)
+    x = images()
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x, train=True).astype(jnp.float32))
+    with ops.attention_impl(attention), ops.product_impl(product):
+        text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=(platform,)).as_text()
+    return sorted(re.sub(r"%[\w#]+", "", line) for line in re.findall(r"stablehlo\.dot_general.*", text))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_the_kernels_follow_the_platform_compiled_for_not_the_default_backend(platform):
+    """On this CPU-only process a step lowered for a TPU or GPU gets the accelerator paths
+    (jax.nn.dot_product_attention, plain bfloat16 products), a step lowered for the CPU its own;
+    a forced choice holds on every platform."""
+    accelerator = _products_lowered_for(platform, "fused", "plain")
+    cpu = _products_lowered_for("cpu", "explicit", "auto")
+    assert accelerator != cpu
+    # The CPU's bfloat16 products accumulate into float32 results; plain ones stay bfloat16.
+    widened = lambda products: sum(bool(re.search(r"xbf16>\) -> tensor<[\dx]*xf32>$", p)) for p in products)
+    assert widened(cpu) == len(cpu) > 4 * widened(accelerator)  # jax.nn's attention widens its logits
+    assert _products_lowered_for(platform) == accelerator
+    assert _products_lowered_for("cpu") == cpu
+    assert _products_lowered_for(platform, "explicit", "auto") != accelerator
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_explicit_attention_normalizing_after_the_product_changes_nothing(dtype):
     """Without ``weights_fn`` the forward pass normalizes after ``@ v``: same values and the same

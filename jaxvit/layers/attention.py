@@ -4,6 +4,7 @@ DINOv3 and timm's ``Eva``, BEiT's relative position bias)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -168,6 +169,23 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(table[relative_position_index(self.grid)], (2, 0, 1))
 
 
+def _heads_major_attention(
+    qkv: Array, bias: Array | None, weights_fn: Callable[[Array], Array] | None = None
+) -> Array:
+    """``(N, T, 3, H, Dh) -> (N, T, H, Dh)`` through ``ops.explicit_attention``."""
+    # One transpose of qkv to (3, N, H, T, Dh); split (not indexing) so
+    # the backward pass concatenates rather than pads and adds.
+    q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
+    # Without a reader of the weights, explicit_attention normalizes after the product with v.
+    return jnp.transpose(ops.explicit_attention(q, k, v, weights_fn, bias=bias), (0, 2, 1, 3))
+
+
+def _fused_attention(qkv: Array, bias: Array | None) -> Array:
+    """``(N, T, 3, H, Dh) -> (N, T, H, Dh)`` through ``jax.nn.dot_product_attention``."""
+    q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
+    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
+
+
 class SelfAttention(nn.Module):
     """``(N, T, D) -> (N, T, D)``: multi-head self-attention with one fused ``qkv`` projection.
 
@@ -230,23 +248,21 @@ class SelfAttention(nn.Module):
             chex.assert_shape(bias, (self.num_heads, t, t))
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
-        if dropout_active or want_weights or ops.use_explicit_attention():
+        if dropout_active or want_weights:
 
             def weights_fn(weights: Array) -> Array:
                 sow(self, "attention", "weights", weights)
                 return nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
 
-            # One transpose of qkv to (3, N, H, T, Dh); split (not indexing) so
-            # the backward pass concatenates rather than pads and adds.
-            q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
-            # Without a reader of the weights, explicit_attention normalizes after the product with v.
-            out = ops.explicit_attention(
-                q, k, v, weights_fn if dropout_active or want_weights else None, bias=bias
+            out = _heads_major_attention(qkv, bias, weights_fn)
+        elif ops.get_attention_impl() == "auto":
+            out = ops.on_cpu(
+                lambda qkv: _heads_major_attention(qkv, bias), lambda qkv: _fused_attention(qkv, bias), qkv
             )
-            out = jnp.transpose(out, (0, 2, 1, 3))
+        elif ops.get_attention_impl() == "explicit":
+            out = _heads_major_attention(qkv, bias)
         else:
-            q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
-            out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
+            out = _fused_attention(qkv, bias)
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
         out = out.reshape(n, t, d)
         if self.out_norm:
