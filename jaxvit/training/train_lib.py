@@ -325,25 +325,40 @@ def compile_steps(
     jitted step, compiled the first time it is asked for.
     """
     shardings = state_shardings(mesh, abstract_state)
-    data = batch_sharding(mesh)
-    replicated = NamedSharding(mesh, P())
     steps: dict[int | None, Any] = {}
 
     def train(state: TrainState, batch: Batch, rng: jax.Array, patch_size: int | None = None) -> Any:
         if patch_size not in steps:
-            steps[patch_size] = jax.jit(
-                functools.partial(
-                    train_step, model=model, tx=tx, schedule=schedule, cfg=cfg, patch_size=patch_size
-                ),
-                in_shardings=(shardings, data, replicated),
-                out_shardings=(shardings, replicated),
-                donate_argnums=(0,),
-            )
+            steps[patch_size] = jit_train_step(model, tx, schedule, cfg, mesh, shardings, patch_size)
         return steps[patch_size](state, batch, rng)
 
-    evaluate = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(shardings.params, data),
-        out_shardings=replicated,
+    return train, jit_eval_step(model, mesh, shardings), shardings
+
+
+def jit_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    cfg: StepConfig,
+    mesh: Mesh,
+    shardings: Any,
+    patch_size: int | None = None,
+) -> Any:
+    """``train_step`` jitted for ``mesh``: the state (``shardings``) donated, the batch split over
+    every device, the key and metrics replicated. Lowered for any mesh's devices (``jaxvit.plan``)."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg, patch_size=patch_size),
+        in_shardings=(shardings, batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
     )
-    return train, evaluate, shardings
+
+
+def jit_eval_step(model: nn.Module, mesh: Mesh, shardings: Any) -> Any:
+    """``eval_step`` jitted for ``mesh``: parameters as in the state, the batch split, sums replicated."""
+    return jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(shardings.params, batch_sharding(mesh)),
+        out_shardings=NamedSharding(mesh, P()),
+    )
