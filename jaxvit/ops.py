@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -396,24 +398,36 @@ def _dense_activation_default(x: Array, kernel: Array, bias: Array, name: str) -
 # The attention switch
 # ---------------------------------------------------------------------------
 
-ATTENTION_IMPLS = ("auto", "explicit", "fused")
+ATTENTION_IMPLS = ("auto", "explicit", "fused", "cudnn", "splash")
 _attention_impl = "auto"
+_splash_interpret = False
 
 
-def set_attention_impl(impl: str) -> None:
+def set_attention_impl(impl: str, interpret: bool = False) -> None:
     """Chooses how ``SelfAttention`` computes attention, for every model traced after the call.
 
-    ``"auto"`` (the default): ``explicit_attention`` where the function is
-    compiled for the CPU, where it is faster, and ``jax.nn.dot_product_attention``
-    for GPU/TPU (``on_cpu``: the platform of the compile, not the process's default
-    backend). ``"explicit"`` and ``"fused"`` force one path. The setting is read at
-    trace time: functions that ``jax.jit`` already compiled keep the path they were
-    traced with.
+    ``"auto"`` (the default), by the platform the function is compiled for (``on_cpu``,
+    not the process's default backend): ``explicit_attention`` for the CPU, where it is
+    faster; cuDNN's fused attention for a GPU where ``cudnn_refusal`` allows it; XLA's
+    ``jax.nn.dot_product_attention`` otherwise, TPUs included. ``"explicit"`` and
+    ``"fused"`` (XLA's) force one path everywhere; ``"cudnn"`` (GPU) and ``"splash"`` (Pallas
+    Splash attention, TPU) take their kernel on their platform and XLA's elsewhere or where
+    the model needs what the kernel lacks, logging why (``cudnn_refusal``, ``splash_refusal``).
+    ``interpret=True`` with ``"splash"`` runs the Pallas kernel in interpret mode on every
+    platform (slow: for tests and debugging). The setting is read at trace time: functions
+    that ``jax.jit`` already compiled keep the path they were traced with.
     """
-    global _attention_impl
+    global _attention_impl, _splash_interpret
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}: expected one of {ATTENTION_IMPLS}")
-    _attention_impl = impl
+    if interpret and impl != "splash":
+        raise ValueError(f"interpret=True is for the Pallas kernel, impl='splash'; got impl={impl!r}")
+    _attention_impl, _splash_interpret = impl, interpret
+
+
+def splash_interpreted() -> bool:
+    """Whether ``set_attention_impl("splash", interpret=True)`` is in force."""
+    return _splash_interpret
 
 
 def get_attention_impl() -> str:
@@ -421,9 +435,15 @@ def get_attention_impl() -> str:
     return _attention_impl
 
 
-def attention_impl(impl: str) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def attention_impl(impl: str, interpret: bool = False) -> Iterator[None]:
     """``with attention_impl("fused"): ...`` sets the attention path inside the block only."""
-    return _temporarily(set_attention_impl, get_attention_impl, impl)
+    previous = (_attention_impl, _splash_interpret)
+    set_attention_impl(impl, interpret)
+    try:
+        yield
+    finally:
+        set_attention_impl(*previous)
 
 
 @contextlib.contextmanager
@@ -442,3 +462,86 @@ def use_explicit_attention(platform: str | None = None) -> bool:
     if _attention_impl == "auto":
         return (platform or jax.default_backend()) == "cpu"
     return _attention_impl == "explicit"
+
+
+# ---------------------------------------------------------------------------
+# Fused attention kernels of the accelerators
+# ---------------------------------------------------------------------------
+
+_log = logging.getLogger("jaxvit")
+_SPLASH_BLOCK = 128  # Splash's default tiles: the sequence is padded to a multiple
+
+
+def log_fallback_once(kernel: str, reason: str, level: int = logging.INFO) -> None:
+    """Logs (once per kernel and reason) why attention takes XLA's path instead of ``kernel``."""
+    if (kernel, reason) not in _fallbacks_logged:
+        _fallbacks_logged.add((kernel, reason))
+        _log.log(level, "%s attention not used, XLA's instead: %s", kernel, reason)
+
+
+_fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def splash_refusal(q: Array, bias: Array | None) -> str | None:
+    """Why Splash attention cannot compute ``q`` ``(N, H, T, Dh)`` with ``bias``; None when it can."""
+    if bias is not None:
+        return "an additive bias on the logits (BEiT's relative positions): Splash takes masks only"
+    return None
+
+
+def cudnn_refusal(q: Array, bias: Array | None) -> str | None:
+    """Why cuDNN's fused attention cannot compute ``q`` ``(N, H, T, Dh)``; None when it can."""
+    if q.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN attention computes in bfloat16 or float16, the model in {q.dtype}"
+    if q.shape[-1] > 128 or q.shape[-1] % 8:
+        return f"head size {q.shape[-1]}: cuDNN attention takes multiples of 8 up to 128"
+    return None
+
+
+def splash_attention(q: Array, k: Array, v: Array, interpret: bool = False) -> Array:
+    """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh)) v`` by Pallas's Splash kernel.
+
+    The sequence is padded to a multiple of 128 (the kernel's tiles) and the padded keys are
+    masked out, so any length works (197, 257, registers). A TPU kernel; ``interpret=True`` runs
+    it on any platform, for tests. Under a mesh (``jax.set_mesh``, as jaxvit's train and eval
+    steps trace) it runs per device on the batch split over every mesh axis.
+    """
+    n, h, t, d = q.shape
+    padded = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
+    kernel = jax.vmap(_splash_kernel(h, t, padded, interpret))
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - t), (0, 0)))  # noqa: E731
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        # XLA cannot partition a Pallas kernel: each device runs it on its share of the batch,
+        # split over every axis of the mesh the step is traced under (jaxvit's batch sharding).
+        batch = jax.sharding.PartitionSpec(mesh.axis_names)
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(batch,) * 3, out_specs=batch, check_vma=False)
+    return kernel(pad(q), pad(k), pad(v))[:, :, :t]
+
+
+@functools.cache
+def _splash_kernel(heads: int, length: int, padded: int, interpret: bool) -> Callable[..., Array]:
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    valid_keys = np.zeros((padded, padded), bool)
+    valid_keys[:, :length] = True
+    # The kernel holds its mask tables as arrays: made concrete, so that the cache outlives the trace.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(
+            masks.MultiHeadMask([masks.NumpyMask(valid_keys)] * heads),
+            block_sizes=splash.BlockSizes.get_default(),
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, bias: Array | None = None) -> Array:
+    """``(N, T, H, Dh)`` x3 -> ``(N, T, H, Dh)``: ``jax.nn.dot_product_attention`` on cuDNN's kernel.
+
+    Raises ``RuntimeError`` where this process has no cuDNN (a CPU or TPU jaxlib)."""
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=None if bias is None else bias[None], implementation="cudnn"
+    )

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxvit import ops
 from jaxvit import plan as planner
 from jaxvit.training import configs, trainer
 
@@ -93,3 +94,11 @@ def test_without_libtpu_the_planner_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(planner.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"pip install 'jaxvit\[tpu-plan\]'"):
         planner.topology_devices(TOPOLOGY)
+
+
+def test_splash_attention_compiles_into_the_sharded_tpu_step():
+    """XLA cannot partition a Pallas kernel: the steps trace under their mesh and Splash runs per
+    device (shard_map) on the batch split over data and fsdp; without that this compile fails."""
+    with ops.attention_impl("splash"):
+        p = planner.plan(_config(4), TOPOLOGY, max_batch=False)
+    assert p["train"]["fits"] and p["eval"]["fits"]

@@ -3,6 +3,7 @@ DINOv3 and timm's ``Eva``, BEiT's relative position bias)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -181,9 +182,54 @@ def _heads_major_attention(
 
 
 def _fused_attention(qkv: Array, bias: Array | None) -> Array:
-    """``(N, T, 3, H, Dh) -> (N, T, H, Dh)`` through ``jax.nn.dot_product_attention``."""
+    """``(N, T, 3, H, Dh) -> (N, T, H, Dh)`` through ``jax.nn.dot_product_attention`` (XLA's)."""
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
+
+
+def _cudnn_attention(qkv: Array, bias: Array | None, forced: bool) -> Array:
+    """cuDNN's fused attention where ``ops.cudnn_refusal`` and this process allow, else XLA's (logged)."""
+    q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
+    reason = ops.cudnn_refusal(q, bias)
+    if reason is None:
+        try:
+            return ops.cudnn_attention(q, k, v, bias)
+        except RuntimeError as err:  # no cuDNN in this process: a CPU or TPU jaxlib
+            reason = f"{err} (this process cannot trace it)"
+    # "auto" tries cuDNN in every process; only a forced choice is worth a line at INFO.
+    ops.log_fallback_once("cuDNN", reason, logging.INFO if forced else logging.DEBUG)
+    return _fused_attention(qkv, bias)
+
+
+def _splash_attention(qkv: Array, bias: Array | None) -> Array:
+    """Pallas's Splash attention where ``ops.splash_refusal`` allows, else XLA's (logged)."""
+    q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
+    reason = ops.splash_refusal(q, bias)
+    if reason is not None:
+        ops.log_fallback_once("Splash", reason)
+        return _fused_attention(qkv, bias)
+    return jnp.transpose(ops.splash_attention(q, k, v, ops.splash_interpreted()), (0, 2, 1, 3))
+
+
+def attend(qkv: Array, bias: Array | None = None) -> Array:
+    """``(N, T, 3, H, Dh) -> (N, T, H, Dh)``: attention by the path ``ops.set_attention_impl`` chooses,
+    for the platform the function is compiled for (``jax.lax.platform_dependent``)."""
+    impl = ops.get_attention_impl()
+    explicit = lambda qkv: _heads_major_attention(qkv, bias)  # noqa: E731
+    xla = lambda qkv: _fused_attention(qkv, bias)  # noqa: E731
+    cudnn = lambda qkv: _cudnn_attention(qkv, bias, forced=impl == "cudnn")  # noqa: E731
+    splash = lambda qkv: _splash_attention(qkv, bias)  # noqa: E731
+    if impl == "explicit":
+        return explicit(qkv)
+    if impl == "fused":
+        return xla(qkv)
+    if impl == "splash" and ops.splash_interpreted():
+        return splash(qkv)
+    if impl == "auto":
+        return jax.lax.platform_dependent(qkv, cpu=explicit, cuda=cudnn, default=xla)
+    if impl == "cudnn":
+        return jax.lax.platform_dependent(qkv, cuda=cudnn, default=xla)
+    return jax.lax.platform_dependent(qkv, tpu=splash, default=xla)
 
 
 class SelfAttention(nn.Module):
@@ -255,14 +301,10 @@ class SelfAttention(nn.Module):
                 return nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
 
             out = _heads_major_attention(qkv, bias, weights_fn)
-        elif ops.get_attention_impl() == "auto":
-            out = ops.on_cpu(
-                lambda qkv: _heads_major_attention(qkv, bias), lambda qkv: _fused_attention(qkv, bias), qkv
-            )
-        elif ops.get_attention_impl() == "explicit":
-            out = _heads_major_attention(qkv, bias)
-        else:
+        elif self.is_initializing():  # parameters only: no kernel needed, nor a mesh for one
             out = _fused_attention(qkv, bias)
+        else:
+            out = attend(qkv, bias)
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
         out = out.reshape(n, t, d)
         if self.out_norm:

@@ -335,6 +335,18 @@ def compile_steps(
     return train, jit_eval_step(model, mesh, shardings), shardings
 
 
+def _traced_under(mesh: Mesh, fn: Any) -> Any:
+    """``fn`` traced with ``mesh`` as the abstract mesh: kernels XLA cannot partition (Splash
+    attention) then run per device on their share of the batch (``jax.shard_map``)."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def jit_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -347,8 +359,11 @@ def jit_train_step(
     """``train_step`` jitted for ``mesh``: the state (``shardings``) donated, the batch split over
     every device, the key and metrics replicated. Lowered for any mesh's devices (``jaxvit.plan``)."""
     replicated = NamedSharding(mesh, P())
+    step = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, cfg=cfg, patch_size=patch_size
+    )
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule, cfg=cfg, patch_size=patch_size),
+        _traced_under(mesh, step),
         in_shardings=(shardings, batch_sharding(mesh), replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
@@ -358,7 +373,7 @@ def jit_train_step(
 def jit_eval_step(model: nn.Module, mesh: Mesh, shardings: Any) -> Any:
     """``eval_step`` jitted for ``mesh``: parameters as in the state, the batch split, sums replicated."""
     return jax.jit(
-        functools.partial(eval_step, model=model),
+        _traced_under(mesh, functools.partial(eval_step, model=model)),
         in_shardings=(shardings.params, batch_sharding(mesh)),
         out_shardings=NamedSharding(mesh, P()),
     )
