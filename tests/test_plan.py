@@ -15,6 +15,7 @@ import pytest
 
 from jaxvit import ops
 from jaxvit import plan as planner
+from jaxvit.summary import formula_flops
 from jaxvit.training import configs, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -60,10 +61,13 @@ def test_the_state_per_chip_is_the_models_with_and_without_fsdp(plans):
 
 
 def test_the_plan_counts_flops_and_finds_the_collectives_of_each_mesh(plans):
+    model = trainer.validate_config(_config(1), 4)
+    forward = sum(formula_flops(model, 8).values())
     for p in plans.values():
-        # a training step is a forward pass and a backward pass of twice its cost
-        assert 2.5 < p["flops_per_device"] / p["eval_flops_per_device"] < 4.0
-        assert p["step_time_lower_bound_s"] >= p["flops_per_device"] / 197e12
+        assert p["model_flops_per_device"] == 3 * forward * 4  # 4 images per chip
+        # XLA's count: a training step is a forward pass and a backward pass of twice its cost
+        assert 2.5 < p["xla_flops_per_device"] / p["xla_eval_flops_per_device"] < 4.0
+        assert p["step_time_lower_bound_s"] >= p["model_flops_per_device"] / 197e12
     assert "all-reduce" in plans[1]["collectives"] and "all-gather" not in plans[1]["collectives"]
     assert plans[4]["collectives"]["all-gather"]["count"] >= 4  # the sharded kernels, gathered to compute
 
