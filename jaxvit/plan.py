@@ -111,6 +111,8 @@ def _compiled_steps(config: Any, devices: list[Any], batch: int) -> dict[str, An
     from jaxvit.summary import formula_flops
     from jaxvit.training import configs, optim, train_lib, trainer
 
+    if config.get("model_from_checkpoint"):  # as train.py does: the architecture is the checkpoint's
+        config = configs.with_model_fields(config, configs.model_from_init_checkpoint(config)[0])
     model = trainer.validate_config(config, len(devices))
     out: dict[str, Any] = {"forward_flops_per_example": sum(formula_flops(model, config.image_size).values())}
     mesh = train_lib.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)

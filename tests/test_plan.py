@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import jaxvit
 from jaxvit import ops
 from jaxvit import plan as planner
 from jaxvit.summary import formula_flops
@@ -106,3 +107,15 @@ def test_splash_attention_compiles_into_the_sharded_tpu_step():
     with ops.attention_impl("splash"):
         p = planner.plan(_config(4), TOPOLOGY, max_batch=False)
     assert p["train"]["fits"] and p["eval"]["fits"]
+
+
+def test_a_config_that_takes_its_model_from_a_checkpoint_is_planned_with_that_model(plans, tmp_path):
+    wide = jaxvit.create_model(
+        None, num_classes=10, num_channels=1, depth=2, num_heads=2, patch_size=4, **WIDE
+    )
+    params = wide.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    folder = jaxvit.export(params, tmp_path / "wide", "hf", model=wide, image_size=8)
+    config = configs.load_config_file(str(CONFIG))  # width 16: the checkpoint's 64 must win
+    config.init_from, config.model_from_checkpoint = str(folder), True
+    p = planner.plan(config, TOPOLOGY, max_batch=False)
+    assert p["state_bytes_per_device"] == plans[1]["state_bytes_per_device"]
