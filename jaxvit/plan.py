@@ -197,30 +197,61 @@ def _costs(compiled: Any) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
+def _compile_if_it_fits(config: Any, devices: list[Any], batch: int) -> tuple[dict[str, Any] | None, str]:
+    """``(steps, "")``, or ``(None, the compiler's first line)`` where the step does not fit in HBM."""
+    try:
+        return _compiled_steps(config, devices, batch), ""
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return None, str(err).splitlines()[0]
+
+
 def plan(config: Any, topology: str, max_batch: bool = True) -> dict[str, Any]:
     """The plan of ``config`` on ``topology``: a dict of per-device figures (see the module docstring)."""
     devices, chip, per_chip = topology_devices(topology)
-    hbm = chip.hbm_bytes // per_chip
-    steps = _compiled_steps(config, devices, config.batch_size)
-    train = memory(steps["train"])
-    flops, hbm_traffic = _costs(steps["train"])
-    # Forward matmul FLOPs x 3 (the backward pass costs two forwards), as MFU counts them.
-    model_flops = 3 * steps["forward_flops_per_example"] * (config.batch_size // len(devices))
+    n, hbm = len(devices), chip.hbm_bytes // per_chip
+    steps, out_of_memory = _compile_if_it_fits(config, devices, config.batch_size)
     result: dict[str, Any] = {
         "topology": SLICES.get(topology, topology),
-        "devices": len(devices),
+        "devices": n,
         "devices_per_chip": per_chip,
         "hbm_bytes_per_device": hbm,
-        "mesh": {"data": len(devices) // config.mesh.fsdp, "fsdp": config.mesh.fsdp},
+        "mesh": {"data": n // config.mesh.fsdp, "fsdp": config.mesh.fsdp},
         "batch": config.batch_size,
-        "batch_per_device": config.batch_size // len(devices),
+        "batch_per_device": config.batch_size // n,
+    }
+    fitting = config.batch_size
+    if steps is None:
+        result["train"] = {"fits": False, "compiler": out_of_memory}
+        while steps is None and fitting // 2 >= n and (fitting // 2) % n == 0:
+            fitting //= 2
+            steps, _ = _compile_if_it_fits(config, devices, fitting)
+        result["largest_compiled_batch_per_device"] = fitting // n if steps else None
+    else:
+        result.update(_figures(steps, config.batch_size // n, chip, per_chip, hbm))
+    half = fitting // 2
+    if steps is not None and max_batch and half >= n and half % n == 0:
+        total = memory(steps["train"])["total_bytes"]
+        smaller = memory(_compiled_steps(config, devices, half)["train"])["total_bytes"]
+        per_example = (total - smaller) / (fitting - half) * n
+        fixed = total - per_example * (fitting // n)
+        result["max_batch_per_device"] = int((hbm - fixed) // per_example) if per_example > 0 else None
+    return result
+
+
+def _figures(
+    steps: dict[str, Any], batch_per_device: int, chip: Chip, per_chip: int, hbm: int
+) -> dict[str, Any]:
+    """The per-device figures of steps that compiled."""
+    train, evaluate = memory(steps["train"]), memory(steps["eval"])
+    flops, hbm_traffic = _costs(steps["train"])
+    # Forward matmul FLOPs x 3 (the backward pass costs two forwards), as MFU counts them.
+    model_flops = 3 * steps["forward_flops_per_example"] * batch_per_device
+    return {
         "state_bytes_per_device": steps["state_bytes"],
         "train": {**train, "fits": train["total_bytes"] <= hbm, "compile_s": steps["train_compile_s"]},
-        "eval": {
-            **memory(steps["eval"]),
-            "fits": memory(steps["eval"])["total_bytes"] <= hbm,
-            "compile_s": steps["eval_compile_s"],
-        },
+        "eval": {**evaluate, "fits": evaluate["total_bytes"] <= hbm, "compile_s": steps["eval_compile_s"]},
         "model_flops_per_device": model_flops,
         # XLA's cost analysis counts a loop body once: a scanned encoder's blocks count as one.
         "xla_flops_per_device": flops,
@@ -231,22 +262,29 @@ def plan(config: Any, topology: str, max_batch: bool = True) -> dict[str, Any]:
             model_flops / (chip.flops / per_chip), hbm_traffic / (chip.hbm_bandwidth / per_chip)
         ),
     }
-    half = config.batch_size // 2
-    if max_batch and half >= len(devices) and half % len(devices) == 0:
-        smaller = memory(_compiled_steps(config, devices, half)["train"])["total_bytes"]
-        per_example = (train["total_bytes"] - smaller) / (config.batch_size - half) * len(devices)
-        fixed = train["total_bytes"] - per_example * result["batch_per_device"]
-        result["max_batch_per_device"] = int((hbm - fixed) // per_example) if per_example > 0 else None
-    return result
 
 
 def format_plan(p: dict[str, Any]) -> str:
     """The plan as the lines ``python -m jaxvit.plan`` prints."""
     gib = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.1f} MiB"  # noqa: E731
     t = p["train"]
-    lines = [
+    head = (
         f"topology {p['topology']}: {p['devices']} devices ({p['devices_per_chip']} per chip),"
-        f" mesh data={p['mesh']['data']} fsdp={p['mesh']['fsdp']}, batch {p['batch']} ({p['batch_per_device']} per device)",
+        f" mesh data={p['mesh']['data']} fsdp={p['mesh']['fsdp']}, batch {p['batch']} ({p['batch_per_device']} per device)"
+    )
+    if "compiler" in t:  # the TPU compiler refused the step: it does not fit
+        largest = p.get("max_batch_per_device") or p.get("largest_compiled_batch_per_device")
+        return "\n".join(
+            [
+                head,
+                f"train step does NOT fit: {t['compiler']}",
+                f"  largest batch per device that fits: {largest} (estimate)"
+                if largest
+                else "  no batch of at least one example per device fits",
+            ]
+        )
+    lines = [
+        head,
         f"train step per device: arguments {gib(t['argument_bytes'])} (state {gib(p['state_bytes_per_device'])}),"
         f" outputs {gib(t['output_bytes'])} ({gib(t['aliased_bytes'])} donated), temporaries {gib(t['temp_bytes'])}",
         f"  total {gib(t['total_bytes'])} of {gib(p['hbm_bytes_per_device'])} HBM: {'fits' if t['fits'] else 'does NOT fit'}"

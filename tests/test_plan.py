@@ -119,3 +119,21 @@ def test_a_config_that_takes_its_model_from_a_checkpoint_is_planned_with_that_mo
     config.init_from, config.model_from_checkpoint = str(folder), True
     p = planner.plan(config, TOPOLOGY, max_batch=False)
     assert p["state_bytes_per_device"] == plans[1]["state_bytes_per_device"]
+
+
+def test_a_step_too_big_for_the_chip_is_reported_not_raised():
+    """The TPU compiler refuses a step that does not fit. The plan says so and halves the batch
+    until a step compiles; here the state alone (1.6G parameters and Adam's moments) is more than
+    a chip's HBM, so no batch does. (The halving that finds a batch is not run here: the TPU
+    compiler's time grows with the batch, 56 s at 2**17 images of 8 px per chip.)"""
+    config = _config(1)
+    config.model.update(width=4096, mlp_dim=4 * 4096 * 8, num_heads=2)
+    p = planner.plan(config, TOPOLOGY)
+    assert not p["train"]["fits"] and "RESOURCE_EXHAUSTED" in p["train"]["compiler"]
+    assert p["largest_compiled_batch_per_device"] is None
+    lines = planner.format_plan(p).splitlines()
+    assert (
+        lines[1].startswith("train step does NOT fit: RESOURCE_EXHAUSTED")
+        and "exceeds available HBM" in lines[1]
+    )
+    assert lines[2] == "  no batch of at least one example per device fits"
