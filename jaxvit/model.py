@@ -170,64 +170,64 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
         compat.renamed("check_images", "patch_grid")
         return self.patch_grid(images)
 
-    @nn.compact
-    def __call__(
-        self, images: Array, *, train: bool = False, patch_size: int | tuple[int, int] | None = None
-    ) -> Array:
-        """``patch_size`` (FlexiViT): cut the images into patches of this size instead of the
-        model's. The parameters stay those of the model's patch size and grid: the patch kernel is
-        resampled (``resample_patch_embed``, bilinear as big_vision's FlexiViT) and a learned
-        position table, kept at the grid of the model's patch size, resized bilinearly to the new
-        grid, inside the computation."""
-        config = self.config
-        check_config(config)
-        flexi = patch_size is not None and to_pair(patch_size) != to_pair(config.patch_size)
-        if flexi and config.rel_pos_bias != "none":
+    def check_sequence(self, patches: Any, grids: Any, mask: Any) -> int:
+        """The length ``L`` of a patch sequence input: ``patches`` ``(N, L, p*q*C)`` at the model's
+        patch size, ``grids`` ``(N, 2)`` integer ``(h, w)`` and ``mask`` ``(N, L)`` (or None);
+        ``ValueError`` unless they fit the model. Shapes only: that each ``h * w`` fits in ``L``,
+        and that the mask keeps the first ``h * w`` tokens, is the caller's (``jaxvit.naflex``
+        builds such inputs)."""
+        p, q = to_pair(self.patch_size)
+        shape = tuple(np.shape(patches))
+        if len(shape) != 3 or shape[2] != p * q * self.num_channels:
             raise ValueError(
-                f"patch_size={patch_size}: a model with rel_pos_bias={config.rel_pos_bias!r} has tables of"
+                f"patches must have shape (N, L, {p * q * self.num_channels}): {p}x{q} patches of"
+                f" {self.num_channels} channels, got {shape}"
+            )
+        if not jnp.issubdtype(patches.dtype, jnp.floating):
+            raise ValueError(f"patches must be floating point, got dtype {patches.dtype}")
+        if tuple(np.shape(grids)) != (shape[0], 2) or not jnp.issubdtype(grids.dtype, jnp.integer):
+            raise ValueError(
+                f"grids must be integer (h, w) pairs of shape ({shape[0]}, 2), got"
+                f" {tuple(np.shape(grids))} {getattr(grids, 'dtype', type(grids).__name__)}"
+            )
+        if mask is not None and tuple(np.shape(mask)) != shape[:2]:
+            raise ValueError(f"mask must have shape {shape[:2]}, got {tuple(np.shape(mask))}")
+        unsupported = {
+            k: v
+            for k, v in dict(posemb=self.posemb, rel_pos_bias=self.rel_pos_bias, rope=self.rope).items()
+            if v in ("rope", "block", "shared", "axial", "mixed")
+        }
+        if unsupported:
+            raise ValueError(
+                f"patch sequences take a learned or sin-cos position embedding; the model has {unsupported},"
+                " whose tables are of one grid"
+            )
+        return shape[1]
+
+    def _input_grids(
+        self, images: Array, patch_size: Any, grids: Array | None, mask: Array | None
+    ) -> tuple[tuple[int, int], tuple[int, int] | None, int, Array | None]:
+        """``(grid, the learned table's grid, patch tokens, mask)`` of the input: images (at a
+        FlexiViT ``patch_size`` when one is given) or patch sequences (with ``grids``)."""
+        if patch_size and self.rel_pos_bias != "none":
+            raise ValueError(
+                f"patch_size={patch_size}: a model with rel_pos_bias={self.rel_pos_bias!r} has tables of"
                 " its own grid and is not called at another patch size"
             )
-        grid = self.patch_grid(images, patch_size if flexi else None)
-        table_grid = self.patch_grid(images) if flexi else grid
-        n = images.shape[0]
-        common = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        if grids is not None:
+            length = self.check_sequence(images, grids, mask)
+            if mask is None:
+                mask = jnp.arange(length)[None] < jnp.prod(grids, axis=1, keepdims=True)
+            grid, table_grid = (1, length), None  # not one grid: each example's is in grids
+        else:
+            grid = self.patch_grid(images, patch_size or None)
+            table_grid = self.patch_grid(images) if patch_size else grid
+        if self.posemb_grid:
+            table_grid = to_pair(self.posemb_grid)
+        return grid, table_grid, length if grids is not None else grid[0] * grid[1], mask
 
-        # 1. Patch embedding: (N, H, W, C) -> (N, h*w, D)
-        x = PatchEmbed(config.width, config.patch_size, config.patch_bias, name="patch_embed", **common)(
-            images, patch_size=patch_size if flexi else None
-        )
-        sow(self, "intermediates", "patch_tokens", x)
-
-        # 2. Tokens in front, position embedding, registers: -> (N, P + h*w, D)
-        if config.distill_token:  # goes in first, so it ends up behind the class token
-            x = ClassToken(name="dist_token", **common)(x)
-        if config.class_token:
-            x = ClassToken(name="cls_token", **common)(x)
-        prefix = self.num_posemb_prefix_tokens
-        x = PositionEmbedding(grid, config.posemb, prefix, table_grid, name="pos_embed", **common)(x)
-        if config.num_registers:
-            x = RegisterTokens(config.num_registers, prefix, name="registers", **common)(x)
-        x = nn.Dropout(config.dropout)(x, deterministic=not train)
-        chex.assert_shape(x, (n, self.num_prefix_tokens + grid[0] * grid[1], config.width))
-
-        # 3. Encoder: (N, T, D) -> (N, T, D)
-        rope = dict(
-            rope_grid=grid if config.posemb == "rope" or config.rope != "none" else None,
-            rope_prefix_tokens=self.num_prefix_tokens,
-            rel_pos_grid=grid if config.rel_pos_bias != "none" else None,
-            rel_pos_shared=config.rel_pos_bias == "shared",
-        )
-        # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling),
-        # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02), and PE-Spatial
-        # has none (final_norm=False)
-        final_norm = config.pool != "attn_pool" and not config.fc_norm and config.final_norm
-        x = Encoder(**schema.pick(config, Encoder, final_norm=final_norm, **rope), name="encoder")(
-            x, train=train
-        )
-        sow(self, "intermediates", "encoded", x)
-
-        # 4. Head: pooled features -> (N, num_classes)
-        out = Head(
+    def _head(self, config: schema.ViTConfig, common: dict[str, Any]) -> Head:
+        return Head(
             num_classes=config.num_classes,
             pool=config.pool,
             num_prefix_tokens=self.num_prefix_tokens,
@@ -245,7 +245,81 @@ class VisionTransformer(schema.fields_for_model(), nn.Module):
             use_classifier_bias=config.head_bias,
             name="head",
             **common,
-        )(x)
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        images: Array,
+        *,
+        train: bool = False,
+        patch_size: int | tuple[int, int] | None = None,
+        grids: Array | None = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """``patch_size`` (FlexiViT): cut the images into patches of this size instead of the
+        model's. The parameters stay those of the model's patch size and grid: the patch kernel is
+        resampled (``resample_patch_embed``, bilinear as big_vision's FlexiViT) and a learned
+        position table, kept at the grid of the model's patch size, resized bilinearly to the new
+        grid, inside the computation.
+
+        ``grids`` (NaFlex): ``images`` are then patch sequences ``(N, L, p*q*C)``, each example's
+        ``h * w`` patches (``grids[n]``, in ``(h w)`` order) followed by padding, with ``mask``
+        ``(N, L)`` True for the patches (None: the first ``h * w``). Each example gets the position
+        embedding of its own grid (``posemb_grid``: the learned table's), attention and pooling see
+        its patches only, and the padding changes no patch's output. ``(N, L, p*q*C) -> (N, num_classes)``.
+        """
+        config = self.config
+        check_config(config)
+        flexi = patch_size is not None and to_pair(patch_size) != to_pair(config.patch_size)
+        grid, table_grid, length, mask = self._input_grids(images, flexi and patch_size, grids, mask)
+        n = images.shape[0]
+        common = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+
+        # 1. Patch embedding: (N, H, W, C) -> (N, h*w, D), or (N, L, p*q*C) -> (N, L, D)
+        x = PatchEmbed(config.width, config.patch_size, config.patch_bias, name="patch_embed", **common)(
+            images, patch_size=patch_size if flexi else None
+        )
+        sow(self, "intermediates", "patch_tokens", x)
+
+        # 2. Tokens in front, position embedding, registers: -> (N, P + h*w, D)
+        if config.distill_token:  # goes in first, so it ends up behind the class token
+            x = ClassToken(name="dist_token", **common)(x)
+        if config.class_token:
+            x = ClassToken(name="cls_token", **common)(x)
+        prefix = self.num_posemb_prefix_tokens
+        x = PositionEmbedding(grid, config.posemb, prefix, table_grid, name="pos_embed", **common)(
+            x, grids=grids
+        )
+        if config.num_registers:
+            x = RegisterTokens(config.num_registers, prefix, name="registers", **common)(x)
+        x = nn.Dropout(config.dropout)(x, deterministic=not train)
+        chex.assert_shape(x, (n, self.num_prefix_tokens + length, config.width))
+        # the tokens attention and pooling see: every token in front, and each sequence's patches
+        tokens = (
+            None
+            if mask is None
+            else jnp.pad(mask.astype(bool), ((0, 0), (self.num_prefix_tokens, 0)), constant_values=True)
+        )
+
+        # 3. Encoder: (N, T, D) -> (N, T, D)
+        rope = dict(
+            rope_grid=grid if config.posemb == "rope" or config.rope != "none" else None,
+            rope_prefix_tokens=self.num_prefix_tokens,
+            rel_pos_grid=grid if config.rel_pos_bias != "none" else None,
+            rel_pos_shared=config.rel_pos_bias == "shared",
+        )
+        # CoCa's pooler normalises the tokens itself (its ln_post comes after the pooling),
+        # fc_norm moves the final LayerNorm behind the pooling (MAE, BEiT, EVA02), and PE-Spatial
+        # has none (final_norm=False)
+        final_norm = config.pool != "attn_pool" and not config.fc_norm and config.final_norm
+        x = Encoder(**schema.pick(config, Encoder, final_norm=final_norm, **rope), name="encoder")(
+            x, train=train, mask=tokens
+        )
+        sow(self, "intermediates", "encoded", x)
+
+        # 4. Head: pooled features -> (N, num_classes)
+        out = self._head(config, common)(x, tokens)
         pooled = config.pool_width if config.pool == "attn_pool" else None
         chex.assert_shape(
             out, (n, config.num_classes or config.representation_size or pooled or config.width)

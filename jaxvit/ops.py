@@ -489,44 +489,72 @@ def splash_refusal(q: Array, bias: Array | None) -> str | None:
     return None
 
 
-def cudnn_refusal(q: Array, bias: Array | None) -> str | None:
+def cudnn_refusal(q: Array, bias: Array | None, mask: Array | None = None) -> str | None:
     """Why cuDNN's fused attention cannot compute ``q`` ``(N, H, T, Dh)``; None when it can."""
     if q.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"cuDNN attention computes in bfloat16 or float16, the model in {q.dtype}"
     if q.shape[-1] > 128 or q.shape[-1] % 8:
         return f"head size {q.shape[-1]}: cuDNN attention takes multiples of 8 up to 128"
+    if mask is not None:
+        # jax's cuDNN path takes padding as sequence lengths, which a mask of any form is not
+        return "a mask of the keys (a padded sequence): jax's cuDNN attention takes sequence lengths only"
     return None
 
 
-def splash_attention(q: Array, k: Array, v: Array, interpret: bool = False) -> Array:
+def key_mask_bias(mask: Array) -> Array:
+    """``(N, T)`` bool, True for the keys a query may attend -> ``(N, 1, 1, T)`` float32 added to the
+    logits: 0, or a value whose exponential is 0 next to any real logit (finite, so that a sum
+    with another bias stays finite)."""
+    return jnp.where(mask, 0.0, -1e30).astype(jnp.float32)[:, None, None, :]
+
+
+def splash_attention(
+    q: Array, k: Array, v: Array, interpret: bool = False, mask: Array | None = None
+) -> Array:
     """``(N, H, T, Dh)`` x3 -> ``(N, H, T, Dh)``: ``softmax(q k^T / sqrt(Dh)) v`` by Pallas's Splash kernel.
 
     The sequence is padded to a multiple of 128 (the kernel's tiles) and the padded keys are
-    masked out, so any length works (197, 257, registers). A TPU kernel; ``interpret=True`` runs
-    it on any platform, for tests. Under a mesh (``jax.set_mesh``, as jaxvit's train and eval
-    steps trace) it runs per device on the batch split over every mesh axis.
+    masked out, so any length works (197, 257, registers). ``mask`` ``(N, T)`` (a NaFlex
+    sequence's valid tokens) becomes the kernel's segment ids: a valid token attends to the valid
+    ones, a padding token to the padding (never to nothing, which the kernel cannot take). A TPU
+    kernel; ``interpret=True`` runs it on any platform, for tests. Under a mesh (``jax.set_mesh``,
+    as jaxvit's train and eval steps trace) it runs per device on the batch split over every
+    mesh axis.
     """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
     n, h, t, d = q.shape
     padded = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
-    kernel = jax.vmap(_splash_kernel(h, t, padded, interpret))
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, padded - t), (0, 0)))  # noqa: E731
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    kernel = _splash_kernel(h, t, padded, interpret, segmented=mask is not None)
+    args: tuple[Array, ...] = (pad(q), pad(k), pad(v))
+    if mask is None:
+        run = jax.vmap(kernel)
+    else:
+        args = (*args, jnp.pad(mask.astype(jnp.int32), ((0, 0), (0, padded - t))))
+        run = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(q=ids, kv=ids)))
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
         # XLA cannot partition a Pallas kernel: each device runs it on its share of the batch,
         # split over every axis of the mesh the step is traced under (jaxvit's batch sharding).
         batch = jax.sharding.PartitionSpec(mesh.axis_names)
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(batch,) * 3, out_specs=batch, check_vma=False)
-    return kernel(pad(q), pad(k), pad(v))[:, :, :t]
+        run = jax.shard_map(run, mesh=mesh, in_specs=(batch,) * len(args), out_specs=batch, check_vma=False)
+    return run(*args)[:, :, :t]
 
 
 @functools.cache
-def _splash_kernel(heads: int, length: int, padded: int, interpret: bool) -> Callable[..., Array]:
+def _splash_kernel(
+    heads: int, length: int, padded: int, interpret: bool, segmented: bool
+) -> Callable[..., Array]:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    valid_keys = np.zeros((padded, padded), bool)
-    valid_keys[:, :length] = True
+    # With segment ids the padding to the tiles is one more segment (0, as the mask's padding);
+    # without, the padded keys are masked here.
+    valid_keys = np.ones((padded, padded), bool)
+    if not segmented:
+        valid_keys[:, length:] = False
     # The kernel holds its mask tables as arrays: made concrete, so that the cache outlives the trace.
     with jax.ensure_compile_time_eval():
         return splash.make_splash_mha(

@@ -159,6 +159,7 @@ class ViTConfig:
     mlp_norm: bool = option(False, "bool", "architecture", "a LayerNorm inside the MLP, before fc2 (EVA02's sub-LN)", modules=_B)  # fmt: skip
     post_norm: bool = option(False, "bool", "architecture", "each branch's output LayerNormed before its residual, not its input (EVA02-E)", modules=_B)  # fmt: skip
     attn_out_norm: bool = option(False, "bool", "architecture", "a LayerNorm on the attention output, before its projection (EVA-CLIP)", modules=_B)  # fmt: skip
+    posemb_grid: int | tuple[int, int] | None = option(None, "size", "architecture", "posemb='learn': the table's own grid, resized (antialiased bilinear) to each image's grid (NaFlex); None: the images' grid", lo=1, hi=MAX_PATCH, optional=True, applies=lambda c: c.posemb == "learn")  # fmt: skip
     rel_pos_bias: str = option("none", "str", "architecture", "BEiT's relative position bias: 'block', a table per block; 'shared', one for all", choices=REL_POS_BIASES)  # fmt: skip
     gelu_approximate: bool = option(False, "bool", "architecture", "deprecated: activation='gelu_tanh'")
     scan: bool = option(False, "bool", "compute", "blocks stored stacked under encoder/blocks", modules=_E)  # fmt: skip

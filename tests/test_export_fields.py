@@ -95,12 +95,13 @@ VALUES = [
     ("final_norm", dict(final_norm=False)),
     ("final_norm", dict(final_norm=False, pool="gap")),
     ("post_norm", dict(post_norm=True)),
+    ("posemb_grid", dict(posemb_grid=3)),
 ]
 
 # Values of a carried field that a writer refuses by name: its layout has the field, not the value.
 REFUSED_VALUES = {
     ("posemb", "rope"): {"vt", "hf_clip", "hf_siglip", "hf_beit", "timm_beit"},
-    ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip"},
+    ("posemb", "none"): {"vt", "hf", "hf_deit", "hf_dinov2", "hf_clip", "hf_siglip", "hf_siglip2"},
     ("pool", "attn_pool"): {"vt", "timm", "hf_beit", "timm_beit"},
     ("pool", "map"): {"hf_beit", "timm_beit"},
     ("layer_norm_eps", 1e-5): {"timm_eva"},  # written as PE, whose reference grid stays
@@ -224,6 +225,15 @@ def run_hf(path, model, x) -> dict:
         out = {"tokens": tokens, "features": tokens[:, : 1 + model.distill_token].mean(1)}
         if backbone is not peer:
             out["logits"] = peer(px).logits
+    elif arch.startswith("Siglip2"):  # NaFlex: the image as one patch sequence of its whole grid
+        grid = (x.shape[1] // model.patch_size, x.shape[2] // model.patch_size)
+        patches = np.array(jaxvit.patchify(jnp.asarray(x), model.patch_size))
+        result = peer(
+            pixel_values=torch.from_numpy(patches),
+            pixel_attention_mask=torch.ones(patches.shape[:2], dtype=torch.long),
+            spatial_shapes=torch.tensor([grid] * len(x)),
+        )
+        out = {"tokens": result.last_hidden_state, "features": result.pooler_output}
     else:
         result = peer(pixel_values=px)
         out = {"tokens": result.last_hidden_state, "features": result.pooler_output}

@@ -540,6 +540,7 @@ def test_every_registered_format_has_what_the_registry_promises():
             "vt",
             "hf_clip",
             "hf_siglip",
+            "hf_siglip2",
             "hf_deit",
             "hf_dinov2",
             "hf_dinov3",

@@ -450,7 +450,9 @@ def fit_to_model(
     target = target_shapes(model, (h, w))
     p, q = to_pair(model.patch_size)
     flat = layouts.fuse_attention(ckpt.params, model.num_heads, model.pool_heads)
-    flat = _fit_posemb(flat, ckpt, model, target, (h // p, w // q), checkpoint_grid)
+    # a table of its own grid (NaFlex) is resized inside the model, not here
+    table_grid = to_pair(model.posemb_grid) if model.posemb_grid else (h // p, w // q)
+    flat = _fit_posemb(flat, ckpt, model, target, table_grid, checkpoint_grid)
     flat = _fit_rel_pos_tables(flat, ckpt, target, (h // p, w // q), checkpoint_grid)
     flat = _fit_head(flat, ckpt, model, target)
     check_keys(flat, ckpt.unmatched, target, ckpt.path)

@@ -171,26 +171,38 @@ class RelativePositionBias(nn.Module):
 
 
 def _heads_major_attention(
-    qkv: Array, bias: Array | None, weights_fn: Callable[[Array], Array] | None = None
+    qkv: Array,
+    bias: Array | None,
+    weights_fn: Callable[[Array], Array] | None = None,
+    mask: Array | None = None,
 ) -> Array:
     """``(N, T, 3, H, Dh) -> (N, T, H, Dh)`` through ``ops.explicit_attention``."""
     # One transpose of qkv to (3, N, H, T, Dh); split (not indexing) so
     # the backward pass concatenates rather than pads and adds.
     q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
+    if mask is not None:
+        masked = ops.key_mask_bias(mask)
+        bias = masked if bias is None else bias[None].astype(jnp.float32) + masked
     # Without a reader of the weights, explicit_attention normalizes after the product with v.
     return jnp.transpose(ops.explicit_attention(q, k, v, weights_fn, bias=bias), (0, 2, 1, 3))
 
 
-def _fused_attention(qkv: Array, bias: Array | None) -> Array:
+def _fused_attention(qkv: Array, bias: Array | None, mask: Array | None = None) -> Array:
     """``(N, T, 3, H, Dh) -> (N, T, H, Dh)`` through ``jax.nn.dot_product_attention`` (XLA's)."""
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
-    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[None])
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias=None if bias is None else bias[None],
+        mask=None if mask is None else mask[:, None, None, :],
+    )
 
 
-def _cudnn_attention(qkv: Array, bias: Array | None, forced: bool) -> Array:
+def _cudnn_attention(qkv: Array, bias: Array | None, mask: Array | None, forced: bool) -> Array:
     """cuDNN's fused attention where ``ops.cudnn_refusal`` and this process allow, else XLA's (logged)."""
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
-    reason = ops.cudnn_refusal(q, bias)
+    reason = ops.cudnn_refusal(q, bias, mask)
     if reason is None:
         try:
             return ops.cudnn_attention(q, k, v, bias)
@@ -198,27 +210,33 @@ def _cudnn_attention(qkv: Array, bias: Array | None, forced: bool) -> Array:
             reason = f"{err} (this process cannot trace it)"
     # "auto" tries cuDNN in every process; only a forced choice is worth a line at INFO.
     ops.log_fallback_once("cuDNN", reason, logging.INFO if forced else logging.DEBUG)
-    return _fused_attention(qkv, bias)
+    return _fused_attention(qkv, bias, mask)
 
 
-def _splash_attention(qkv: Array, bias: Array | None) -> Array:
+def _splash_attention(qkv: Array, bias: Array | None, mask: Array | None) -> Array:
     """Pallas's Splash attention where ``ops.splash_refusal`` allows, else XLA's (logged)."""
     q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0))
     reason = ops.splash_refusal(q, bias)
     if reason is not None:
         ops.log_fallback_once("Splash", reason)
-        return _fused_attention(qkv, bias)
-    return jnp.transpose(ops.splash_attention(q, k, v, ops.splash_interpreted()), (0, 2, 1, 3))
+        return _fused_attention(qkv, bias, mask)
+    out = ops.splash_attention(q, k, v, ops.splash_interpreted(), mask=mask)
+    return jnp.transpose(out, (0, 2, 1, 3))
 
 
-def attend(qkv: Array, bias: Array | None = None) -> Array:
+def attend(qkv: Array, bias: Array | None = None, mask: Array | None = None) -> Array:
     """``(N, T, 3, H, Dh) -> (N, T, H, Dh)``: attention by the path ``ops.set_attention_impl`` chooses,
-    for the platform the function is compiled for (``jax.lax.platform_dependent``)."""
+    for the platform the function is compiled for (``jax.lax.platform_dependent``).
+
+    ``bias``: ``(H, T, T)`` added to the logits; ``mask``: ``(N, T)`` bool, the keys each query may
+    attend to (a padded sequence's valid tokens). A padding query's output is computed like any
+    other and means nothing; the valid tokens' outputs do not depend on the padding.
+    """
     impl = ops.get_attention_impl()
-    explicit = lambda qkv: _heads_major_attention(qkv, bias)  # noqa: E731
-    xla = lambda qkv: _fused_attention(qkv, bias)  # noqa: E731
-    cudnn = lambda qkv: _cudnn_attention(qkv, bias, forced=impl == "cudnn")  # noqa: E731
-    splash = lambda qkv: _splash_attention(qkv, bias)  # noqa: E731
+    explicit = lambda qkv: _heads_major_attention(qkv, bias, mask=mask)  # noqa: E731
+    xla = lambda qkv: _fused_attention(qkv, bias, mask)  # noqa: E731
+    cudnn = lambda qkv: _cudnn_attention(qkv, bias, mask, forced=impl == "cudnn")  # noqa: E731
+    splash = lambda qkv: _splash_attention(qkv, bias, mask)  # noqa: E731
     if impl == "explicit":
         return explicit(qkv)
     if impl == "fused":
@@ -269,8 +287,9 @@ class SelfAttention(nn.Module):
     kernel_init: Any = nn.initializers.xavier_uniform()
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array | None = None) -> Array:
-        """``bias``: ``(heads, T, T)`` added to the logits besides the module's own (BEiT's shared table)."""
+    def __call__(self, x: Array, bias: Array | None = None, mask: Array | None = None) -> Array:
+        """``bias``: ``(heads, T, T)`` added to the logits besides the module's own (BEiT's shared
+        table). ``mask``: ``(N, T)`` bool, the tokens that may be attended to (see ``attend``)."""
         n, t, d = x.shape
         check_heads(d, self.num_heads)
         head_dim = d // self.num_heads
@@ -292,6 +311,8 @@ class SelfAttention(nn.Module):
             bias = own if bias is None else bias + own
         if bias is not None:
             chex.assert_shape(bias, (self.num_heads, t, t))
+        if mask is not None:
+            chex.assert_shape(mask, (n, t))
         dropout_active = self.attention_dropout > 0.0 and not self.deterministic
         want_weights = self.is_mutable_collection("attention") and not self.is_initializing()
         if dropout_active or want_weights:
@@ -300,11 +321,11 @@ class SelfAttention(nn.Module):
                 sow(self, "attention", "weights", weights)
                 return nn.Dropout(self.attention_dropout)(weights, deterministic=self.deterministic)
 
-            out = _heads_major_attention(qkv, bias, weights_fn)
+            out = _heads_major_attention(qkv, bias, weights_fn, mask)
         elif self.is_initializing():  # parameters only: no kernel needed, nor a mesh for one
-            out = _fused_attention(qkv, bias)
+            out = _fused_attention(qkv, bias, mask)
         else:
-            out = attend(qkv, bias)
+            out = attend(qkv, bias, mask)
         chex.assert_shape(out, (n, t, self.num_heads, head_dim))
         out = out.reshape(n, t, d)
         if self.out_norm:

@@ -36,7 +36,8 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
     timm Eva's rotary embedding where ``rope_grid`` is set (DINOv3's when it is ``"none"``).
 
     Called as ``block(x, drop_path_rate) -> (x, None)``, the form ``nn.scan``
-    wants; the rate is an array so scanned blocks can each have their own.
+    wants; the rate is an array so scanned blocks can each have their own. ``mask`` ``(N, T)``:
+    the tokens attention may attend to (a padded sequence's valid ones).
     """
 
     use_drop_path: bool = False
@@ -46,7 +47,9 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, drop_path_rate: Array, attn_bias: Array | None = None) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, drop_path_rate: Array, attn_bias: Array | None = None, mask: Array | None = None
+    ) -> tuple[Array, None]:
         chex.assert_rank(x, 3)
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         common = dict(deterministic=self.deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -84,7 +87,7 @@ class EncoderBlock(schema.fields_for(schema.BLOCK), nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             name="attn",
             **common,
-        )(y, bias=attn_bias)
+        )(y, bias=attn_bias, mask=mask)
         x = residual(x, y, "ls1", "norm1")
         y = x if self.post_norm else nn.LayerNorm(name="norm2", **norm)(x)
         check_choice("mlp_type", self.mlp_type, schema.MLP_TYPES)
@@ -121,7 +124,8 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     BEiT's relative position bias (a table per block, for one class token in front; with
     ``rel_pos_shared``, one table under ``rel_pos_bias`` that every block adds).
     ``final_norm=False`` leaves out the final LayerNorm (CoCa's attentional pooler normalises
-    the tokens itself). Its options are the schema's encoder fields
+    the tokens itself). ``mask`` ``(N, T)`` bool: the tokens attention may attend to, in every
+    block (a padded sequence's valid tokens). Its options are the schema's encoder fields
     (``schema.names(module="encoder")``), with the schema's defaults:
     ``Encoder(depth=2, num_heads=4)`` composes on its own.
     """
@@ -133,8 +137,10 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
     final_norm: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, *, train: bool = False, mask: Array | None = None) -> Array:
         chex.assert_rank(x, 3)
+        if mask is not None:
+            chex.assert_shape(mask, x.shape[:2])
         check_choice("remat_policy", self.remat_policy, schema.REMAT_POLICIES)
         check_choice("block_loop", self.block_loop, schema.BLOCK_LOOPS)
         norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -161,16 +167,16 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
                 block_cls,
                 variable_axes={"params": 0, "intermediates": 0, "attention": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast),
                 length=self.depth,
             )
-            x, _ = stack(name="blocks", **kw)(x, rates, shared)
+            x, _ = stack(name="blocks", **kw)(x, rates, shared, mask)
         elif self._loop_over_stacked_blocks(train):
-            x = self._scan_unrolled_blocks(x, rates, train, kw, shared)
+            x = self._scan_unrolled_blocks(x, rates, train, kw, shared, mask)
         else:
             block_cls = self._remat(EncoderBlock, self._remat_policy(scanned=False), prevent_cse=True)
             for i in range(self.depth):
-                x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i], shared)
+                x, _ = block_cls(name=f"block_{i}", **kw)(x, rates[i], shared, mask)
         return nn.LayerNorm(name="norm", **norm)(x) if self.final_norm else x
 
     def _remat_policy(self, scanned: bool) -> str:
@@ -193,7 +199,13 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
         return self.block_loop == "scan" or train
 
     def _scan_unrolled_blocks(
-        self, x: Array, rates: Array, train: bool, kw: dict[str, Any], shared: Array | None
+        self,
+        x: Array,
+        rates: Array,
+        train: bool,
+        kw: dict[str, Any],
+        shared: Array | None,
+        mask: Array | None,
     ) -> Array:
         """The ``block_{i}`` parameters stacked and run as one ``lax.scan``: XLA compiles one block,
         and the backward pass keeps a third of the memory (benchmarks/README.md). Same parameters,
@@ -216,7 +228,7 @@ class Encoder(schema.fields_for(schema.ENCODER), nn.Module):
         def one_block(x: Array, inputs: tuple[Any, Array, Array]) -> tuple[Array, None]:
             block_params, rate, key = inputs
             rngs = {"dropout": key} if needs_rng else {}
-            return block.apply({"params": block_params}, x, rate, shared, rngs=rngs)[0], None
+            return block.apply({"params": block_params}, x, rate, shared, mask, rngs=rngs)[0], None
 
         policy = self._remat_policy(scanned=True)
         if policy != "none":

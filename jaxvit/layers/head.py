@@ -23,7 +23,8 @@ POOLINGS = schema.POOLINGS
 
 
 class MAPHead(nn.Module):
-    """``(N, T, D) -> (N, D)``: multi-head attention pooling with a learned probe."""
+    """``(N, T, D) -> (N, D)``: multi-head attention pooling with a learned probe (of the tokens
+    ``mask`` ``(N, T)`` keeps, when given)."""
 
     num_heads: int
     mlp_dim: int | None = None
@@ -33,7 +34,7 @@ class MAPHead(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         n, _, d = x.shape
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
         probe = jnp.broadcast_to(probe.astype(self.dtype), (n, 1, d))
@@ -45,7 +46,7 @@ class MAPHead(nn.Module):
             qkv_dot_general=ops.dot_general,
             out_dot_general=ops.dot_general,
             name="attn",
-        )(probe, x)
+        )(probe, x, mask=None if mask is None else mask[:, None, None, :])
         z = nn.LayerNorm(
             epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )(y)
@@ -77,7 +78,7 @@ class AttentionalPooler(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
         chex.assert_rank(x, 3)
         check_attn_pool_heads(self.width, self.num_heads)
         n = x.shape[0]
@@ -99,7 +100,7 @@ class AttentionalPooler(nn.Module):
             qkv_dot_general=ops.dot_general,
             out_dot_general=ops.dot_general,
             name="attn",
-        )(query, context)
+        )(query, context, mask=None if mask is None else mask[:, None, None, :])
         y = nn.LayerNorm(name="norm_out", **norm)(y)
         chex.assert_shape(y, (n, self.num_queries, self.width))
         return y
@@ -121,7 +122,9 @@ class Head(nn.Module):
     token 1 is the distillation token, with its own ``dist_classifier``; the
     logits are the mean of both classifiers' and the features the mean of both
     tokens, as timm's distilled models and transformers'
-    ``DeiTForImageClassificationWithTeacher`` give them at inference.
+    ``DeiTForImageClassificationWithTeacher`` give them at inference. ``mask`` ``(N, P + S)``
+    bool: the tokens that count (a padded sequence's valid ones) for ``"gap"``, ``"map"`` and
+    ``"attn_pool"``; the class token is valid by construction.
     """
 
     num_classes: int
@@ -144,8 +147,10 @@ class Head(nn.Module):
     bias_init: float | None = None  # deprecated name of classifier_bias, until jaxvit 0.3
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        n, _, d = x.shape
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        n, t, d = x.shape
+        if mask is not None:
+            chex.assert_shape(mask, (n, t))
         classifier_bias = self.classifier_bias
         if self.bias_init is not None:
             compat.renamed("Head.bias_init", "classifier_bias")
@@ -158,7 +163,11 @@ class Head(nn.Module):
             check_pool_has_token(self.pool, self.num_prefix_tokens >= 1)
             x = x[:, 0]
         elif self.pool == "gap":
-            x = jnp.mean(x[:, self.num_prefix_tokens :], axis=1)
+            if mask is None:
+                x = jnp.mean(x[:, self.num_prefix_tokens :], axis=1)
+            else:
+                keep = mask[:, self.num_prefix_tokens :, None].astype(x.dtype)
+                x = jnp.sum(x[:, self.num_prefix_tokens :] * keep, axis=1) / jnp.sum(keep, axis=1)
         elif self.pool == "map":
             x = MAPHead(
                 num_heads=self.pool_heads or self.num_heads,
@@ -168,7 +177,7 @@ class Head(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="map",
-            )(x)
+            )(x, mask)
         elif self.pool == "attn_pool":
             d = self.pool_width or d
             x = AttentionalPooler(
@@ -179,7 +188,7 @@ class Head(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="attn_pool",
-            )(x)[:, 0]
+            )(x, mask)[:, 0]
         else:
             check_choice("pool", self.pool, POOLINGS)
         chex.assert_shape(x, (n, d))

@@ -74,7 +74,9 @@ class PatchEmbed(nn.Module):
     checkpoints load unchanged; it is applied as one matmul on ``patchify``.
     ``use_bias=False`` leaves out the bias (CLIP's patch embedding has none).
     Called with another ``patch_size`` (FlexiViT), the kernel, still ``(p, q, C, D)``, is
-    resampled to it first (``resample_patch_embed``, ``FLEXI_RESAMPLE``).
+    resampled to it first (``resample_patch_embed``, ``FLEXI_RESAMPLE``). Called with patches
+    ``(N, L, p*q*C)`` (NaFlex's sequences, in ``patchify``'s ``(p q c)`` order), it embeds them:
+    ``(N, L, D)``.
     """
 
     width: int
@@ -88,19 +90,32 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images: Array, patch_size: PatchSize | None = None) -> Array:
         p, q = to_pair(self.patch_size)
-        chex.assert_rank(images, 4)
-        n, height, width, c = images.shape
+        if images.ndim == 3:  # already patches
+            n, length, features = images.shape
+            if features % (p * q) or patch_size is not None and to_pair(patch_size) != (p, q):
+                raise ValueError(
+                    f"patches of {features} values are not {p}x{q} patches of whole channels (and a"
+                    f" patch sequence is embedded at the model's patch size, got patch_size={patch_size})"
+                )
+            c = features // (p * q)
+            patches = images
+        else:
+            chex.assert_rank(images, 4)
+            n, height, width, c = images.shape
+            length = (height // p) * (width // q)
         kernel = self.param("kernel", self.kernel_init, (p, q, c, self.width), self.param_dtype)
-        if patch_size is not None and to_pair(patch_size) != (p, q):
-            kernel = resample_patch_embed(kernel, patch_size, FLEXI_RESAMPLE)
-            p, q = to_pair(patch_size)
-        patches = patchify(images, (p, q))
+        if images.ndim == 4:
+            if patch_size is not None and to_pair(patch_size) != (p, q):
+                kernel = resample_patch_embed(kernel, patch_size, FLEXI_RESAMPLE)
+                p, q = to_pair(patch_size)
+                length = (height // p) * (width // q)
+            patches = patchify(images, (p, q))
         patches, kernel = promote_dtype(patches, kernel, dtype=self.dtype)
         tokens = ops.dot_general(patches, kernel.reshape(p * q * c, self.width), (((2,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.width,), self.param_dtype)
             tokens = ops.add_bias(tokens, bias.astype(tokens.dtype))
-        chex.assert_shape(tokens, (n, (height // p) * (width // q), self.width))
+        chex.assert_shape(tokens, (n, length, self.width))
         return tokens
 
 

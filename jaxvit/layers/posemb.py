@@ -108,15 +108,69 @@ def resample_posemb(
     return jnp.concatenate([prefix, resized], axis=1)
 
 
+def sequence_positions(grids: Array, length: int) -> Array:
+    """``(N, 2)`` patch grids ``(h, w)`` -> ``(N, length, 2)`` int32 ``(row, column)`` of each token of
+    a patch sequence in its image's grid (tokens in ``(h w)`` order), ``(0, 0)`` for the padding
+    behind the ``h * w`` patches. Works on traced grids."""
+    index = jnp.arange(length, dtype=jnp.int32)[None]
+    h, w = (grids[:, i : i + 1].astype(jnp.int32) for i in (0, 1))
+    positions = jnp.stack([index // w, index % w], axis=-1)
+    return positions * (index < h * w)[..., None]
+
+
+def _bilinear_antialias_weights(in_size: int, out_sizes: Array, index: Array) -> Array:
+    """``(N, L, in_size)`` float32 weights of ``torch.nn.functional.interpolate(mode="bilinear",
+    align_corners=False, antialias=True)`` (and ``jax.image.resize``'s antialiased bilinear) along
+    one axis: output position ``index`` ``(N, L)`` of an output of ``out_sizes`` ``(N, 1)``, traced."""
+    scale = jnp.float32(in_size) / out_sizes.astype(jnp.float32)
+    support = jnp.maximum(scale, 1.0)[..., None]
+    center = (index.astype(jnp.float32) + 0.5) * scale - 0.5
+    source = jnp.arange(in_size, dtype=jnp.float32)
+    weights = jnp.maximum(1.0 - jnp.abs(source - center[..., None]) / support, 0.0)
+    return weights / weights.sum(-1, keepdims=True)
+
+
+def resize_posemb_to_grids(table: Array, table_grid: tuple[int, int], grids: Array, length: int) -> Array:
+    """``(G, D)`` rows of a learned table of ``table_grid`` -> ``(N, length, D)``: each example's own
+    resize of the table to its grid ``grids[n]`` (antialiased bilinear, NaFlex's: big_vision's
+    ``jax.image.scale_and_translate``, transformers' ``Siglip2VisionEmbeddings``), row by row of
+    its patch sequence; the padding gets the first row. Static shapes: under ``jit`` the grids
+    may be traced. Computed in float32."""
+    chex.assert_shape(table, (table_grid[0] * table_grid[1], None))
+    positions = sequence_positions(grids, length)
+    rows, cols = (
+        _bilinear_antialias_weights(table_grid[i], grids[:, i : i + 1], positions[..., i]) for i in (0, 1)
+    )
+    weights = (rows[..., :, None] * cols[..., None, :]).reshape(*positions.shape[:2], -1)
+    resized = jnp.einsum("nlg,gd->nld", weights, table.astype(jnp.float32), precision="highest")
+    return resized.astype(table.dtype)
+
+
+def posemb_sincos_2d_at(
+    positions: Array, width: int, temperature: float = 10_000.0, kind: str = "sincos2d"
+) -> Array:
+    """``posemb_sincos_2d`` at given ``(row, column)`` ``positions`` ``(N, L, 2)`` -> ``(N, L, width)``
+    float32, for patch sequences (traced positions)."""
+    check_sincos_width(width, kind)
+    steps = width // 4 if kind == "sincos2d_mae" else max(width // 4 - 1, 1)
+    omega = jnp.asarray(1.0 / temperature ** (np.arange(width // 4) / steps), jnp.float32)
+    y, x = (positions[..., i : i + 1].astype(jnp.float32) * omega for i in (0, 1))
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
+
+
 class PositionEmbedding(nn.Module):
     """``(N, P + h*w, D) -> (N, P + h*w, D)``: adds a position embedding.
 
     ``kind="learn"`` holds a parameter ``(1, P + h*w, D)`` drawn from
     normal(0.02), with a slot for each of the ``num_prefix_tokens`` in front (with ``table_grid``,
-    FlexiViT's: the table is kept at that grid and resized bilinearly to ``grid``);
+    FlexiViT's and NaFlex's: the table is kept at that grid and resized, antialiased bilinear, to
+    ``grid``);
     ``kind="sincos2d"`` (or MAE's ``"sincos2d_mae"``) adds a fixed embedding (zeros in the prefix
     slots);
     ``"rope"`` (rotary, applied in attention) and ``"none"`` add nothing here.
+    Called with ``grids`` ``(N, 2)``, the tokens are ``(N, P + L, D)``: patch sequences, each
+    example's ``h * w`` patches then padding, and each example gets the embedding of its own grid
+    (a learned table needs ``table_grid``; see ``resize_posemb_to_grids``).
     """
 
     grid: tuple[int, int]
@@ -127,34 +181,47 @@ class PositionEmbedding(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: Array) -> Array:
+    def __call__(self, tokens: Array, grids: Array | None = None) -> Array:
         n, t, d = tokens.shape
         h, w = self.grid
-        chex.assert_shape(tokens, (n, self.num_prefix_tokens + h * w, d))
-        if self.kind == "learn":
-            table = tuple(self.table_grid or self.grid)
-            shape = (1, self.num_prefix_tokens + table[0] * table[1], d)
-            if self.has_variable("params", "embedding"):
-                stored = self.get_variable("params", "embedding").shape
-                if tuple(stored) != shape:
-                    raise ValueError(
-                        f"the position embedding has shape {tuple(stored)} but these images give"
-                        f" {h}x{w} patches, which need {shape}: resample it with"
-                        " jaxvit.resample_posemb (load_pretrained does this for you)"
-                    )
-            posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
-            if table != (h, w):  # FlexiViT: the table follows the grid of the patch size asked for
-                prefix, rows = posemb[:, : self.num_prefix_tokens], posemb[0, self.num_prefix_tokens :]
-                rows = jax.image.resize(rows.reshape(*table, d), (h, w, d), "bilinear", antialias=True)
-                posemb = jnp.concatenate([prefix, rows.reshape(1, h * w, d)], axis=1)
-        elif self.kind in ("rope", "none"):
+        prefix = self.num_prefix_tokens
+        if grids is None:
+            chex.assert_shape(tokens, (n, prefix + h * w, d))
+        if self.kind in ("rope", "none"):
             return tokens.astype(self.dtype)  # rope rotates queries and keys in attention instead
-        elif self.kind in schema.SINCOS_POSEMBS:
-            posemb = posemb_sincos_2d(
-                (h, w), d, dtype=self.param_dtype, num_prefix_tokens=self.num_prefix_tokens, kind=self.kind
+        if self.kind in schema.SINCOS_POSEMBS:
+            if grids is not None:
+                rows = posemb_sincos_2d_at(sequence_positions(grids, t - prefix), d, kind=self.kind)
+                posemb = jnp.pad(rows.astype(self.param_dtype), ((0, 0), (prefix, 0), (0, 0)))
+            else:
+                posemb = posemb_sincos_2d(
+                    (h, w), d, dtype=self.param_dtype, num_prefix_tokens=prefix, kind=self.kind
+                )
+            return tokens.astype(self.dtype) + posemb.astype(self.dtype)
+        check_choice("posemb", self.kind, schema.POSEMBS)
+        if grids is not None and self.table_grid is None:
+            raise ValueError(
+                "patch sequences need the learned position table's own grid: set the model's"
+                " posemb_grid (NaFlex's), which every sequence's grid is resized from"
             )
-        else:
-            check_choice("posemb", self.kind, schema.POSEMBS)
+        table = tuple(self.table_grid or self.grid)
+        shape = (1, prefix + table[0] * table[1], d)
+        if self.has_variable("params", "embedding"):
+            stored = self.get_variable("params", "embedding").shape
+            if tuple(stored) != shape:
+                raise ValueError(
+                    f"the position embedding has shape {tuple(stored)} but these images give"
+                    f" {h}x{w} patches, which need {shape}: resample it with"
+                    " jaxvit.resample_posemb (load_pretrained does this for you)"
+                )
+        posemb = self.param("embedding", nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+        if grids is not None:
+            rows = resize_posemb_to_grids(posemb[0, prefix:], table, grids, t - prefix)
+            posemb = jnp.concatenate([jnp.broadcast_to(posemb[:, :prefix], (n, prefix, d)), rows], axis=1)
+        elif table != (h, w):  # FlexiViT, NaFlex: the table follows the grid of the images
+            head, rows = posemb[:, :prefix], posemb[0, prefix:]
+            rows = jax.image.resize(rows.reshape(*table, d), (h, w, d), "bilinear", antialias=True)
+            posemb = jnp.concatenate([head, rows.reshape(1, h * w, d)], axis=1)
         return tokens.astype(self.dtype) + posemb.astype(self.dtype)
 
 

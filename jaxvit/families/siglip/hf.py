@@ -39,6 +39,7 @@ EXAMPLE = dict(num_classes=0, pool="map", class_token=False)
 PREPROCESSING = SIGLIP_HF
 TOWER = "vision_model."
 _IN_PROJ = "head.attention.in_proj_"
+_PATCH = "embeddings.patch_embedding.weight"
 RULES = tuple(
     layouts.torch_rules("embeddings.patch_embedding", "patch_embed", "conv")
     + [layouts.Rule("embeddings.position_embedding.weight", "pos_embed/embedding", "table")]
@@ -55,10 +56,11 @@ RULES = tuple(
 
 
 def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
-    """A state dict with SigLIP's image-tower names: a patch embedding and no class embedding."""
-    names = ("embeddings.patch_embedding.weight", "embeddings.class_embedding")
-    patch, cls = ((k in arrays or TOWER + k in arrays) for k in names)
-    return kind == "state_dict" and patch and not cls
+    """A state dict with SigLIP's image-tower names: a conv patch embedding (SigLIP 2 NaFlex's is a
+    ``Linear``) and no class embedding."""
+    patch = arrays.get(_PATCH, arrays.get(TOWER + _PATCH))
+    cls = any(k in arrays for k in ("embeddings.class_embedding", TOWER + "embeddings.class_embedding"))
+    return kind == "state_dict" and patch is not None and np.ndim(patch) == 4 and not cls
 
 
 def split_in_proj(arrays: Mapping[str, np.ndarray]) -> Flat:
@@ -155,8 +157,15 @@ def guess_fields(ckpt: Checkpoint) -> dict[str, Any]:
 
 def exports(model: VisionTransformer) -> bool:
     """Whether ``format="hf"`` writes ``model`` as a SigLIP tower: attention pooling, no class token
-    (and neither CLIP's norm before the blocks nor DINOv3's rotary embedding)."""
-    return model.pool == "map" and not model.class_token and not model.pre_norm and model.posemb != "rope"
+    (and neither CLIP's norm before the blocks, DINOv3's rotary embedding nor a table of its own
+    grid, which SigLIP 2 NaFlex's writer takes)."""
+    return (
+        model.pool == "map"
+        and not model.class_token
+        and not model.pre_norm
+        and model.posemb != "rope"
+        and model.posemb_grid is None
+    )
 
 
 def export_config(model: VisionTransformer, size: tuple[int, int]) -> dict[str, Any]:
@@ -178,10 +187,8 @@ def export_config(model: VisionTransformer, size: tuple[int, int]) -> dict[str, 
     }
 
 
-def write(
-    flat: Flat, model: VisionTransformer, size: tuple[int, int], path: Path, labels: Sequence[str] | None
-) -> Path:
-    """jaxvit params (flat, unrolled) -> a ``SiglipVisionModel`` folder at ``path``."""
+def state_dict(flat: Flat, model: VisionTransformer, size: tuple[int, int]) -> Flat:
+    """jaxvit params (flat, unrolled) -> a SigLIP image tower's state dict (``vision_model.`` keys)."""
     wrong = {
         k: getattr(model, k)
         for k, v in dict(
@@ -199,7 +206,14 @@ def write(
             f" has no classifier, biases everywhere, a square image and patch; the model has {wrong}"
         )
     out = layouts.rename_back(layouts.split_attention(flat, model.num_heads, "flat", "flat"), RULES, "SigLIP")
-    out = {TOWER + k: v for k, v in join_in_proj(out).items()}
+    return {TOWER + k: v for k, v in join_in_proj(out).items()}
+
+
+def write(
+    flat: Flat, model: VisionTransformer, size: tuple[int, int], path: Path, labels: Sequence[str] | None
+) -> Path:
+    """jaxvit params (flat, unrolled) -> a ``SiglipVisionModel`` folder at ``path``."""
+    out = state_dict(flat, model, size)
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "config.json", "w") as f:
         json.dump(export_config(model, size), f, indent=2)
