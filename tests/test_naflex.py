@@ -207,3 +207,45 @@ def test_splash_takes_the_padding_mask_forward_and_backward():
     # the gradient reaches the valid tokens only, as the reference's does
     np.testing.assert_allclose(grad, ref_grad, atol=1e-5)
     assert float(jnp.abs(ref_grad[0, 13:]).max()) == 0.0
+
+
+def big_vision_naflex_npz(peer: Siglip2VisionModel, path, scanned: bool = False):
+    """The peer's weights in big_vision's NaFlex layout under ``params/img/`` (plus a text key)."""
+    from test_families_clip_siglip import big_vision_two_tower
+
+    class ConvLayout:  # SigLIP's layout, which the SigLIP test writes for big_vision
+        def state_dict(self):
+            sd = {k.removeprefix("vision_model."): v for k, v in peer.state_dict().items()}
+            weight = sd["embeddings.patch_embedding.weight"]
+            sd["embeddings.patch_embedding.weight"] = weight.reshape(len(weight), PATCH, PATCH, 3).permute(
+                0, 3, 1, 2
+            )
+            return sd
+
+    arrays = big_vision_two_tower(ConvLayout())
+    tower = {k: v for k, v in arrays.items() if k.startswith("params/img/")}
+    kernel = tower["params/img/embedding/kernel"]
+    tower["params/img/embedding/kernel"] = kernel.reshape(-1, kernel.shape[-1])
+    tower["params/img/pos_embedding"] = tower["params/img/pos_embedding"].reshape(TABLE, TABLE, -1)
+    if scanned:
+        blocks = [k for k in tower if "/encoderblock_0/" in k]
+        for key in blocks:
+            parts = [tower.pop(key.replace("encoderblock_0", f"encoderblock_{i}")) for i in range(2)]
+            tower[key.replace("encoderblock_0", "encoderblock")] = np.stack(parts)
+    np.savez(path, **tower, **{"params/txt/Embed_0/embedding": np.zeros((5, 32), np.float32)})
+    return path
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_big_vision_naflex_npz_gives_the_peers_features(siglip2, tmp_path, scanned):
+    peer, _, _, batch, ours = siglip2
+    path = big_vision_naflex_npz(peer, tmp_path / "naflex.npz", scanned)
+    bundle = jaxvit.load_for_inference(path)
+    assert (bundle.model.posemb_grid, bundle.model.patch_size, bundle.model.activation) == (
+        TABLE,
+        PATCH,
+        "gelu_tanh",
+    )
+    assert_valid_tokens_equal(
+        our_outputs(bundle.model, bundle.params, batch), peer_outputs(peer, batch), batch["mask"]
+    )

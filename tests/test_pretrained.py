@@ -537,6 +537,7 @@ def test_every_registered_format_has_what_the_registry_promises():
     assert sorted(jaxvit.checkpoints.inference.ORIGINS) == sorted(
         [
             "big_vision",
+            "big_vision_naflex",
             "vt",
             "hf_clip",
             "hf_siglip",

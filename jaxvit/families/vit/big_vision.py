@@ -32,6 +32,8 @@ def claims(kind: str, arrays: Mapping[str, np.ndarray]) -> bool:
     if kind != "npz":
         return False
     prefix, arrays = strip_prefix(arrays, PREFIXES)
+    if np.ndim(arrays.get("embedding/kernel")) == 2:
+        return False  # a flat patch kernel: NaFlex's (families/siglip/big_vision_naflex.py)
     return (
         prefix.startswith("params/")
         or any(k.startswith(_SCANNED + "/") for k in arrays)
