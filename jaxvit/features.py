@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxvit.model import VisionTransformer
 
@@ -52,7 +53,9 @@ def intermediate_features(
     layers: int | Sequence[int] | None = 4,
     norm: bool = True,
     return_prefix_tokens: bool = False,
-) -> list[Array] | list[tuple[Array, Array]]:
+    grids: Any = None,
+    mask: Any = None,
+) -> list[Any]:
     """The patch tokens of chosen blocks, as grids ``(N, h, w, D)``, one per block in ``layers`` order.
 
     ``layers``: the last ``n`` blocks for an int, block indices (negative from
@@ -61,15 +64,27 @@ def intermediate_features(
     ``norm=True``). ``return_prefix_tokens`` gives ``(grid, prefix)`` pairs,
     ``prefix`` ``(N, P, D)`` in the model's token order ``[cls, dist,
     registers...]``. Runs the model once in eval mode.
+
+    NaFlex: with ``grids`` ``(N, 2)`` (concrete) and ``mask``, ``images`` are patch sequences
+    ``(N, L, p*q*C)`` (``jaxvit.data.naflex``), and each block's entry is a list of ``N`` grids
+    ``(h_n, w_n, D)``, each image at its own grid (with ``return_prefix_tokens``, ``(grid,
+    prefix)`` pairs, ``prefix`` ``(P, D)``).
     """
-    grid = model.patch_grid(images)
+    sequence = grids is not None
+    if sequence:
+        grids = np.asarray(grids)
+        model.check_sequence(images, grids, mask)
+        grid = None
+    else:
+        grid = model.patch_grid(images)
     if norm and (model.pool == "attn_pool" or model.fc_norm or not model.final_norm):
         raise ValueError(
             "norm=True: a model with pool='attn_pool' (CoCa), fc_norm=True (its LayerNorm comes after"
             " the pooling) or final_norm=False has no final LayerNorm of its tokens: pass norm=False"
         )
     indices = block_indices(model.depth, layers)
-    _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+    extra = {"grids": jnp.asarray(grids), "mask": mask} if sequence else {}
+    _, state = model.apply(variables, images, train=False, mutable=["intermediates"], **extra)
     outputs = _block_outputs(model, state)
     final_norm = nn.LayerNorm(epsilon=model.layer_norm_eps, dtype=model.dtype, param_dtype=model.param_dtype)
     norm_params = {"params": variables["params"]["encoder"]["norm"]}
@@ -78,6 +93,13 @@ def intermediate_features(
     for i in indices:
         tokens = final_norm.apply(norm_params, outputs[i]) if norm else outputs[i]
         n, _, d = tokens.shape
+        if sequence:  # each image's own h * w patches, in (h w) order behind the prefix
+            per_image = [
+                jnp.reshape(tokens[j, prefix : prefix + h * w], (h, w, d)) for j, (h, w) in enumerate(grids)
+            ]
+            pairs = [(g, tokens[j, :prefix]) for j, g in enumerate(per_image)]
+            features.append(pairs if return_prefix_tokens else per_image)
+            continue
         patches = jnp.reshape(tokens[:, prefix:], (n, grid[0], grid[1], d))
         features.append((patches, tokens[:, :prefix]) if return_prefix_tokens else patches)
     return features

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit.checkpoints.inference import InferenceBundle, load_for_inference, read_labels
+from jaxvit.data import naflex
 from jaxvit.data.preprocess import find_images, preprocess_files
 
 
@@ -32,9 +33,16 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict(
-    bundle: InferenceBundle, paths: Sequence[str | os.PathLike], batch_size: int = 32, k: int = 5
+    bundle: InferenceBundle,
+    paths: Sequence[str | os.PathLike],
+    batch_size: int = 32,
+    k: int = 5,
+    max_patches: int | None = None,
 ) -> list[dict]:
-    """Image files -> one ``{"image", "top_k": [{"class", "label", "probability"}...]}`` per image."""
+    """Image files -> one ``{"image", "top_k": [{"class", "label", "probability"}...]}`` per image.
+
+    A NaFlex model (``posemb_grid``) takes each image at its aspect ratio, resized to at most
+    ``max_patches`` patches (default: its table's count; ``jaxvit.data.naflex``)."""
     if not bundle.model.num_classes:
         raise ValueError("the checkpoint has no classifier (num_classes=0): nothing to predict")
     if batch_size < 1:
@@ -42,15 +50,33 @@ def predict(
     labels = bundle.labels or tuple(f"class_{i}" for i in range(bundle.model.num_classes))
     if len(labels) != bundle.model.num_classes:
         raise ValueError(f"{len(labels)} labels for a model with {bundle.model.num_classes} classes")
-    apply = jax.jit(lambda params, x: jax.nn.softmax(bundle.model.apply({"params": params}, x), axis=-1))
+    naflex_budget = (
+        naflex.budget_of(bundle.model, max_patches) if bundle.model.posemb_grid or max_patches else None
+    )
+
+    def probabilities(params, x):
+        if naflex_budget is None:
+            return jax.nn.softmax(bundle.model.apply({"params": params}, x), axis=-1)
+        logits = bundle.model.apply({"params": params}, x["patches"], grids=x["grids"], mask=x["mask"])
+        return jax.nn.softmax(logits, axis=-1)
+
+    apply = jax.jit(probabilities)
     results = []
     batch = min(batch_size, len(paths))
     for start in range(0, len(paths), batch):
         chunk = list(paths[start : start + batch])
-        images = preprocess_files(chunk, bundle)
+        if naflex_budget is None:
+            inputs = preprocess_files(chunk, bundle)
+        else:
+            inputs = naflex.prepare_files(chunk, bundle, naflex_budget)
         # Pad the last batch to the same shape, so it reuses the compiled function.
-        padded = np.concatenate([images, np.zeros((batch - len(chunk), *images.shape[1:]), images.dtype)])
-        probs = np.asarray(apply(bundle.params, jnp.asarray(padded)))[: len(chunk)]
+        missing = batch - len(chunk)
+        padded = jax.tree_util.tree_map(
+            lambda a, m=missing: np.concatenate([a, np.zeros((m, *a.shape[1:]), a.dtype)]), inputs
+        )
+        if naflex_budget is not None:
+            padded["grids"][len(chunk) :] = 1  # the padding rows: a one-patch image, not an empty one
+        probs = np.asarray(apply(bundle.params, jax.tree_util.tree_map(jnp.asarray, padded)))[: len(chunk)]
         if not np.isfinite(probs).all():
             bad = [str(p) for p, row in zip(chunk, probs, strict=True) if not np.isfinite(row).all()]
             raise ValueError(f"the model's outputs are not finite (NaN or inf) for {', '.join(bad[:5])}")
@@ -89,6 +115,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--checkpoint-grid", type=int, nargs=2, metavar=("H", "W"), help="for files whose grid reads two ways"
     )
     parser.add_argument("--activation", help="for a bare timm CLIP tower: quick_gelu or gelu")
+    parser.add_argument(
+        "--max-patches",
+        type=int,
+        help="NaFlex checkpoints: the patch budget per image (default: the table's)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     return parser.parse_args(argv)
@@ -111,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{args.labels} has {len(labels)} labels but the model has {bundle.model.num_classes} classes"
                 )
             bundle = dataclasses.replace(bundle, labels=labels)
-        results = predict(bundle, paths, args.batch_size, args.top_k)
+        results = predict(bundle, paths, args.batch_size, args.top_k, args.max_patches)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # as train.py, visualize and summary: bad input, not a crash

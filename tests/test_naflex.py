@@ -249,3 +249,64 @@ def test_big_vision_naflex_npz_gives_the_peers_features(siglip2, tmp_path, scann
     assert_valid_tokens_equal(
         our_outputs(bundle.model, bundle.params, batch), peer_outputs(peer, batch), batch["mask"]
     )
+
+
+def test_dense_features_come_back_at_each_images_grid(siglip2):
+    peer, _, bundle, batch, _ = siglip2
+    (last,) = jaxvit.intermediate_features(
+        bundle.model,
+        {"params": bundle.params},
+        batch["patches"],
+        layers=1,
+        grids=batch["grids"],
+        mask=batch["mask"],
+    )
+    reference = peer_outputs(peer, batch)["tokens"]
+    assert [g.shape for g in last] == [(h, w, 32) for h, w in GRIDS]
+    for j, (h, w) in enumerate(GRIDS):
+        assert relative_error(last[j], reference[j, : h * w].reshape(h, w, 32)) < 1e-4
+
+
+def test_predict_takes_each_image_at_its_aspect_ratio(tmp_path, capsys):
+    """A NaFlex classifier predicts a folder of odd-shaped images in one padded batch; each image's
+    probabilities equal those of the image alone, prepared by jaxvit.data.naflex."""
+    from jaxvit.checkpoints.inference import InferenceBundle
+    from jaxvit.predict import main, predict
+
+    model = jaxvit.create_model(
+        None,
+        num_classes=3,
+        width=16,
+        depth=1,
+        num_heads=2,
+        patch_size=PATCH,
+        class_token=False,
+        pool="map",
+        posemb_grid=4,
+    )
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(1), a.shape), params)
+    bundle = InferenceBundle(model, params, (16, 16), (0.5,) * 3, (0.5,) * 3, None, "test")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(13, 40), (40, 9), (20, 20)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    results = predict(bundle, paths, batch_size=4, k=3, max_patches=20)
+    for path, result in zip(paths, results, strict=True):
+        patches, grid, mask = naflex.prepare(Image.open(path), PATCH, 20)
+        alone = jax.nn.softmax(
+            model.apply({"params": params}, patches[None], grids=grid[None], mask=mask[None])
+        )[0]
+        got = {t["class"]: t["probability"] for t in result["top_k"]}
+        np.testing.assert_allclose([got[c] for c in range(3)], alone, atol=1e-6)
+    # a model of one image size is told that --max-patches is not for it, in one line
+    plain = jaxvit.create_model(None, num_classes=3, width=16, depth=1, num_heads=2, patch_size=PATCH)
+    jaxvit.export(
+        plain.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"],
+        tmp_path / "plain.npz",
+        "npz",
+        model=plain,
+    )
+    assert main(["--checkpoint", str(tmp_path / "plain.npz"), "--max-patches", "16", str(paths[0])]) == 2
+    assert capsys.readouterr().err.startswith("error: max_patches is for NaFlex models")

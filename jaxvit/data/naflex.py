@@ -14,13 +14,15 @@ grids=grids, mask=mask)``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from jaxvit.data.augment import normalize
-from jaxvit.data.preprocess import _RESAMPLE
+from jaxvit.data.preprocess import _RESAMPLE, load_image
 
 
 def size_for_budget(
@@ -93,3 +95,40 @@ def stack(examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict
         raise ValueError("stack needs at least one example")
     patches, grids, masks = zip(*examples, strict=True)
     return {"patches": np.stack(patches), "grids": np.stack(grids), "mask": np.stack(masks)}
+
+
+def budget_of(model: Any, max_patches: int | None) -> int:
+    """The patch budget for ``model``: ``max_patches``, else its table's (``posemb_grid``) patch count;
+    ``ValueError`` for a model that does not take patch sequences (no ``posemb_grid``)."""
+    if not getattr(model, "posemb_grid", None):
+        raise ValueError(
+            "max_patches is for NaFlex models (posemb_grid: a position table resized to each image's"
+            " grid); this one takes images of one size"
+        )
+    if max_patches is None:
+        h, w = (
+            (model.posemb_grid, model.posemb_grid)
+            if isinstance(model.posemb_grid, int)
+            else model.posemb_grid
+        )
+        return h * w
+    if max_patches < 1:
+        raise ValueError(f"max_patches must be positive, got {max_patches}")
+    return max_patches
+
+
+def prepare_files(paths: Sequence[str | os.PathLike], bundle: Any, max_patches: int) -> dict[str, np.ndarray]:
+    """Image files -> ``stack``'s batch at ``max_patches``, prepared as ``bundle`` (an
+    ``InferenceBundle``) asks: its mean, std and interpolation."""
+    patch = bundle.model.patch_size
+    if not isinstance(patch, int):
+        raise ValueError(f"NaFlex patch sequences take square patches, the model's are {patch}")
+    examples = []
+    for path in paths:
+        try:
+            examples.append(
+                prepare(load_image(path), patch, max_patches, bundle.mean, bundle.std, bundle.interpolation)
+            )
+        except ValueError as e:
+            raise ValueError(f"image {path}: {e}") from None
+    return stack(examples)
