@@ -98,3 +98,28 @@ def test_training_on_tfds(data_dir, tmp_path):
     metrics = trainer.train_and_evaluate(config, str(tmp_path))
     assert 0.0 <= metrics["eval/top1"] <= 1.0
     assert open(tmp_path / "labels.txt").read().split() == CLASSES
+
+
+def test_naflex_training_on_tfds_with_worker_processes(data_dir, tmp_path):
+    """NaFlex batches from a TFDS source, loaded by two grain workers: the same as loaded inline."""
+    from jaxvit.data import naflex
+
+    source = data.TfdsSource(NAME, "train", data_dir)
+    budget = naflex.TokenBudget((4, 9), 36, seed=0)
+    common = dict(flip=True, mean=(0.5,), std=(0.5,), num_steps=3)
+    inline = naflex.train_batches(source, data.BatchLayout(1), budget, 4, **common)
+    workers = naflex.train_batches(source, data.BatchLayout(1), budget, 4, workers=2, **common)
+    for step in range(3):
+        a, b = next(inline), next(workers)
+        assert a["image"].shape == (budget.batch(step), budget.length(step), 4 * 4 * 3)
+        for key in ("image", "grids", "patch_mask", "label"):
+            np.testing.assert_array_equal(a[key], b[key])
+    config = load_config_file(os.path.join(ROOT, "tests", "configs", "tiny_naflex.py"))
+    with config.unlocked():
+        config.dataset = f"tfds:{NAME}"
+        config.data.tfds_data_dir = data_dir
+        config.data.val_split = "validation"
+        config.num_classes, config.num_channels = 3, 3
+        config.total_steps, config.eval_every, config.naflex.batch_multiple = 4, 0, 0
+    metrics = trainer.train_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= metrics["eval/top1"] <= 1.0

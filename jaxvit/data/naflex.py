@@ -13,11 +13,13 @@ grids=grids, mask=mask)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -132,3 +134,184 @@ def prepare_files(paths: Sequence[str | os.PathLike], bundle: Any, max_patches: 
         except ValueError as e:
             raise ValueError(f"image {path}: {e}") from None
     return stack(examples)
+
+
+# ---------------------------------------------------------------------------
+# Training and evaluation pipelines: batches filled to a token budget
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudget:
+    """Which sequence length and how many images each training step takes.
+
+    Step ``s`` draws its length ``L`` from ``seq_lens`` by ``seed`` and ``s`` alone (a resumed run
+    draws the same), and takes ``max_tokens // L`` images, rounded down to a multiple of
+    ``multiple_of`` (the devices): a step of short sequences holds more images, and the step
+    compiles once per length.
+    """
+
+    seq_lens: tuple[int, ...]
+    max_tokens: int
+    seed: int
+    multiple_of: int = 1
+
+    def __post_init__(self):
+        if not self.seq_lens or min(self.seq_lens) < 1:
+            raise ValueError(f"naflex.seq_lens must be positive patch counts, got {list(self.seq_lens)}")
+        if self.max_tokens // max(self.seq_lens) < self.multiple_of:
+            raise ValueError(
+                f"naflex.max_tokens={self.max_tokens} holds fewer than {self.multiple_of} (the batch multiple)"
+                f" sequences of {max(self.seq_lens)} patches"
+            )
+
+    def length(self, step: int) -> int:
+        """The sequence length of ``step``."""
+        return self.seq_lens[int(np.random.default_rng([self.seed, 2, step]).integers(len(self.seq_lens)))]
+
+    def batch(self, step: int) -> int:
+        """The global batch of ``step``: ``max_tokens // length``, a multiple of ``multiple_of``."""
+        return self.max_tokens // self.length(step) // self.multiple_of * self.multiple_of
+
+
+def budget_from_config(config: Any, num_devices: int) -> TokenBudget | None:
+    """The ``TokenBudget`` of ``config.naflex`` (None when ``seq_lens`` is empty: NaFlex is off).
+    ``max_tokens`` 0 is ``batch_size`` sequences of the longest length."""
+    settings = config.get("naflex") or {}
+    seq_lens = tuple(settings.get("seq_lens") or ())
+    if not seq_lens:
+        return None
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in seq_lens):
+        raise ValueError(f"naflex.seq_lens must be ints (patches per image), got {list(seq_lens)}")
+    max_tokens = settings.get("max_tokens") or config.batch_size * max(seq_lens)
+    multiple = settings.get("batch_multiple") or num_devices
+    if multiple % num_devices:
+        raise ValueError(
+            f"naflex.batch_multiple={multiple} must be a multiple of the {num_devices} devices: each step's"
+            " batch is split over them"
+        )
+    return TokenBudget(seq_lens, int(max_tokens), int(config.seed), int(multiple))
+
+
+def _train_sequence(
+    image: np.ndarray, rng: np.random.Generator, patch: int, length: int, flip: bool, mean: Any, std: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training image (uint8 ``(H, W, C)``) -> ``patch_sequence`` at ``length`` patches."""
+    if flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    height, width = size_for_budget(image.shape[0], image.shape[1], patch, length)
+    pil = Image.fromarray(np.ascontiguousarray(image.squeeze(-1) if image.shape[-1] == 1 else image))
+    pixels = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
+    return patch_sequence(normalize(pixels.reshape(height, width, -1), mean, std), patch, length)
+
+
+class _TrainBatch(grain.transforms.Map):
+    """Step -> this process's share of the step's batch (picklable, for worker processes)."""
+
+    def __init__(
+        self, source: Any, layout: Any, budget: TokenBudget, patch: int, flip: bool, mean: Any, std: Any
+    ):
+        self.source, self.layout, self.budget = source, layout, budget
+        self.patch, self.flip, self.mean, self.std = patch, flip, mean, std
+        self._starts: np.ndarray | None = None
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.clear()
+            self._orders[epoch] = np.random.default_rng([self.budget.seed, epoch]).permutation(
+                len(self.source)
+            )
+        return self._orders[epoch]
+
+    def _start(self, step: int) -> int:
+        # where each step's images begin in the stream of examples: the sum of the earlier batches
+        if self._starts is None or len(self._starts) <= step:
+            count = max(step + 1, 2 * (0 if self._starts is None else len(self._starts)))
+            self._starts = np.concatenate([[0], np.cumsum([self.budget.batch(s) for s in range(count)])])
+        return int(self._starts[step])
+
+    def map(self, step: int) -> dict[str, np.ndarray]:
+        step = int(step)
+        length, size = self.budget.length(step), self.budget.batch(step)
+        local = size // self.layout.process_count
+        first = self._start(step) + self.layout.process_index * local
+        examples, labels = [], []
+        for position in range(first, first + local):
+            epoch, offset = divmod(position, len(self.source))
+            image, label = self.source[int(self._order(epoch)[offset])]
+            rng = np.random.default_rng([self.budget.seed, 1, position])
+            examples.append(_train_sequence(image, rng, self.patch, length, self.flip, self.mean, self.std))
+            labels.append(label)
+        batch = stack(examples)
+        return {
+            "image": batch["patches"],
+            "grids": batch["grids"],
+            "patch_mask": batch["mask"],
+            "label": np.asarray(labels, np.int32),
+        }
+
+
+def train_batches(
+    source: Any,
+    layout: Any,
+    budget: TokenBudget,
+    patch: int,
+    *,
+    flip: bool,
+    mean: Any,
+    std: Any,
+    num_steps: int,
+    workers: int = 0,
+) -> Any:
+    """Iterator of this process's shares of ``num_steps`` NaFlex batches: ``{"image": (B, L, p*p*C),
+    "grids": (B, 2), "patch_mask": (B, L), "label": (B,)}``, ``L`` and ``B`` the step's
+    (``TokenBudget``). ``get_state()``/``set_state()`` save and restore its position."""
+    from jaxvit.data import pipeline
+
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
+    dataset = grain.MapDataset.range(num_steps).map(
+        _TrainBatch(source, layout, budget, patch, flip, mean, std)
+    )
+    iter_dataset = dataset.to_iter_dataset()
+    if workers > 0:
+        iter_dataset = pipeline.with_workers(iter_dataset, workers)
+    return iter(iter_dataset)
+
+
+class _EvalExample(grain.transforms.Map):
+    def __init__(self, source: Any, layout: Any, patch: int, length: int, mean: Any, std: Any):
+        self.source, self.layout, self.patch, self.length, self.mean, self.std = (
+            source,
+            layout,
+            patch,
+            length,
+            mean,
+            std,
+        )
+
+    def map(self, local_index: int) -> dict[str, np.ndarray]:
+        position = self.layout.global_position(int(local_index))
+        valid = position < len(self.source)  # else the padding of the last batch: weight 0
+        image, label = self.source[position if valid else 0]
+        patches, grid, mask = _train_sequence(
+            image, np.random.default_rng(0), self.patch, self.length, False, self.mean, self.std
+        )
+        return {
+            "image": patches,
+            "grids": grid,
+            "patch_mask": mask,
+            "label": np.int32(label if valid else 0),
+            "mask": np.float32(valid),
+        }
+
+
+def eval_batches(source: Any, layout: Any, patch: int, length: int, mean: Any, std: Any) -> Any:
+    """Every example once, in order, each at its aspect ratio within ``length`` patches, in global
+    batches padded at the end (``mask`` 0 marks padding)."""
+    num_batches = math.ceil(len(source) / layout.global_batch)
+    dataset = grain.MapDataset.range(num_batches * layout.local_batch)
+    dataset = dataset.map(_EvalExample(source, layout, patch, length, mean, std))
+    return iter(dataset.batch(layout.local_batch, drop_remainder=True))

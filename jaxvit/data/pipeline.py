@@ -436,15 +436,18 @@ def train_batches(
     dataset = dataset.map(_TrainExample(source, layout, preprocess, seed))
     dataset = dataset.batch(layout.local_batch, drop_remainder=True)
     iter_dataset = dataset.to_iter_dataset()
-    if workers > 0:
-        # grain's worker set-up reads its absl flags; outside an absl app (a notebook,
-        # pytest) they were never parsed, and defaults are what we want.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        iter_dataset = iter_dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_exit_with_parent
-        )
-    return iter(iter_dataset)
+    return iter(with_workers(iter_dataset, workers) if workers > 0 else iter_dataset)
+
+
+def with_workers(dataset: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """``dataset`` loaded by ``workers`` grain worker processes, which exit with this one."""
+    # grain's worker set-up reads its absl flags; outside an absl app (a notebook,
+    # pytest) they were never parsed, and defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_exit_with_parent
+    )
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:

@@ -115,6 +115,15 @@ def base_config() -> ml_collections.ConfigDict:
     # FlexiViT: each step cuts the images into patches of a size drawn from this list (ints that
     # divide image_size; the model's own parameters, see VisionTransformer.__call__); () is off
     c.flexi_patch_sizes = ml_collections.FieldReference((), field_type=object)
+    # NaFlex (needs model.posemb_grid): each image at its aspect ratio as a patch sequence; each step
+    # draws its length from seq_lens and takes max_tokens // length images (jaxvit.data.naflex)
+    c.naflex = ml_collections.ConfigDict()
+    c.naflex.seq_lens = ml_collections.FieldReference((), field_type=object)  # () is off
+    c.naflex.max_tokens = 0  # patches per global batch; 0: batch_size sequences of the longest
+    c.naflex.eval_max_patches = 0  # evaluation's budget per image; 0: the longest of seq_lens
+    # each step's batch is rounded down to a multiple of this (of the devices, which must divide it);
+    # 0: the device count, so that runs on other device counts draw other batches
+    c.naflex.batch_multiple = 0
     return c
 
 

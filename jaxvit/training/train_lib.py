@@ -154,7 +154,8 @@ def train_step(
     cfg: StepConfig,
     patch_size: int | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step on ``batch = {"image": (N, H, W, C), "label": (N,)}``.
+    """One optimizer step on ``batch = {"image": (N, H, W, C), "label": (N,)}`` (NaFlex: ``"image"``
+    patch sequences ``(N, L, p*q*C)`` with ``"grids"`` ``(N, 2)`` and ``"patch_mask"`` ``(N, L)``).
 
     ``patch_size`` (FlexiViT): the model sees the images in patches of this size, with its one
     set of parameters (see ``VisionTransformer.__call__``); None: the model's own.
@@ -167,9 +168,12 @@ def train_step(
     step_rng = jax.random.fold_in(rng, state.step)
     mix_rng, dropout_rng = jax.random.split(step_rng)
     targets = soft_targets(batch["label"], cfg.num_classes, cfg.label_smoothing)
+    sequences = _sequence_inputs(batch)
+    if sequences and cfg.mix.enabled:
+        raise ValueError("mixup and cutmix mix images of one size: NaFlex patch sequences are not mixed")
     images, targets = mix_batch(mix_rng, batch["image"], targets, cfg.mix)
 
-    flexi = {} if patch_size is None else {"patch_size": patch_size}
+    flexi = {**sequences} if patch_size is None else {"patch_size": patch_size, **sequences}
 
     def loss_fn(params):
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng}, **flexi)
@@ -206,8 +210,16 @@ def train_step(
         "grad_norm": grad_norm,
         "learning_rate": schedule(state.step // cfg.grad_accum_steps),
         "finite": finite.astype(jnp.float32),
+        "examples": jnp.float32(batch["label"].shape[0]),
     }
+    if sequences:  # NaFlex: the share of the batch's patch slots that are padding
+        metrics["padding"] = jnp.mean(1.0 - batch["patch_mask"].astype(jnp.float32))
     return new_state, metrics
+
+
+def _sequence_inputs(batch: Batch) -> dict[str, jax.Array]:
+    """A NaFlex batch's ``grids`` and ``patch_mask`` as the model's keyword inputs; {} for images."""
+    return {"grids": batch["grids"], "mask": batch["patch_mask"]} if "grids" in batch else {}
 
 
 def _loss_and_grads(loss_fn: Any, params: Any, freeze: tuple[str, ...]) -> tuple[Any, Any]:
@@ -238,7 +250,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Metrics:
     """Sums over ``batch`` (``mask`` 0 marks padding): loss, top-1, top-5 correct, count."""
-    logits = model.apply({"params": params}, batch["image"], train=False).astype(jnp.float32)
+    logits = model.apply({"params": params}, batch["image"], train=False, **_sequence_inputs(batch))
+    logits = logits.astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"]
     num_classes = logits.shape[-1]
     loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes))

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxvit.checkpoints.workdir import model_from_config
+from jaxvit.data import naflex
 from jaxvit.data import pipeline as data
 from jaxvit.model import VisionTransformer
 from jaxvit.sizes import to_pair
@@ -175,14 +176,18 @@ class TrainMetricsAccumulator:
         now = self._clock()
         elapsed = max(now - self._since_time, 1e-9)
         means = {k: float(np.mean([m[k] for _, m in fetched])) for k in ("loss", "accuracy", "grad_norm")}
+        examples = [m.get("examples", self._batch_size) for _, m in fetched]
         summary = {
             "train/loss": means["loss"],
             "train/accuracy": means["accuracy"],
             "train/grad_norm": means["grad_norm"],
             "learning_rate": float(fetched[-1][1]["learning_rate"]),
-            "images_per_sec": (step - self._since_step) * self._batch_size / elapsed,
+            # NaFlex steps hold different numbers of images: counted from the steps themselves
+            "images_per_sec": float(np.sum(examples)) * (step - self._since_step) / len(fetched) / elapsed,
             "train/data_wait": self._data_wait / elapsed,
         }
+        if "padding" in fetched[0][1]:
+            summary["train/padding"] = float(np.mean([m["padding"] for _, m in fetched]))
         self._start(step, now)
         return summary
 
@@ -252,7 +257,39 @@ def validate_config(config: Any, num_devices: int) -> VisionTransformer:
         raise ValueError(
             f"flexi_patch_sizes={list(sizes)} must be positive ints that divide image_size={config.image_size}"
         )
+    _check_naflex(config, model, num_devices)
     return model
+
+
+def _check_naflex(config: Any, model: VisionTransformer, num_devices: int) -> None:
+    """Raises for a NaFlex config (``naflex.seq_lens``) that cannot train, naming what is refused."""
+    budget = naflex.budget_from_config(config, num_devices)
+    if budget is None:
+        return
+    if not model.posemb_grid or model.posemb != "learn" or not isinstance(model.patch_size, int):
+        raise ValueError(
+            "naflex.seq_lens needs a model with a learned table of its own grid (model.posemb_grid, as"
+            f" SigLIP 2 NaFlex) and square patches; got posemb={model.posemb!r},"
+            f" posemb_grid={model.posemb_grid}, patch_size={model.patch_size}"
+        )
+    aug = config.augment
+    refused = {
+        "augment.mixup_alpha": aug.mixup_alpha,
+        "augment.cutmix_alpha": aug.cutmix_alpha,
+        "augment.random_resized_crop": aug.random_resized_crop,
+        "augment.crop_padding": aug.crop_padding,
+        "augment.randaugment_num_ops": aug.randaugment_num_ops,
+        "flexi_patch_sizes": flexi_patch_sizes(config),
+        "grad_accum_steps": config.grad_accum_steps - 1,
+    }
+    refused = {k: v for k, v in refused.items() if v}
+    if refused:
+        raise ValueError(
+            f"NaFlex training (naflex.seq_lens) takes each image whole, at its aspect ratio, with"
+            f" augment.flip only; refused: {refused}"
+        )
+    if config.naflex.eval_max_patches < 0:
+        raise ValueError(f"naflex.eval_max_patches must be >= 0, got {config.naflex.eval_max_patches}")
 
 
 def flexi_patch_sizes(config: Any) -> tuple[int, ...]:
@@ -362,17 +399,36 @@ def _write_run_files(workdir: str, config: Any, class_names: list[str]) -> None:
 
 
 def _train_batches(
-    config: Any, source: Any, layout: data.BatchLayout, preprocess: Any, data_state: dict[str, Any] | None
+    config: Any,
+    source: Any,
+    layout: data.BatchLayout,
+    preprocess: Any,
+    data_state: dict[str, Any] | None,
+    patch_size: Any = None,
 ) -> Any:
     """The train batch iterator, moved to ``data_state`` (a checkpoint's position) when resuming."""
-    batches = data.train_batches(
-        source,
-        layout,
-        preprocess,
-        seed=config.seed,
-        num_steps=config.total_steps,
-        workers=config.data.workers,
-    )
+    budget = naflex.budget_from_config(config, jax.device_count())
+    if budget is not None:
+        batches = naflex.train_batches(
+            source,
+            layout,
+            budget,
+            patch_size,
+            flip=config.augment.flip,
+            mean=preprocess.mean,
+            std=preprocess.std,
+            num_steps=config.total_steps,
+            workers=config.data.workers,
+        )
+    else:
+        batches = data.train_batches(
+            source,
+            layout,
+            preprocess,
+            seed=config.seed,
+            num_steps=config.total_steps,
+            workers=config.data.workers,
+        )
     if data_state is not None:
         batches.set_state(data_state)
     return batches
@@ -401,10 +457,24 @@ def _log_train_metrics(meter: TrainMetricsAccumulator, writer: MetricsWriter, ba
     bar.set_postfix(loss=f"{summary['train/loss']:.4f}", img_s=f"{summary['images_per_sec']:.0f}")
 
 
+def naflex_eval_preprocess(config: Any, model: VisionTransformer) -> Any:
+    """How evaluation prepares a NaFlex run's images: ``(patch, budget, mean, std)``; None when off."""
+    if not naflex.budget_from_config(config, 1):
+        return None
+    budget = config.naflex.eval_max_patches or max(config.naflex.seq_lens)
+    return (model.patch_size, budget, tuple(config.data.mean), tuple(config.data.std))
+
+
+def _eval_batches(source: Any, layout: data.BatchLayout, preprocess: Any) -> Any:
+    if isinstance(preprocess, tuple):  # NaFlex (naflex_eval_preprocess)
+        return naflex.eval_batches(source, layout, *preprocess)
+    return data.eval_batches(source, layout, preprocess)
+
+
 def _evaluate(eval_step, source, layout, preprocess, sharding, params) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy of ``params`` over the whole test source."""
     totals = None
-    for batch in data.eval_batches(source, layout, preprocess):
+    for batch in _eval_batches(source, layout, preprocess):
         sums = eval_step(params, train_lib.to_global(batch, sharding))
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -464,7 +534,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     compiled = _compile_steps(config, model, init_rng)
     evaluate = functools.partial(
-        _evaluate, compiled.eval_step, test_source, layout, preprocess, compiled.batch_sharding
+        _evaluate,
+        compiled.eval_step,
+        test_source,
+        layout,
+        naflex_eval_preprocess(config, model) or preprocess,
+        compiled.batch_sharding,
     )
 
     with _checkpointer(config, workdir) as checkpointer:
@@ -477,7 +552,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             log.info("resuming from step %d", start_step)
         else:
             state, data_state, start_step = _initial_state(config, model, compiled, ckpt), None, 0
-        batches = _train_batches(config, train_source, layout, preprocess, data_state)
+        batches = _train_batches(config, train_source, layout, preprocess, data_state, model.patch_size)
         meter = TrainMetricsAccumulator(config.batch_size, start_step)
         with (
             MetricsWriter(workdir, start_step) as writer,
