@@ -1,9 +1,13 @@
 """Small builders shared by the tests."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_folder(root, classes=("cat", "dog"), per_class=3, size=(12, 10), split="train"):
@@ -29,3 +33,55 @@ def nchw(x: np.ndarray):
     import torch
 
     return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+def perturb_torch(module, seed: int, scale: float = 0.02):
+    """``module`` in eval mode with every parameter moved by ``scale * N(0, 1)``, so that no zero
+    init hides a weight a converter leaves out."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+def train_command(config: str, workdir, *args) -> list[str]:
+    """``python train.py --config CONFIG --workdir WORKDIR ARGS...`` from the repository root."""
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *args,
+    ]
+
+
+def run_two_processes(config: str, workdir, *args, timeout: int = 300) -> None:
+    """``train.py`` as two processes of one run on this machine (loopback, gloo); asserts both end well."""
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    cmd = [
+        *train_command(config, workdir, *args),
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest absolute difference between two trees of arrays."""
+    import jax
+
+    diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    return max(jax.tree_util.tree_leaves(diffs))

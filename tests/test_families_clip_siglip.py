@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import perturb_torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file as save_torch_safetensors
@@ -38,14 +39,6 @@ NATIVE, OTHER = 16, 24
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 RTOL = 1e-4
 MEASURED: list[tuple[str, str, int, float, float]] = []
-
-
-def perturb_torch(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    return module.eval()
 
 
 def images(size: int, seed: int = 0) -> np.ndarray:

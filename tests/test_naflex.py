@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import relative_error
+from helpers import perturb_torch, relative_error
 from PIL import Image
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel
 from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
@@ -25,14 +25,6 @@ from jaxvit.layers.posemb import resize_matrix, resize_posemb_to_grids
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 PATCH, TABLE, LENGTH = 4, 4, 16
 GRIDS = np.array([[3, 5], [2, 8], [4, 4], [1, 2]], np.int32)
-
-
-def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
 
 
 def sequences(grids: np.ndarray, length: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,7 +63,7 @@ def assert_valid_tokens_equal(ours, ref, mask, tol=1e-4):
 def siglip2(tmp_path_factory):
     torch.manual_seed(0)
     config = Siglip2VisionConfig(**TOWER, patch_size=PATCH, num_patches=TABLE * TABLE)
-    peer = perturbed(Siglip2VisionModel(config), seed=1)
+    peer = perturb_torch(Siglip2VisionModel(config), seed=1, scale=0.05)
     folder = tmp_path_factory.mktemp("siglip2") / "peer"
     peer.save_pretrained(folder)
     bundle = jaxvit.load_for_inference(folder)
@@ -143,7 +135,7 @@ def test_the_image_tower_of_a_siglip2_model_folder(tmp_path):
         vision_config={**TOWER, "patch_size": PATCH, "num_patches": TABLE * TABLE},
         text_config={**TOWER, "vocab_size": 50, "max_position_embeddings": 8},
     )
-    peer = perturbed(Siglip2Model(config), seed=2)
+    peer = perturb_torch(Siglip2Model(config), seed=2, scale=0.05)
     peer.save_pretrained(tmp_path / "two_towers")
     bundle = jaxvit.load_for_inference(tmp_path / "two_towers")
     batch = sequences(GRIDS, LENGTH, seed=5)

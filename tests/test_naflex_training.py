@@ -6,14 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import chex
-import jax
-import numpy as np
-import portpicker
 import pytest
-from helpers import make_folder
+from helpers import make_folder, max_abs_diff, run_two_processes, train_command
 
 from jaxvit.data import naflex
 from jaxvit.training import checkpointing, configs, train_lib, trainer
@@ -37,26 +33,18 @@ def test_each_step_takes_a_length_from_the_list_and_fills_the_token_budget():
 
 
 def run_train(workdir, *args, env=None):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        f"--config={CONFIG}",
-        f"--workdir={workdir}",
-        *args,
-    ]
     return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=ROOT
+        train_command(CONFIG, workdir, *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
     )
 
 
 def params_of(workdir):
     return checkpointing.restore_params(str(workdir))[1]
-
-
-def max_abs_diff(a, b):
-    return max(
-        jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: float(np.abs(x - y).max()), a, b))
-    )
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +62,7 @@ def test_eight_devices_give_the_same_parameters(one_device, tmp_path):
 
 
 def test_two_processes_give_the_same_parameters(one_device, tmp_path):
-    port = portpicker.pick_unused_port()
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        f"--config={CONFIG}",
-        f"--workdir={tmp_path}",
-        *SGD,
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-    ]
-    procs = [
-        subprocess.Popen(
-            [*cmd, f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    run_two_processes(CONFIG, tmp_path, *SGD)
     assert max_abs_diff(params_of(one_device), params_of(tmp_path)) < 1e-5
 
 

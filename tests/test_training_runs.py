@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import portpicker
 import pytest
-from helpers import make_folder
+from helpers import make_folder, max_abs_diff, run_two_processes, train_command
 
 import jaxvit
 from jaxvit import pack
@@ -28,7 +28,7 @@ SGD = ["--config.optimizer.name=sgd", "--config.optimizer.lr=0.1"]
 
 
 def run_train(workdir, *args, env=None, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={workdir}", *args]
+    cmd = train_command(TINY, workdir, *args)
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT
     )
@@ -36,11 +36,6 @@ def run_train(workdir, *args, env=None, timeout=300):
 
 def params_of(workdir):
     return checkpointing.restore_params(str(workdir))[1]
-
-
-def max_abs_diff(a, b):
-    diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
-    return max(jax.tree_util.tree_leaves(diffs))
 
 
 @pytest.fixture(scope="module")
@@ -88,25 +83,7 @@ def test_eight_devices_with_fsdp_give_the_same_parameters(one_device, tmp_path):
 
 
 def test_two_processes_give_the_same_parameters(one_device, tmp_path):
-    port = portpicker.pick_unused_port()
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        f"--config={TINY}",
-        f"--workdir={tmp_path}",
-        *SGD,
-        f"--coordinator_address=127.0.0.1:{port}",
-        "--num_processes=2",
-    ]
-    procs = [
-        subprocess.Popen(
-            [*cmd, f"--process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    run_two_processes(TINY, tmp_path, *SGD)
     assert max_abs_diff(params_of(one_device[0]), params_of(tmp_path)) < 1e-5
 
 

@@ -5,30 +5,17 @@ Result: not meant to learn; the tests compare its parameters across devices and 
         count the step's compiles (one per sequence length).
 """
 
-from jaxvit.training.configs import base_config, model_config
+import os
+
+from jaxvit.training.configs import load_config_file
 
 
 def get_config():
-    c = base_config()
-    c.dataset = "digits"
-    c.image_size = 8
-    c.num_channels = 1
-    c.num_classes = 10
-    c.model = model_config(
-        "mu/2", width=16, depth=2, mlp_dim=32, num_heads=2, dropout=0.1, drop_path_rate=0.1, posemb_grid=4
-    )
-    c.augment.flip = True
-    c.label_smoothing = 0.1
-    # 16 sequences of 16 patches, 24 of 9 (28 rounded down to a multiple of 8 devices), 64 of 4
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py"))
+    c.model.variant, c.model.posemb_grid = "mu/2", 4  # 2-pixel patches, a 4x4 table
+    c.augment.crop_padding, c.augment.mixup_alpha, c.augment.flip = 0, 0.0, True  # NaFlex's crops
+    # 16 sequences of 16 patches, 24 of 9 (28 rounded down to a multiple of 8), 64 of 4
     c.naflex.seq_lens = (4, 9, 16)
     c.naflex.max_tokens = 16 * 16
     c.naflex.batch_multiple = 8  # the same batches on 1, 2 and 8 devices
-    c.batch_size = 16  # evaluation's batch
-    c.total_steps = 12
-    c.optimizer.lr = 1e-2
-    c.optimizer.warmup_steps = 2
-    c.log_every = 2
-    c.eval_every = 6
-    c.checkpoint_every = 4
-    c.progress_bar = False
     return c
