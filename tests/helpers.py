@@ -58,6 +58,25 @@ def train_command(config: str, workdir, *args) -> list[str]:
     ]
 
 
+def run_train(config: str, workdir, *args, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``train.py`` in a subprocess (``env`` added to this one's), its output captured."""
+    return subprocess.run(
+        train_command(config, workdir, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def params_of(workdir):
+    """The parameters of a training workdir's newest checkpoint."""
+    from jaxvit.training import checkpointing
+
+    return checkpointing.restore_params(str(workdir))[1]
+
+
 def run_two_processes(config: str, workdir, *args, timeout: int = 300) -> None:
     """``train.py`` as two processes of one run on this machine (loopback, gloo); asserts both end well."""
     import portpicker

@@ -5,14 +5,14 @@ budget, on the digits and on a folder of images of mixed aspect ratios."""
 import json
 import os
 import shutil
-import subprocess
 
 import chex
+import helpers
 import pytest
-from helpers import make_folder, max_abs_diff, run_two_processes, train_command
+from helpers import make_folder, max_abs_diff, params_of, run_two_processes
 
 from jaxvit.data import naflex
-from jaxvit.training import checkpointing, configs, train_lib, trainer
+from jaxvit.training import configs, train_lib, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "configs", "tiny_naflex.py")
@@ -33,18 +33,7 @@ def test_each_step_takes_a_length_from_the_list_and_fills_the_token_budget():
 
 
 def run_train(workdir, *args, env=None):
-    return subprocess.run(
-        train_command(CONFIG, workdir, *args),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-        cwd=ROOT,
-    )
-
-
-def params_of(workdir):
-    return checkpointing.restore_params(str(workdir))[1]
+    return helpers.run_train(CONFIG, workdir, *args, env=env)
 
 
 @pytest.fixture(scope="module")

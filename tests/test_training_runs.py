@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import sys
 
+import helpers
 import jax
 import numpy as np
 import portpicker
 import pytest
-from helpers import make_folder, max_abs_diff, run_two_processes, train_command
+from helpers import make_folder, max_abs_diff, params_of, run_two_processes
 
 import jaxvit
 from jaxvit import pack
@@ -27,15 +28,8 @@ TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
 SGD = ["--config.optimizer.name=sgd", "--config.optimizer.lr=0.1"]
 
 
-def run_train(workdir, *args, env=None, timeout=300):
-    cmd = train_command(TINY, workdir, *args)
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT
-    )
-
-
-def params_of(workdir):
-    return checkpointing.restore_params(str(workdir))[1]
+def run_train(workdir, *args, env=None):
+    return helpers.run_train(TINY, workdir, *args, env=env)
 
 
 @pytest.fixture(scope="module")
